@@ -1,0 +1,3 @@
+from dzad.cli import app
+
+app()

@@ -1,0 +1,47 @@
+"""The Typer application and the one place where library errors become a clean exit."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from dzad.errors import DZADError
+
+app = typer.Typer(
+    name="dzad",
+    help="DZAD: diffusion-based, prompt-free, zero-shot visual anomaly detection.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def clean_errors(fn: F) -> F:
+    """Turn a :class:`DZADError` into ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DZADError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(code=2) from None
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_config(params: Path) -> Any:
+    """Parse the params YAML once, at the edge."""
+    from dzad import config
+
+    return config.load(params)

@@ -1,0 +1,275 @@
+"""Frozen configuration dataclasses that mirror ``params.yaml`` section by section.
+
+YAML is parsed once, at the edge (CLI, DVC stages, Prefect flows); the library only ever sees these
+objects. Every reading of the paper that ``method-notes.md`` fixes is a field here, never a constant
+buried in code. ``from_dict`` rejects unknown keys so a typo in ``params.yaml`` fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset in MVTec layout: ``root/<category>/...``; empty ``categories`` means all of them."""
+
+    root: str = "data/synth/objects"
+    categories: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 64
+    mask_threshold: int = 0  # mask pixel is anomalous when value > mask_threshold (127 -> ">= 128")
+    resample: Literal["bilinear", "bicubic"] = "bilinear"
+    cache_dir: str = "data/cache"
+    skip_bad: bool = False  # log and skip unreadable files instead of stopping
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    dest: str = "data/synth"
+    seed: int = 0
+    size: int = 96
+    n_train: int = 60
+    n_test_good: int = 12
+    n_test_defect: int = 24
+
+
+@dataclass(frozen=True)
+class SetsConfig:
+    """Cross-dataset protocol: train on ``source`` normals, evaluate on every target (method-notes 6)."""
+
+    source: tuple[DatasetRef, ...] = (DatasetRef(),)
+    targets: dict[str, DatasetRef] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    profile: Literal["tiny", "demo", "paper"] = "demo"
+    latent: Literal["pixel", "pixel_unshuffle", "vae", "backbone_features"] = "pixel_unshuffle"
+    unshuffle_factor: int = 2
+    latent_channels: int = 64  # PCA width of the backbone_features latent
+    block_out_channels: tuple[int, ...] = ()  # empty = the profile's widths (dzad.networks.PROFILES)
+    use_sg: bool = True  # False = the paper's "SD" ablation row (no SG network at all)
+    only_mid_control: bool = True  # DiAD default: control reaches only middle + SFF-fused skips
+    sff_norm: Literal["instance", "group"] = "group"  # method-notes 1: allowed deviation from DiAD
+    hint_channels: int = 3
+    pretrained: str | None = None  # local diffusers folder or hub id (paper profile)
+    freeze_unet_encoder: bool = False
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085  # SD-1.5's schedule (needed for its pretrained UNet)
+    beta_end: float = 0.012
+    layers_per_block: int = 0  # 0 = the profile's
+    sg_embedding_channels: tuple[int, ...] = ()  # empty = profile's, cut to the hint/latent ratio
+    context: Literal["zeros", "empty_prompt"] = "zeros"  # paper profile's fixed text context
+    vae: str | None = None  # AutoencoderKL folder / hub id; None = ``pretrained``'s "vae" subfolder
+    random_vae: bool = False  # tests only: a randomly initialised VAE; never a silent fallback
+    feature_backbone: str = "efficientnet_lite0"  # backbone_features latent (issue 9)
+    random_backbone: bool = False  # tests only
+    feature_stride: int = 8  # grid of the backbone_features latent
+    pca_whiten: bool = False  # False: one global scale keeps the PCA spectrum; True: unit variance
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.99
+    checkpoint_every: int = 200
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: str = "auto"
+    num_workers: int = 0
+    preload_max_mb: int = 2048  # hold images + latents in memory when they fit, else stream
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Multi-timestep noise-feature matrix F (eq. 11-12, method-notes 2)."""
+
+    n_stages: int = 10
+    m_samples: int = 1
+    seed: int = 1234
+    max_batch: int = 256  # most (image, timestep) pairs per batched forward
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """Weight function of eq. 13 / Table 4 (method-notes 3)."""
+
+    name: Literal["dzad", "uniform", "snr", "snr_prime", "exp6", "exp7", "learned"] = "dzad"
+    k: float = 3.0
+    learned_c: float = 1.0  # inverse L2 strength of the learned weighting's logistic regression
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Detection (eq. 10-12, method-notes 4)."""
+
+    mode: Literal["self", "prototype", "contrast"] = "self"
+    standardise: bool = True  # per-stage z-score with SOURCE-normal statistics
+    threshold_quantile: float = 0.95  # tau = this quantile of SOURCE-normal scores
+    temperature: float = 1.0  # prototype softmax; used as is when fit_temperature is false
+    fit_temperature: bool = True  # fit it on the labelled SOURCE split (prototype mode)
+    calibration_holdout: float = 0.1  # share of source normals held out of training to calibrate
+    calibration_max_images: int = 256
+    gating_bank_size: int = 64  # K source-normal spatial maps kept for eq. 15 gating
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """DDIM reconstruction (method-notes 5)."""
+
+    steps: int = 10
+    t_start: int = 999
+    spacing: Literal["trailing", "leading"] = "trailing"
+    eta: float = 0.0
+    clamp: bool = True  # clamp x0-predictions to the SOURCE latent range
+    seed: int = 4321
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Two-branch anomaly map (eq. 14-15) and image score (method-notes 5)."""
+
+    backbone: Literal["resnet50", "wide_resnet50_2", "efficientnet_lite0"] = "efficientnet_lite0"
+    random_backbone: bool = False  # tests only; never a silent fallback
+    gating: Literal["spatial", "scalar", "transductive", "none"] = "spatial"
+    w_pn: float = 2.0  # eq. 14: scalar >= 1 applied to images detected normal
+    sigma: float = 4.0  # Gaussian smoothing at 256 px, scaled with resolution
+    pool_k: int = 8  # k x k average pooling at 256 px, scaled with resolution
+    pool_rounds: int = 8
+    fusion: Literal["map", "detection", "rank"] = "map"  # which score is the image score
+    w_pa_floor: float = 0.1  # eq. 15: w_pa(p) = clamp(ref(p) / err(p), floor, 1), in (0, 1]
+    latent_distance: Literal["cosine", "l2"] = "cosine"  # map of a latent without a decoder
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 16
+    controls: bool = True
+    knn_bank_size: int = 4096
+    max_images: int = 0  # 0 = all test images
+    figures: bool = True
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    weightings: tuple[str, ...] = (
+        "uniform",
+        "snr",
+        "snr_prime",
+        "exp6",
+        "exp7",
+        "dzad_k1",
+        "dzad_k5",
+        "dzad",
+    )
+    t_starts: tuple[int, ...] = (250, 500, 750, 999)
+    architecture: bool = False
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dzad"
+    model_name: str = "dzad"
+    tolerance: float = 0.01
+
+
+@dataclass(frozen=True)
+class DZADConfig:
+    study: str = "demo"
+    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    sets: SetsConfig = SetsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    noise: NoiseConfig = NoiseConfig()
+    weighting: WeightingConfig = WeightingConfig()
+    detection: DetectionConfig = DetectionConfig()
+    reconstruction: ReconstructionConfig = ReconstructionConfig()
+    anomaly_map: MapConfig = MapConfig()
+    evaluate: EvalConfig = EvalConfig()
+    ablation: AblationConfig = AblationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Convert plain YAML data ``value`` into type ``tp`` (dataclass, tuple, dict, Optional)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        return tp(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_build(item, v, f"{where}[{i}]") for i, v in enumerate(value or ()))
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {str(k): _build(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _build(args[0], value, where)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def load(path: str | Path) -> DZADConfig:
+    """Parse a params YAML file (the edge's one YAML read) into a config; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return from_dict(raw)
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def from_dict(raw: dict[str, Any]) -> DZADConfig:
+    """Build a :class:`DZADConfig` from parsed ``params.yaml`` data (missing keys take defaults)."""
+    return _build(DZADConfig, raw, "params")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain, YAML/JSON-serialisable form of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model.profile": "demo", ...}``: the flat form used for tracking parameters."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
