@@ -40,14 +40,23 @@ class SynthConfig:
     n_train: int = 60
     n_test_good: int = 12
     n_test_defect: int = 24
+    families: tuple[str, ...] = ("textures", "objects")  # dzad.data.synth.FAMILIES keys
 
 
 @dataclass(frozen=True)
 class SetsConfig:
-    """Cross-dataset protocol: train on ``source`` normals, evaluate on every target (method-notes 6)."""
+    """Cross-dataset protocol: train on ``source`` normals, test on each target (method-notes 6).
 
-    source: tuple[DatasetRef, ...] = (DatasetRef(),)
-    targets: dict[str, DatasetRef] = field(default_factory=dict)
+    The ``prepare`` stage makes the roots exist: it generates ``synth.families`` into ``synth.dest``
+    (none when empty) and downloads the ``fetch`` datasets into ``data/raw/<name>``; other roots
+    (e.g. ``../shared/datasets``) are used where they are, never copied.
+    """
+
+    source: tuple[DatasetRef, ...] = (DatasetRef("data/raw/synth/textures"),)
+    targets: dict[str, DatasetRef] = field(
+        default_factory=lambda: {"objects": DatasetRef("data/raw/synth/objects")}
+    )
+    fetch: tuple[str, ...] = ()  # dzad.data.fetch.DATASETS names to download (paper study)
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class ModelConfig:
     latent: Literal["pixel", "pixel_unshuffle", "vae", "backbone_features"] = "pixel_unshuffle"
     unshuffle_factor: int = 2
     latent_channels: int = 64  # PCA width of the backbone_features latent
-    block_out_channels: tuple[int, ...] = ()  # empty = the profile's widths (dzad.networks.PROFILES)
+    block_out_channels: tuple[int, ...] = ()  # empty = the profile's (dzad.networks.PROFILES)
     use_sg: bool = True  # False = the paper's "SD" ablation row (no SG network at all)
     only_mid_control: bool = True  # DiAD default: control reaches only middle + SFF-fused skips
     sff_norm: Literal["instance", "group"] = "group"  # method-notes 1: allowed deviation from DiAD
@@ -75,6 +84,7 @@ class ModelConfig:
     feature_backbone: str = "efficientnet_lite0"  # backbone_features latent (issue 9)
     random_backbone: bool = False  # tests only
     feature_stride: int = 8  # grid of the backbone_features latent
+    feature_local_pool: int = 1  # PatchCore-style k x k local averaging before gridding (1 = off)
     pca_whiten: bool = False  # False: one global scale keeps the PCA spectrum; True: unit variance
 
 
@@ -152,7 +162,7 @@ class MapConfig:
     pool_k: int = 8  # k x k average pooling at 256 px, scaled with resolution
     pool_rounds: int = 8
     fusion: Literal["map", "detection", "rank"] = "map"  # which score is the image score
-    w_pa_floor: float = 0.1  # eq. 15: w_pa(p) = clamp(ref(p) / err(p), floor, 1), in (0, 1]
+    w_pa_floor: float = 0.1  # eq. 15: lower bound of w_pa(p) (dzad.anomaly_map), in (0, 1]
     latent_distance: Literal["cosine", "l2"] = "cosine"  # map of a latent without a decoder
 
 
@@ -163,10 +173,17 @@ class EvalConfig:
     knn_bank_size: int = 4096
     max_images: int = 0  # 0 = all test images
     figures: bool = True
+    knn_sampler: Literal["random", "greedy"] = "random"  # subsample of SOURCE-normal patches
+    control_levels: tuple[int, ...] = (1, 2)  # backbone levels of feature controls (stride 8, 16)
+    control_local_pool: int = 3  # k x k local aggregation of control features (PatchCore: 3)
+    mutual_fraction: float = 0.3  # mutual: mean of the smallest 30% of other-image distances
+    control_seed: int = 0  # bank subsampling
 
 
 @dataclass(frozen=True)
 class AblationConfig:
+    """Table 4 (``weightings``, rescored from stored F), Figure 4 and Table 3 (dzad.ablation)."""
+
     weightings: tuple[str, ...] = (
         "uniform",
         "snr",
@@ -177,16 +194,29 @@ class AblationConfig:
         "dzad_k5",
         "dzad",
     )
-    t_starts: tuple[int, ...] = (250, 500, 750, 999)
-    architecture: bool = False
+    t_starts: tuple[int, ...] = (250, 500, 750, 999)  # Figure 4 (reconstruction start); () = off
+    architecture: bool = False  # Table 3 rows (trains the SD row's own model per seed)
+    targets: tuple[str, ...] = ()  # targets of the Figure-4 / Table-3 reruns; () = every target
+    max_images: int = 0  # test images per category in those reruns; 0 = evaluate.max_images
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """MLflow tracking, registry and promotion (``flows/tracking.py``).
+
+    ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``; relative SQLite paths and
+    ``artifact_root`` are taken from the working directory (the repo root for DVC and the CLI).
+    """
+
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "dzad"
     model_name: str = "dzad"
-    tolerance: float = 0.01
+    tolerance: float = 0.01  # largest drop of a promotion metric that still allows ``champion``
+    artifact_root: str = "mlartifacts"  # artifact root of a newly created experiment (local stores)
+    promotion_targets: tuple[str, ...] = ()  # targets averaged for promotion; () = all sets.targets
+    promotion_metrics: tuple[str, ...] = ("image_auroc", "pixel_auroc")  # each compared on its own
+    flush_every: int = 10  # per-step training metrics are buffered and written every N steps
+    log_train_state: bool = False  # also log train_state/ (optimizer, raw weights) as an artifact
 
 
 @dataclass(frozen=True)

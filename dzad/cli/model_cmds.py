@@ -1,0 +1,105 @@
+"""Model commands: ``dzad train`` (eq. 8 + SOURCE calibration) and ``dzad profiles``.
+
+Thin edges over :func:`dzad.training.train` and :func:`dzad.networks.model_stats`; the config comes
+from ``--params`` (else the defaults) with the command-line overrides applied on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from dzad.cli._app import app, clean_errors, load_config
+from dzad.config import DZADConfig
+
+
+def _with_overrides(
+    cfg: DZADConfig, profile: str | None, steps: int | None, device: str | None
+) -> DZADConfig:
+    model, train = cfg.model, cfg.train
+    if profile is not None:
+        model = dataclasses.replace(model, profile=profile)
+    if steps is not None:
+        train = dataclasses.replace(train, steps=steps)
+    if device is not None:
+        train = dataclasses.replace(train, device=device)
+    return dataclasses.replace(cfg, model=model, train=train)
+
+
+def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
+    """SOURCE normals (train split) and, if the config needs it, the labelled SOURCE test split."""
+    import torch
+
+    from dzad.data.dataset import ImageDataset, iter_samples, list_categories
+    from dzad.errors import DZADInputError
+
+    cats = categories or list_categories(data)
+    normals = [s for c in cats for s in iter_samples(data, c, "train") if s.label == 0]
+    if not normals:
+        raise DZADInputError(data, f"no normal training images in categories {cats}")
+    train_set = ImageDataset(normals, cfg.data.image_size, cfg.data)
+    labelled = None
+    if cfg.weighting.name == "learned" or cfg.detection.mode == "prototype":
+        test = [s for c in cats for s in iter_samples(data, c, "test")]
+        labels = torch.tensor([s.label for s in test])
+        labelled = (ImageDataset(test, cfg.data.image_size, cfg.data), labels)
+    return train_set, labelled
+
+
+@app.command("train")
+@clean_errors
+def train_cmd(
+    data: Path = typer.Option(..., help="SOURCE dataset root (MVTec layout)."),
+    out: Path = typer.Option(..., help="Checkpoint folder to write (atomically)."),
+    source_categories: str = typer.Option("", help="Comma-separated categories; empty = all."),
+    profile: str | None = typer.Option(None, help="tiny | demo | paper (overrides params)."),
+    params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
+    steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (overrides params)."),
+) -> None:
+    """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint."""
+    from dzad.training import train
+
+    cfg = load_config(params) if params is not None else DZADConfig()
+    cfg = _with_overrides(cfg, profile, steps, device)
+    cats = [c.strip() for c in source_categories.split(",") if c.strip()]
+    images, labelled = _source_sets(cfg, data, cats)
+    typer.echo(f"training on {len(images)} SOURCE normals ({cfg.model.profile} profile)")
+    result = train(cfg, images, out, resume=resume, labelled=labelled)
+    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    typer.echo(
+        f"checkpoint: {result.checkpoint} (step {result.steps}, final loss {final}, "
+        f"{result.images_per_second:.1f} images/s, tau {result.calibration.tau:.4g})"
+    )
+
+
+@app.command("profiles")
+@clean_errors
+def profiles_cmd(
+    profile: list[str] = typer.Option(["tiny", "demo"], help="Profiles to report (repeat)."),
+    params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
+) -> None:
+    """Parameters and FLOPs per forward of each profile at the configured latent and image size."""
+    import torch
+
+    from dzad.latents import latent_downsample
+    from dzad.networks import build_network, model_stats
+
+    cfg = load_config(params) if params is not None else DZADConfig()
+    for name in profile:
+        model = dataclasses.replace(cfg.model, profile=name, pretrained=None)
+        size = cfg.data.image_size // latent_downsample(model)
+        channels = {"pixel": 3, "vae": 4, "backbone_features": model.latent_channels}.get(
+            model.latent, 3 * model.unshuffle_factor**2
+        )
+        torch.manual_seed(0)
+        net = build_network(model, channels, size, image_size=cfg.data.image_size)
+        s = model_stats(net, channels, size)
+        typer.echo(
+            f"{name}: latent {channels}x{size}x{size}, params {s['params'] / 1e6:.2f} M "
+            f"(unet {s['unet'] / 1e6:.2f}, sg {s['sg'] / 1e6:.2f}, sff {s['sff'] / 1e6:.3f}), "
+            f"{s['flops_per_forward'] / 1e9:.3f} GFLOPs per image forward"
+        )

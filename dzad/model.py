@@ -1,0 +1,221 @@
+"""``DZAD``: the whole pipeline as one module, its forward written out step by step.
+
+Like a diffusers pipeline, it only holds parts built elsewhere (method-notes 0): the encoder E
+(``dzad.latents``), the SG-conditioned denoiser (``dzad.networks``), the training schedule's
+alpha-bar, the noise bank, the SOURCE-only calibration (``dzad.detection``) and the backbone Phi
+(``dzad.backbones``). A checkpoint folder (``dzad.checkpoint``) rebuilds it with
+:meth:`DZAD.from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dzad.anomaly_map import base_map, gate_weights, scaled, smooth
+from dzad.backbones import Backbone, build_backbone
+from dzad.checkpoint import load_checkpoint, save_checkpoint
+from dzad.config import DZADConfig
+from dzad.detection import Calibration, detect, mode_features, weighted_map
+from dzad.errors import CheckpointError
+from dzad.latents import Encoder, PixelEncoder, PixelUnshuffleEncoder
+from dzad.networks import DZADNetwork, make_scheduler
+from dzad.noise_features import NoiseBank, NoiseFeatures
+from dzad.reconstruction import ClampRange, image_seeds, reconstruct
+from dzad.scoring import image_score, pool_size, rank_fusion
+from dzad.weighting import stage_means
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Detection:
+    """Steps 1-4 only (the ``features_only`` path): enough to rescore without reconstruction."""
+
+    F: Tensor  # (B, N, M) eq. 12 entries
+    spatial: Tensor  # (B, N, h, w) spatial noise error per stage
+    detection_score: Tensor  # (B,) eq. 13 weighted score (or the mode's score)
+    decision: Tensor  # (B,) bool, True = detected anomalous (score > tau)
+
+
+@dataclass
+class DZADOutput:
+    """Everything one forward produces (all on the model's device)."""
+
+    image_score: Tensor  # (B,) the score ``anomaly_map.fusion`` selects (map / detection / rank)
+    detection_score: Tensor  # (B,)
+    decision: Tensor  # (B,) bool
+    anomaly_map: Tensor  # (B, 1, H, W) smoothed, gated map
+    F: Tensor  # (B, N, M)
+    map_score: Tensor  # (B,) pooled max of the map (method-notes 5)
+    fused_score: Tensor  # (B,) rank fusion of map and detection scores, batch as reference
+
+
+def latent_clamp_range(encoder: Encoder) -> ClampRange | None:
+    """SOURCE latent range for the x0 clamp of reconstruction, when the encoder fixes it.
+
+    Pixel and pixel-unshuffle latents of [0, 1] images lie in [-1, 1] by construction. The VAE and
+    backbone-feature latents need the range measured on SOURCE normals, which the checkpoint does
+    not store yet: None (the caller warns).
+    """
+    if isinstance(encoder, (PixelEncoder, PixelUnshuffleEncoder)):
+        return (-1.0, 1.0)
+    return None
+
+
+class DZAD(nn.Module):
+    """The pipeline: ``forward(images (B,3,H,W) in [0,1]) -> DZADOutput``."""
+
+    def __init__(
+        self,
+        cfg: DZADConfig,
+        encoder: Encoder,
+        net: DZADNetwork,
+        bank: NoiseBank,
+        calibration: Calibration,
+        backbone: Backbone | None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.encoder, self.net, self.bank = cfg, encoder, net, bank
+        self.calibration = calibration
+        self.backbone = backbone
+        if encoder.can_decode and backbone is None:
+            raise ValueError("a decodable latent needs the backbone Phi for the anomaly map")
+        self.register_buffer("alphas_cumprod", make_scheduler(cfg.model).alphas_cumprod.clone())
+        self.clamp_range = latent_clamp_range(encoder)
+        if cfg.reconstruction.clamp and self.clamp_range is None:
+            log.warning(
+                "reconstruction.clamp is on but the %s latent's SOURCE range is not in the "
+                "checkpoint: x0-predictions are not clamped",
+                cfg.model.latent,
+            )
+        self.eval()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.net.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        folder: str | Path,
+        backbone_override: str | None = None,
+        random_backbone: bool = False,
+        map_location: str | torch.device = "cpu",
+    ) -> DZAD:
+        """Rebuild from a checkpoint folder; raises CheckpointError / BackboneUnavailable.
+
+        ``backbone_override`` replaces ``anomaly_map.backbone``; ``random_backbone`` (tests only)
+        uses random weights instead of stopping when the ImageNet weights are missing.
+        """
+        cfg, encoder, net, bank, calibration, _ = load_checkpoint(folder)
+        if calibration is None:
+            raise CheckpointError(folder, "intermediate training checkpoint (not calibrated yet)")
+        map_cfg = cfg.anomaly_map
+        if backbone_override is not None or random_backbone:
+            map_cfg = dataclasses.replace(
+                map_cfg,
+                backbone=backbone_override or map_cfg.backbone,
+                random_backbone=random_backbone or map_cfg.random_backbone,
+            )
+            cfg = dataclasses.replace(cfg, anomaly_map=map_cfg)
+        backbone = None
+        if encoder.can_decode:
+            with torch.random.fork_rng(devices=[]):  # random weights (tests) are seeded too
+                torch.manual_seed(cfg.seed)
+                backbone = build_backbone(map_cfg.backbone, random_weights=map_cfg.random_backbone)
+        return cls(cfg, encoder, net, bank, calibration, backbone).to(map_location)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a checkpoint folder (atomic swap) that :meth:`from_checkpoint` reads back."""
+        return save_checkpoint(
+            folder, self.cfg, self.encoder, self.net, self.bank, self.calibration
+        )
+
+    @torch.inference_mode()
+    def features(self, images: Tensor) -> Detection:
+        """Steps 1-4 of :meth:`forward` for ``images`` ``(B,3,H,W)`` in [0,1]."""
+        x0 = images.to(self.device, torch.float32)
+        z0 = self.encoder.encode(x0)
+        return self._detect(x0, z0)[0]
+
+    def _detect(self, x0: Tensor, z0: Tensor) -> tuple[Detection, NoiseFeatures]:
+        cfg = self.cfg
+        # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 (eq. 9)
+        feats, extra = mode_features(
+            self.net,
+            z0,
+            x0,
+            self.bank,
+            self.alphas_cumprod,
+            cfg.noise.max_batch,
+            self.calibration,
+            cfg.detection,
+        )
+        # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
+        score, decision = detect(feats, self.calibration, cfg.detection, **extra)
+        return Detection(feats.F, feats.spatial, score, decision), feats
+
+    @torch.inference_mode()
+    def forward(self, images: Tensor) -> DZADOutput:
+        """Score ``images`` ``(B,3,H,W)`` in [0,1] (square, ``image_size``); steps 1-7."""
+        cfg, calib = self.cfg, self.calibration
+        x0 = images.to(self.device, torch.float32)  # (B,3,H,W)
+        if x0.ndim != 4 or x0.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected (B,3,{self.image_size},{self.image_size}) images")
+        size = (x0.shape[-2], x0.shape[-1])
+
+        # 1. encode: z0 = E(x0)                                   (B,C,h,w)
+        z0 = self.encoder.encode(x0)
+        # 2-4. noise features, weighted score, decision          F (B,N,M); s, decision (B,)
+        det, feats = self._detect(x0, z0)
+
+        # 5. DDIM reconstruction from t_start, SG conditioned on x0 at every step
+        z0_hat = reconstruct(
+            self.net,
+            z0,
+            x0,
+            cfg.reconstruction,
+            cfg.model.num_train_timesteps,
+            clamp_range=self.clamp_range,
+            alphas_cumprod=self.alphas_cumprod,
+            seeds=image_seeds(x0, cfg.reconstruction.seed),
+        )  # (B,C,h,w)
+
+        # 6. two-branch gate (eq. 14-15) on the spatial noise error, then the map
+        err = weighted_map(feats.spatial, calib)  # (B,h,w), same weighting as normal_spatial
+        keys = stage_means(feats.F, *calib.stats())  # (B,N), same keys as normal_keys
+        gate = gate_weights(
+            det.decision, err, keys, cfg.anomaly_map, size, calib.normal_keys, calib.normal_spatial
+        )  # (B,1,H,W)
+        if self.encoder.can_decode:
+            x0_hat = self.encoder.decode(z0_hat)  # (B,3,H,W): the one decode
+            f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
+            raw = base_map(f_x, f_hat, size, gate)  # (B,1,H,W)
+        else:  # latent without a decoder: distances between z0 and z0_hat themselves
+            raw = base_map([z0], [z0_hat], size, gate, cfg.anomaly_map.latent_distance)
+
+        # 7. smoothing (sigma at 256 px, scaled) and the pooled-max image score
+        m = smooth(raw, scaled(cfg.anomaly_map.sigma, size[0]))  # (B,1,H,W)
+        k = pool_size(cfg.anomaly_map.pool_k, size[0])
+        map_score = image_score(m, k, cfg.anomaly_map.pool_rounds)  # (B,)
+        fused = rank_fusion(map_score, det.detection_score).to(map_score)  # (B,)
+        chosen = {"map": map_score, "detection": det.detection_score, "rank": fused}
+        return DZADOutput(
+            image_score=chosen[cfg.anomaly_map.fusion],
+            detection_score=det.detection_score,
+            decision=det.decision,
+            anomaly_map=m,
+            F=det.F,
+            map_score=map_score,
+            fused_score=fused,
+        )

@@ -1,0 +1,152 @@
+"""Multi-timestep noise-feature matrix F (eq. 11-12, method-notes 2).
+
+The schedule's T steps are cut into N disjoint buckets ``b_n = [nT/N, (n+1)T/N)`` (n = N-1 the
+noisiest), each probed at M bucket-centred timesteps. One seeded noise bank ``eps[n, m]`` is shared
+by every image and every hypothesis (common random numbers), so score differences between images
+come from the images, not from the draw. All B*N*M evaluations run as a few large batched forwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dzad.config import NoiseConfig
+from dzad.networks import DZADNetwork
+
+
+@dataclass
+class NoiseBank:
+    """``timesteps`` ``(N,M)`` long; ``noise`` ``(N,M,C,h,w)`` float32 (common random numbers)."""
+
+    timesteps: Tensor
+    noise: Tensor
+
+    @property
+    def n_stages(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @property
+    def m_samples(self) -> int:
+        return int(self.timesteps.shape[1])
+
+    @classmethod
+    def create(
+        cls, cfg: NoiseConfig, num_train_timesteps: int, latent_shape: tuple[int, int, int]
+    ) -> NoiseBank:
+        """``t_nm = floor(nT/N + (m + 0.5) T/(NM))``; noise from a generator seeded ``cfg.seed``."""
+        n_, m_, t_ = cfg.n_stages, cfg.m_samples, num_train_timesteps
+        if not 0 < n_ * m_ <= t_:
+            raise ValueError(f"noise: need 0 < n_stages*m_samples <= T={t_}, got {n_}x{m_}")
+        n = torch.arange(n_, dtype=torch.float64)[:, None]
+        m = torch.arange(m_, dtype=torch.float64)[None, :]
+        # integer arithmetic keeps floor() exact: (n*M + m + 0.5) * T / (N*M)
+        timesteps = torch.floor((n * m_ + m + 0.5) * t_ / (n_ * m_)).long()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn((n_, m_, *latent_shape), generator=gen)
+        return cls(timesteps, noise)
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {"timesteps": self.timesteps, "noise": self.noise}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> NoiseBank:
+        return cls(tensors["timesteps"].long(), tensors["noise"].float())
+
+
+@dataclass
+class NoiseFeatures:
+    """``F`` ``(B,N,M)``: eq. 12 entries; ``spatial`` ``(B,N,h,w)``: mean over C and M."""
+
+    F: Tensor
+    spatial: Tensor
+
+    @staticmethod
+    def cat(parts: list[NoiseFeatures]) -> NoiseFeatures:
+        return NoiseFeatures(torch.cat([p.F for p in parts]), torch.cat([p.spatial for p in parts]))
+
+
+Residuals = tuple[list[Tensor], Tensor]
+
+
+def noise_features(
+    net: DZADNetwork,
+    z0: Tensor,
+    hint: Tensor | None,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    max_batch: int,
+    *,
+    residuals: Residuals | None = None,
+) -> NoiseFeatures:
+    """eq. 11-12 for a batch: ``z0`` ``(B,C,h,w)``, ``hint`` ``(B,3,H,W)`` or None (null hint).
+
+    Pair p = b*N*M + j (j = n*M + m) uses image b and bank entry j: ``z_t = sqrt(ab_t) z0 +
+    sqrt(1-ab_t) eps_j`` (eq. 7 with alpha-bar). Pairs run in chunks of ``max_batch``, i.e.
+    ``ceil(B*N*M/max_batch)`` forwards. ``residuals`` (prototype mode): SG residuals per bank entry,
+    each tensor ``(N*M, ...)``, used instead of SG(x0).
+    """
+    b_, c_, h_, w_ = z0.shape
+    n_, m_ = bank.n_stages, bank.m_samples
+    nm = n_ * m_
+    device = z0.device
+    t_flat = bank.timesteps.reshape(nm).to(device)
+    eps_flat = bank.noise.reshape(nm, c_, h_, w_).to(device, z0.dtype)
+    ab = alphas_cumprod.to(device, torch.float32)[t_flat].to(z0.dtype)
+    err = torch.empty(b_ * nm, h_, w_, device=device)
+    with torch.inference_mode():
+        for start in range(0, b_ * nm, max_batch):
+            p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
+            img, j = p // nm, p % nm
+            a = ab[j].view(-1, 1, 1, 1)
+            eps = eps_flat[j]
+            z_t = a.sqrt() * z0[img] + (1 - a).sqrt() * eps
+            res = None
+            if residuals is not None:
+                res = ([r.to(device)[j] for r in residuals[0]], residuals[1].to(device)[j])
+            h = None if hint is None or res is not None else hint[img]
+            pred = net.predict_noise(z_t, t_flat[j], h, residuals=res)
+            err[p] = (eps - pred).float().pow(2).mean(1)  # eq. 12, mean over C
+    err = err.view(b_, n_, m_, h_, w_)
+    return NoiseFeatures(F=err.mean((3, 4)), spatial=err.mean(2))
+
+
+def sg_residual_means(
+    net: DZADNetwork,
+    z0: Tensor,
+    hint: Tensor,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    max_batch: int,
+) -> Residuals:
+    """Sum over the batch of the SG residuals at every bank entry (divide by B for the mean).
+
+    Returns down skips each ``(N*M, C_k, h_k, w_k)`` and middle ``(N*M, C, h', w')``; used to build
+    the prototype conditions of method-notes 4 (per-timestep mean SG residuals of a class of
+    images).
+    """
+    b_, c_, h_, w_ = z0.shape
+    nm = bank.n_stages * bank.m_samples
+    device = z0.device
+    t_flat = bank.timesteps.reshape(nm).to(device)
+    eps_flat = bank.noise.reshape(nm, c_, h_, w_).to(device, z0.dtype)
+    ab = alphas_cumprod.to(device, torch.float32)[t_flat].to(z0.dtype)
+    down_sum: list[Tensor] | None = None
+    mid_sum: Tensor | None = None
+    with torch.inference_mode():
+        for start in range(0, b_ * nm, max_batch):
+            p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
+            img, j = p // nm, p % nm
+            a = ab[j].view(-1, 1, 1, 1)
+            z_t = a.sqrt() * z0[img] + (1 - a).sqrt() * eps_flat[j]
+            down, mid = net.residuals(z_t, t_flat[j], hint[img])
+            if down_sum is None or mid_sum is None:
+                down_sum = [torch.zeros(nm, *r.shape[1:], device=device) for r in down]
+                mid_sum = torch.zeros(nm, *mid.shape[1:], device=device)
+            for acc, r in zip(down_sum, down, strict=True):
+                acc.index_add_(0, j, r.float())
+            mid_sum.index_add_(0, j, mid.float())
+    assert down_sum is not None and mid_sum is not None
+    return [d.clone() for d in down_sum], mid_sum.clone()  # normal tensors, outside inference mode

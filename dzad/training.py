@@ -1,0 +1,501 @@
+"""eq. 8 training on SOURCE normals, then SOURCE-only calibration (method-notes 1 and 4).
+
+Loss: ``|| eps - eps_theta(sqrt(ab_t) z0 + sqrt(1-ab_t) eps, t, x0) ||^2``, t ~ U{0..T-1}. AdamW
+with linear warm-up, gradient clipping, optional EMA, mixed precision where the device has it;
+written on HF Accelerate so the same loop runs on CPU, one GPU or under ``accelerate launch``.
+
+Reproducibility without hidden state: the data order and every (t, eps) draw are functions of (seed,
+step, process), so ``resume`` continues bit-for-bit: the checkpoint written every
+``checkpoint_every`` steps holds the raw and EMA weights, the optimizer, the LR schedule and the
+global RNG state (safetensors + JSON), and a killed run loses at most that many steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from dzad.checkpoint import (
+    load_checkpoint,
+    read_train_state,
+    restore_rng_state,
+    rng_state_tensors,
+    save_checkpoint,
+)
+from dzad.config import DZADConfig, flatten
+from dzad.detection import Calibration, build_prototypes, calibrate
+from dzad.errors import CheckpointError
+from dzad.latents import Encoder, build_encoder
+from dzad.networks import DZADNetwork, build_network, make_scheduler
+from dzad.noise_features import NoiseBank, NoiseFeatures, noise_features
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the checkpoint folder, steps, per-step losses of this run, throughput."""
+
+    checkpoint: Path
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    seconds: float
+    images_per_second: float
+    calibration: Calibration
+
+
+class ImageSource:
+    """Random access to ``(3,H,W)`` images in [0,1] from a tensor ``(n,3,H,W)`` or a Dataset.
+
+    Dataset items may be a tensor, a tuple (image first) or a dict with ``"image"``
+    (``dzad.data.dataset.ImageDataset``). Held in memory when it fits ``max_mb``.
+    """
+
+    def __init__(self, images: Dataset | Tensor, max_mb: int = 2048) -> None:
+        self.data = images
+        first = self._item(0)
+        if first.ndim != 3 or first.shape[0] != 3 or first.shape[1] != first.shape[2]:
+            raise ValueError(f"training images must be square (3,H,W); got {tuple(first.shape)}")
+        self.image_size = int(first.shape[-1])
+        if not isinstance(images, Tensor) and len(self) * first.numel() * 4 <= max_mb * 2**20:
+            self.data = torch.stack([self._item(i) for i in range(len(self))])
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def _item(self, i: int) -> Tensor:
+        item = self.data[i]
+        if isinstance(item, dict):
+            item = item["image"]
+        elif isinstance(item, (tuple, list)):
+            item = item[0]
+        return torch.as_tensor(item, dtype=torch.float32)
+
+    def get(self, idx: Tensor) -> Tensor:
+        """``(b,)`` indices -> ``(b,3,H,W)``."""
+        if isinstance(self.data, Tensor):
+            return self.data[idx].float()
+        return torch.stack([self._item(int(i)) for i in idx])
+
+    def batches(self, idx: Tensor, size: int) -> Iterator[Tensor]:
+        for s in range(0, len(idx), size):
+            yield self.get(idx[s : s + size])
+
+
+def split_holdout(n: int, fraction: float, max_images: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``n`` SOURCE normals into (train, calibration) indices.
+
+    ``fraction`` 0 calibrates on the training images themselves (their errors are optimistic).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17))
+    n_cal = min(max_images, round(fraction * n)) if fraction > 0 else 0
+    if fraction > 0 and (n_cal < 2 or n - n_cal < 1):
+        raise ValueError(
+            f"{n} source images are too few to hold out {fraction:.0%} for calibration"
+        )
+    if n_cal == 0:
+        return perm, perm[:max_images]
+    return perm[n_cal:], perm[:n_cal]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
+    """Global batch of ``step``: positions [step*B, (step+1)*B) of a stream of seeded epochs."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        sel = pos // n == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one step's (t, eps) draws on one process."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + rank)
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, decay warmed up as (1+n)/(10+n)."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, nn.Parameter]) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, params: dict[str, nn.Parameter]) -> None:
+        for k, p in params.items():
+            p.copy_(self.shadow[k])
+
+
+def _trainable(net: nn.Module) -> dict[str, nn.Parameter]:
+    return {k: p for k, p in net.named_parameters() if p.requires_grad}
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, Tensor):
+                tensors[f"opt.{i}.{k}"] = v.detach().cpu()
+            else:
+                scalars[f"{i}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "state_scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    for key, v in meta["state_scalars"].items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    groups = [
+        {**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]
+    ]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _accelerator(cfg: DZADConfig):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    cpu = cfg.train.device == "cpu" or (
+        cfg.train.device == "auto" and not torch.cuda.is_available()
+    )
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is cuda but no GPU is visible")
+    if cpu and cfg.train.mixed_precision == "fp16":
+        raise ValueError("train.mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+    # only_mid_control leaves most SG output convs without gradient: DDP must allow that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(
+        cpu=cfg.train.device == "cpu",
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=[ddp],
+    )
+
+
+def _encode_all(encoder: Encoder, source: ImageSource, idx: Tensor, device) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([encoder.encode(x.to(device)).cpu() for x in source.batches(idx, 32)])
+
+
+def source_features(
+    net: DZADNetwork,
+    encoder: Encoder,
+    images: Iterator[Tensor],
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    max_batch: int,
+    device: torch.device,
+    *,
+    null_hint: bool = False,
+) -> NoiseFeatures:
+    """Noise features (eq. 11-12) of image batches ``(B,3,H,W)``; hint None when ``null_hint``."""
+    parts = []
+    for x in images:
+        x = x.to(device)
+        z0 = encoder.encode(x)
+        parts.append(
+            noise_features(net, z0, None if null_hint else x, bank, alphas_cumprod, max_batch)
+        )
+    return NoiseFeatures.cat(parts)
+
+
+def calibrate_on_source(
+    cfg: DZADConfig,
+    net: DZADNetwork,
+    encoder: Encoder,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    normals: ImageSource,
+    normal_idx: Tensor,
+    device: torch.device,
+    labelled: tuple[ImageSource, Tensor] | None = None,
+) -> Calibration:
+    """Calibration (method-notes 4) on held-out SOURCE normals (+ a labelled SOURCE split)."""
+    mb, bs = cfg.noise.max_batch, cfg.evaluate.batch_size
+    net.eval()
+
+    def feats(src: ImageSource, idx: Tensor, null: bool = False) -> NoiseFeatures:
+        return source_features(
+            net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, null_hint=null
+        )
+
+    kwargs: dict[str, Any] = {"seed": cfg.seed}
+    normal = feats(normals, normal_idx)
+    if cfg.detection.mode == "contrast":
+        kwargs["features_normal_null"] = feats(normals, normal_idx, null=True)
+    need_labels = cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
+    if need_labels:
+        if labelled is None:
+            raise ValueError(
+                "weighting 'learned' / detection 'prototype' need a labelled SOURCE split "
+                "(normals + anomalies: the source test split or synthetic pseudo-anomalies)"
+            )
+        src, labels = labelled
+        all_idx = torch.arange(len(src))
+        kwargs["labels"] = labels
+        kwargs["features_labelled"] = feats(src, all_idx)
+        if cfg.detection.mode == "prototype":
+            batches = []
+            for s in range(0, len(src), bs):
+                x = src.get(all_idx[s : s + bs]).to(device)
+                batches.append((encoder.encode(x), x, labels[s : s + bs]))
+            protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
+            kwargs["prototypes"] = protos
+            kwargs["features_labelled_prototypes"] = [
+                NoiseFeatures.cat(
+                    [
+                        noise_features(net, z0, None, bank, alphas_cumprod, mb, residuals=p)
+                        for z0, _, _ in batches
+                    ]
+                )
+                for p in protos
+            ]
+    return calibrate(normal, cfg.weighting, cfg.detection, alphas_cumprod, **kwargs)
+
+
+def _check_same_config(cfg: DZADConfig, old: DZADConfig, folder: Path) -> None:
+    """Resume only the same run: every setting but ``train.steps`` must match the checkpoint's."""
+    new_flat, old_flat = flatten(with_steps(cfg, 0)), flatten(with_steps(old, 0))
+    diff = sorted(
+        k for k in new_flat.keys() | old_flat.keys() if new_flat.get(k) != old_flat.get(k)
+    )
+    if diff:
+        raise CheckpointError(
+            folder, f"cannot resume: config differs from the checkpoint's in {diff}"
+        )
+
+
+def _notify(callbacks: Sequence[Any], event: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is None and event == "on_step" and callable(cb):
+            fn = cb
+        if fn is not None:
+            fn(*args)
+
+
+def train(
+    cfg: DZADConfig,
+    images: Dataset | Tensor,
+    out_dir: str | Path,
+    resume: bool = False,
+    callbacks: Sequence[Callable[..., Any] | Any] = (),
+    *,
+    labelled: tuple[Dataset | Tensor, Tensor] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on SOURCE normals ``images`` (``(n,3,H,W)`` in [0,1]), calibrate, write ``out_dir``.
+
+    ``callbacks``: objects with ``on_step(step, metrics)`` and/or ``on_checkpoint(step, path)``
+    (a plain callable is an ``on_step``). ``labelled`` = (images, labels 0/1) of a labelled SOURCE
+    split, needed by the learned weighting and the prototype mode only.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    tc = cfg.train
+    acc = _accelerator(cfg)
+    device = acc.device
+    torch.manual_seed(cfg.seed)
+    source = ImageSource(images, tc.preload_max_mb)
+    train_idx, cal_idx = split_holdout(
+        len(source),
+        cfg.detection.calibration_holdout,
+        cfg.detection.calibration_max_images,
+        cfg.seed,
+    )
+    state = read_train_state(out_dir) if resume and (out_dir / "dzad.json").exists() else None
+    previous = load_checkpoint(out_dir) if state is not None else None
+    if previous is not None:
+        _check_same_config(cfg, previous[0], out_dir)
+    encoder = build_encoder(cfg.model, source.image_size).to(device)
+    if previous is not None:
+        encoder.load_extra_state(previous[1].extra_state())
+    else:
+        encoder.fit(source.batches(train_idx, 32))
+    z_probe = _encode_all(encoder, source, train_idx[:1], device)
+    latent_shape = tuple(z_probe.shape[1:])
+    latents = None
+    if (
+        isinstance(source.data, Tensor)
+        and latent_shape[0] * latent_shape[1] ** 2 * 4 * len(source) <= tc.preload_max_mb * 2**20
+    ):
+        latents = _encode_all(encoder, source, torch.arange(len(source)), device)
+
+    torch.manual_seed(cfg.seed)
+    net = build_network(
+        cfg.model, latent_shape[0], latent_shape[1], image_size=source.image_size
+    ).to(device)
+    scheduler = make_scheduler(cfg.model)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    t_max = cfg.model.num_train_timesteps
+    bank = NoiseBank.create(cfg.noise, t_max, latent_shape)  # type: ignore[arg-type]
+    params = _trainable(net)
+    opt = torch.optim.AdamW(params.values(), lr=tc.lr, weight_decay=tc.weight_decay)
+    warm = max(1, tc.warmup_steps)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    ema = EMA(params, tc.ema_decay) if tc.ema else None
+
+    start = 0
+    if state is not None and previous is not None:
+        tensors, meta = state
+        raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
+        net.load_state_dict(previous[2].state_dict())
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(raw[k])
+        _load_optimizer(opt, tensors, meta["optimizer"])
+        lr_sched.load_state_dict(meta["lr_scheduler"])
+        if ema is not None:
+            ema.shadow = {k: tensors[f"ema.{k}"].to(device) for k in params}
+            ema.updates = meta["ema_updates"]
+        restore_rng_state(tensors)
+        start = int(meta["step"])
+
+    net, opt = acc.prepare(net, opt)
+    core: DZADNetwork = acc.unwrap_model(net)
+
+    def snapshot(step: int, calib: Calibration | None) -> Path:
+        """Checkpoint with EMA weights as the scoring weights, raw ones in train_state/."""
+        tensors = {f"raw.{k}": p.detach().cpu().clone() for k, p in params.items()}
+        tensors.update(rng_state_tensors())
+        opt_tensors, opt_meta = _optimizer_state(opt)
+        tensors.update(opt_tensors)
+        meta: dict[str, Any] = {
+            "step": step,
+            "optimizer": opt_meta,
+            "lr_scheduler": lr_sched.state_dict(),
+            "ema_updates": ema.updates if ema else 0,
+        }
+        if ema is not None:
+            tensors.update({f"ema.{k}": v.cpu() for k, v in ema.shadow.items()})
+            ema.copy_to(params)
+        try:
+            return save_checkpoint(
+                out_dir,
+                cfg,
+                encoder,
+                core,
+                bank,
+                calib,
+                {"train": {"step": step, "complete": calib is not None}},
+                train_state=(tensors, meta),
+            )
+        finally:
+            if ema is not None:
+                with torch.no_grad():
+                    for k, p in params.items():
+                        p.copy_(tensors[f"raw.{k}"])
+
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=tc.steps,
+        initial=start,
+        disable=not (progress and acc.is_main_process),
+        desc="train",
+        unit="step",
+    )
+    net.train()
+    for step in range(start, tc.steps):
+        t_step = time.perf_counter()
+        idx = train_idx[batch_indices(len(train_idx), tc.batch_size, step, cfg.seed)]
+        idx = idx[acc.process_index :: acc.num_processes]
+        x = source.get(idx).to(device)
+        with torch.no_grad():
+            z0 = latents[idx].to(device) if latents is not None else encoder.encode(x)
+        gen = step_generator(cfg.seed, step, acc.process_index)
+        t = torch.randint(0, t_max, (len(idx),), generator=gen).to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps  # eq. 7 with alpha-bar
+        with acc.autocast():
+            pred = net(z_t, t, x)
+        loss = nn.functional.mse_loss(pred.float(), eps)  # eq. 8
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(net.parameters(), tc.grad_clip) if tc.grad_clip else None
+        lr = opt.param_groups[0]["lr"]  # the rate this step used
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(params)
+        done = step + 1
+        loss_v = float(acc.reduce(loss.detach(), reduction="mean"))
+        losses.append(loss_v)
+        dt = time.perf_counter() - t_step
+        metrics = {
+            "loss": loss_v,
+            "lr": lr,
+            "images_per_s": tc.batch_size / dt,
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        }
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+        if acc.is_main_process:
+            _notify(callbacks, "on_step", done, metrics)
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                path = snapshot(done, None)
+                _notify(callbacks, "on_checkpoint", done, path)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    acc.wait_for_everyone()
+
+    # calibration on SOURCE data only, with the weights that will score (EMA when on)
+    raw_backup = {k: p.detach().clone() for k, p in params.items()}
+    if ema is not None:
+        ema.copy_to(params)
+    lab = None
+    if labelled is not None:
+        lab = (ImageSource(labelled[0], tc.preload_max_mb), torch.as_tensor(labelled[1]).long())
+    with acc.autocast():
+        calib = calibrate_on_source(
+            cfg, core, encoder, bank, alphas_cumprod, source, cal_idx, device, lab
+        )
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(raw_backup[k])
+    path = out_dir
+    if acc.is_main_process:
+        path = snapshot(tc.steps, calib)
+        _notify(callbacks, "on_checkpoint", tc.steps, path)
+    acc.wait_for_everyone()
+    n_steps = tc.steps - start
+    return TrainResult(
+        checkpoint=path,
+        steps=tc.steps,
+        resumed_from=start,
+        losses=losses,
+        seconds=seconds,
+        images_per_second=n_steps * tc.batch_size / seconds if seconds > 0 else 0.0,
+        calibration=calib,
+    )
+
+
+def with_steps(cfg: DZADConfig, steps: int) -> DZADConfig:
+    """``cfg`` with ``train.steps`` replaced (CLI ``--steps``)."""
+    return replace(cfg, train=replace(cfg.train, steps=steps))
