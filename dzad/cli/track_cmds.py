@@ -1,0 +1,70 @@
+"""Registry commands: ``dzad promote`` and ``dzad models`` (MLflow, imported lazily).
+
+The store is ``tracking.tracking_uri`` of ``--params`` (default ``sqlite:///mlflow.db``) unless
+``MLFLOW_TRACKING_URI`` is set. No other command imports MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dzad.cli._app import app, clean_errors, load_config
+
+_PARAMS_HELP = "Study params (tracking section, targets); default ./params.yaml if present."
+
+
+def _config(params: Path | None):
+    from dzad.config import DZADConfig
+
+    if params is None and Path("params.yaml").is_file():
+        params = Path("params.yaml")
+    return DZADConfig() if params is None else load_config(params)
+
+
+def _number(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4f}"
+
+
+@app.command("promote")
+@clean_errors
+def promote_cmd(
+    version: str = typer.Argument(..., help="Registered model version number."),
+    force: bool = typer.Option(False, "--force", help="Make it champion even if it is worse."),
+    params: Path | None = typer.Option(None, help=_PARAMS_HELP),
+) -> None:
+    """Move the 'champion' alias to VERSION when its cross-dataset mean image and pixel AUROCs are
+    not worse than the current champion's by more than tracking.tolerance; exit 1 when refused."""
+    from flows.tracking import promote
+
+    result = promote(version, _config(params), force=force)
+    for metric, value in result["candidate"].items():
+        champ = (result["champion"] or {}).get(metric)
+        typer.echo(
+            f"{metric}: version {result['version']} {_number(value)}, champion {_number(champ)}"
+        )
+    typer.echo(f"{result['decision']}: {result['reason']}")
+    if not result["promoted"]:
+        raise typer.Exit(code=1)
+
+
+@app.command("models")
+@clean_errors
+def models_cmd(params: Path | None = typer.Option(None, help=_PARAMS_HELP)) -> None:
+    """List the registered model's versions, newest first, with aliases and promotion tags."""
+    from flows.tracking import list_versions
+
+    cfg = _config(params)
+    rows = list_versions(cfg)
+    if not rows:
+        typer.echo(f"no registered model {cfg.tracking.model_name!r}")
+        return
+    metrics = cfg.tracking.promotion_metrics
+    typer.echo("\t".join(["version", "aliases", "decision", *metrics, "run_id"]))
+    for r in rows:
+        tags = r["tags"]
+        cells = [tags.get(f"dzad.promotion.{m}", "-") for m in metrics]
+        decision = tags.get("dzad.promotion.decision", "-")
+        aliases = ",".join(r["aliases"]) or "-"
+        typer.echo("\t".join([r["version"], aliases, decision, *cells, r["run_id"] or "-"]))

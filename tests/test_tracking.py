@@ -1,0 +1,250 @@
+"""A `tiny` train + evaluate + register against a temporary SQLite store, read back through MLflow.
+
+One module-scoped study laid out like a Prefect flow run: a parent run with a nested training run
+(tracking callbacks on, the model registered there) and a nested evaluation run. The tests check
+what the store holds -- params, per-step curves, provenance, metrics, tables, figures -- that the
+registered pyfunc scores exactly like the library, promotion, offline resolution and the DVC stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dzad.config import DatasetRef, TrackingConfig, flatten, to_dict
+
+tracking = pytest.importorskip("flows.tracking")
+mlflow = pytest.importorskip("mlflow")
+
+TARGET = "textures"
+STEPS = 30  # tiny_config.train.steps
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, synth_root, tiny_config):
+    """Preprocess, train (callbacks on), register, evaluate one target; returns what tests read."""
+    from dzad import study as dzad_study
+
+    tmp = tmp_path_factory.mktemp("tracking")
+    sets = dataclasses.replace(
+        tiny_config.sets,
+        source=(DatasetRef(str(synth_root), ("weave",)),),
+        targets={TARGET: DatasetRef(str(synth_root), ("grain",))},
+    )
+    cfg = dataclasses.replace(
+        tiny_config,
+        data=dataclasses.replace(tiny_config.data, cache_dir=str(tmp / "cache")),
+        sets=sets,
+        tracking=TrackingConfig(
+            tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_root=str(tmp / "mlartifacts")
+        ),
+    )
+    ckpt, eval_dir = tmp / "models" / "seed_0", tmp / "eval" / TARGET / "seed_0"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        dzad_study.preprocess_data(cfg)
+        with tracking.start_run(cfg, "study") as parent:
+            with tracking.start_run(cfg, "train", nested=True) as train_run:
+                callbacks = tracking.training_callbacks(train_run, cfg)
+                result = dzad_study.train_model(cfg, ckpt, callbacks=callbacks)
+                tracking.log_training(train_run, cfg, ckpt, {"source_0": "ab" * 32}, result=result)
+            version = tracking.register(ckpt, train_run.info.run_id, cfg)
+            with tracking.start_run(cfg, "evaluate", nested=True) as eval_run:
+                metrics = dzad_study.evaluate_target(ckpt, cfg, TARGET, eval_dir)
+                tracking.log_evaluation(eval_run, TARGET, metrics, eval_dir)
+        decision = tracking.promote(version, cfg)
+        yield {
+            "cfg": cfg,
+            "parent": parent.info.run_id,
+            "train_run": train_run.info.run_id,
+            "eval_run": eval_run.info.run_id,
+            "result": result,
+            "metrics": metrics,
+            "ckpt": ckpt,
+            "eval_dir": eval_dir,
+            "version": version,
+            "decision": decision,
+            "client": tracking.client(cfg),
+            "tmp": tmp,
+        }
+
+
+def test_training_run_logs_params_curves_tags_and_checkpoint(study):
+    c, rid, cfg = study["client"], study["train_run"], study["cfg"]
+    run = c.get_run(rid)
+    assert run.data.tags["mlflow.parentRunId"] == study["parent"]
+    assert set(run.data.params) == set(flatten(cfg))
+    assert run.data.params["model.profile"] == "tiny"
+    assert run.data.params["train.steps"] == str(STEPS)
+    assert json.loads(run.data.params["seeds"]) == [0]
+
+    loss = sorted(c.get_metric_history(rid, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in loss] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([m.value for m in loss], study["result"].losses)
+    speed = c.get_metric_history(rid, "train/images_per_s")
+    assert len(speed) == STEPS and all(m.value > 0 for m in speed)
+    assert run.data.metrics["train/images_per_s_mean"] == pytest.approx(
+        study["result"].images_per_second
+    )
+
+    tags = run.data.tags
+    assert tags["dzad.manifest.source_0"] == "ab" * 32
+    assert tags["dzad.train.step"] == str(STEPS)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert tags["dzad.git_commit"] == head.stdout.strip()
+        assert tags["dzad.git_dirty"] in ("true", "false")
+
+    names = {Path(a.path).name for a in c.list_artifacts(rid, "checkpoint")}
+    assert {"dzad.json", "extra.safetensors", "unet", "sg"} <= names
+    assert "train_state" not in names  # optimizer state stays out unless log_train_state
+    logged = Path(c.download_artifacts(rid, "checkpoint/dzad.json", str(study["tmp"])))
+    assert logged.read_text() == (study["ckpt"] / "dzad.json").read_text()
+
+
+def test_evaluation_run_logs_named_metrics_tables_and_figures(study):
+    c, rid, metrics = study["client"], study["eval_run"], study["metrics"]
+    logged = c.get_run(rid).data.metrics
+    cats = sorted(metrics["categories"])
+    assert cats == ["grain"]
+    for cat in cats:
+        for metric, value in metrics["categories"][cat].items():
+            if value is not None:
+                assert logged[f"{TARGET}/{cat}/{metric}"] == pytest.approx(value)
+    assert logged[f"{TARGET}/mean/image_auroc"] == pytest.approx(metrics["mean"]["image_auroc"])
+    assert logged[f"{TARGET}/mean/pixel_auroc"] == pytest.approx(metrics["mean"]["pixel_auroc"])
+    for name, block in metrics["controls"].items():
+        key = f"{TARGET}/controls/{name}/mean/image_auroc"
+        assert logged[key] == pytest.approx(block["mean"]["image_auroc"])
+
+    tables = {Path(a.path).name for a in c.list_artifacts(rid, f"tables/{TARGET}")}
+    assert tables == {f"{m}.{ext}" for m in ("image_auroc", "pixel_auroc") for ext in ("csv", "md")}
+    md = Path(c.download_artifacts(rid, f"tables/{TARGET}/image_auroc.md", str(study["tmp"])))
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| category | DZAD | control: ")
+    mean_row = next(line for line in lines if line.startswith("| mean |"))
+    assert mean_row.split("|")[2].strip() == f"{metrics['mean']['image_auroc']:.3f}"
+
+    figures = {Path(a.path).name for a in c.list_artifacts(rid, f"evaluation/{TARGET}/figures")}
+    assert figures == {f"{cat}_{kind}.png" for cat in cats for kind in ("roc", "heatmaps")}
+    files = {Path(a.path).name for a in c.list_artifacts(rid, f"evaluation/{TARGET}")}
+    assert {"metrics.json", "metrics.csv", "scores.csv"} <= files
+    assert "noise_features.npz" not in files
+
+
+def test_summary_over_seeds_is_logged_as_mean_and_std():
+    from dzad.study import summarise
+
+    def result(auroc: float) -> dict:
+        block = {"image_auroc": auroc, "pixel_auroc": 0.5}
+        return {"categories": {"a": block}, "mean": block, "controls": {}, "variants": {}}
+
+    names = tracking.evaluation_metrics("t", summarise("t", {0: result(0.6), 1: result(0.8)}))
+    assert names["t/mean/image_auroc"] == pytest.approx(0.7)
+    assert names["t/mean/image_auroc_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert names["t/a/image_auroc"] == pytest.approx(0.7)
+
+
+def test_registered_version_candidate_then_champion_from_sibling_evaluation(study):
+    c, version, metrics = study["client"], study["version"], study["metrics"]
+    assert str(version.run_id) == study["train_run"]
+    assert str(c.get_model_version_by_alias("dzad", "candidate").version) == str(version.version)
+    info = mlflow.models.get_model_info("models:/dzad@candidate")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert "anomaly_map" in info.signature.outputs.input_names()
+    assert info.saved_input_example_info is not None
+
+    # the training run has no evaluation metrics: promotion found them on the sibling eval run
+    decision = study["decision"]
+    assert decision["decision"] == "promoted", decision
+    assert decision["candidate"]["image_auroc"] == pytest.approx(metrics["mean"]["image_auroc"])
+    assert decision["candidate"]["pixel_auroc"] == pytest.approx(metrics["mean"]["pixel_auroc"])
+    tags = c.get_model_version("dzad", str(version.version)).tags
+    assert float(tags["dzad.promotion.image_auroc"]) == pytest.approx(
+        metrics["mean"]["image_auroc"], abs=1e-6
+    )
+    champion = c.get_model_version_by_alias("dzad", "champion").version
+    assert str(champion) in (str(version.version), str(int(version.version) + 1))  # + DVC stage
+
+
+def test_pyfunc_champion_predicts_like_the_library(study):
+    from dzad.data.images import load_image
+    from dzad.study import load_model
+
+    paths = sorted((Path(study["cfg"].sets.targets[TARGET].root) / "grain" / "test").rglob("*.png"))
+    paths = [str(p) for p in paths[:5]]
+    model = load_model(study["ckpt"], study["cfg"])
+    images = torch.stack([load_image(p, model.image_size) for p in paths])
+    expected = model(images)
+
+    pyfunc = mlflow.pyfunc.load_model("models:/dzad@champion")
+    by_path = pyfunc.predict(pd.DataFrame({"image": paths}))
+    assert list(by_path.columns) == ["image_score", "detection_score", "decision", "anomaly_map"]
+    np.testing.assert_allclose(by_path["image_score"], expected.image_score.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(by_path["detection_score"], expected.detection_score.numpy())
+    assert by_path["decision"].tolist() == expected.decision.tolist()
+    maps = np.stack(by_path["anomaly_map"].to_list())
+    np.testing.assert_allclose(maps, expected.anomaly_map[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+
+    # the same pixels as a uint8 HWC batch and as float CHW arrays give the same answers
+    uint8 = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    by_batch = pyfunc.predict({"image": uint8})
+    np.testing.assert_allclose(by_batch["image_score"], by_path["image_score"], rtol=1e-6)
+    by_array = pyfunc.predict(pd.DataFrame({"image": list(images.numpy())}))
+    np.testing.assert_allclose(by_array["image_score"], by_path["image_score"], rtol=1e-6)
+
+
+def test_resolve_model_works_offline_in_place(study, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    folder = tracking.resolve_model("models:/dzad@champion", cfg=study["cfg"])
+    assert folder.is_relative_to(study["tmp"] / "mlartifacts")  # read in place, not copied
+    assert (folder / "dzad.json").read_text() == (study["ckpt"] / "dzad.json").read_text()
+    assert not (folder / "train_state").exists()
+    champion = study["client"].get_model_version_by_alias("dzad", "champion").version
+    assert tracking.resolve_model(f"models:/dzad/{champion}", cfg=study["cfg"]) == folder
+    # `dzad score --model models:/...` passes no config: MLFLOW_TRACKING_URI names the store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", study["cfg"].tracking.tracking_uri)
+    assert tracking.resolve_model("models:/dzad@champion") == folder
+
+
+def test_dvc_register_stage_logs_registers_and_promotes(study):
+    from dzad.study import summarise, write_json
+    from flows import register
+
+    cfg, tmp = study["cfg"], study["tmp"]
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump(to_dict(cfg)))
+    summary = summarise(TARGET, {0: study["metrics"]})
+    metrics_file = write_json(tmp / "metrics" / f"{TARGET}.json", summary)
+    out = tmp / "metrics" / "registry.json"
+    argv = ["--params", str(params), "--checkpoint", str(study["ckpt"].parent)]  # models/
+    argv += ["--metrics", str(metrics_file), "--eval-root", str(tmp / "eval"), "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert register.main(argv) == 0
+    decision = json.loads(out.read_text())
+    assert decision["decision"] == "promoted"  # same model, same numbers: not worse
+    c = study["client"]
+    run = c.get_run(decision["run_id"])
+    assert run.data.metrics[f"{TARGET}/mean/image_auroc"] == pytest.approx(
+        study["metrics"]["mean"]["image_auroc"]
+    )
+    assert run.data.tags["dzad.manifest.source_0"]
+    assert str(c.get_model_version_by_alias("dzad", "champion").version) == decision["version"]
+    seeds = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, f"evaluation/{TARGET}")}
+    assert "seed_0" in seeds
+    bad = register.main([*argv[:4], "--metrics", str(params)])
+    assert bad == 2
