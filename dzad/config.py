@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A dataset in MVTec layout: ``root/<category>/...``; empty ``categories`` means all of them."""
+    """A dataset in MVTec layout: ``root/<category>/...``; empty ``categories`` = all of them."""
 
     root: str = "data/synth/objects"
     categories: tuple[str, ...] = ()

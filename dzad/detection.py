@@ -40,6 +40,9 @@ class Calibration:
     ``(N,)``; normal_spatial ``(K,h,w)`` / normal_keys ``(K,N)``: bank of source-normal weighted
     error maps and their (standardised) stage means, for eq. 15's gating; optional contrast
     statistics and prototype residuals (down skips ``(N*M, ...)`` and middle per class).
+    ``ref_map`` / ``ref_detection`` ``(R,)``: map and detection scores of the held-out SOURCE
+    normals, the references of :func:`dzad.scoring.rank_fusion`, valid under the map settings
+    ``ref_settings`` (``dzad.model.map_settings``) they were computed with.
     """
 
     stage_mean: Tensor
@@ -57,6 +60,9 @@ class Calibration:
     tau_contrast: float = math.nan
     prototypes: list[Residuals] = field(default_factory=list)  # [normal, anomalous]
     temperature: float = 1.0
+    ref_map: Tensor | None = None
+    ref_detection: Tensor | None = None
+    ref_settings: dict[str, Any] | None = None
 
     def stats(self) -> tuple[Tensor | None, Tensor | None]:
         """(mean, std) to standardise stage means with, or (None, None)."""
@@ -70,6 +76,8 @@ class Calibration:
         }
         if self.contrast_mean is not None and self.contrast_std is not None:
             out["contrast_mean"], out["contrast_std"] = self.contrast_mean, self.contrast_std
+        if self.ref_map is not None and self.ref_detection is not None:
+            out["ref_map"], out["ref_detection"] = self.ref_map, self.ref_detection
         for k, (down, mid) in enumerate(self.prototypes):
             out.update({f"prototype.{k}.down.{i}": r for i, r in enumerate(down)})
             out[f"prototype.{k}.mid"] = mid
@@ -87,7 +95,10 @@ class Calibration:
             "temperature",
         )
         out = {k: getattr(self, k) for k in scalars}
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+        out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+        if self.ref_settings is not None:
+            out["ref_settings"] = self.ref_settings
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Calibration:

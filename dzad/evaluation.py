@@ -7,23 +7,24 @@ controls (issue 9) on the same images with the same metric code, and write to ``
 - ``metrics.json``: ``{"categories": {cat: {metric: v}}, "mean": {...}, "variants":
   {"detection_score" | "fusion": {"categories", "mean"}}, "controls": {name: {"label",
   "categories", "mean"}}, "skipped": {...}, "counts": {...}, "protocol": {...}}`` (the layout
-  ``dzad.reports`` reads); NaN
-  is written as null and every null is explained under ``skipped``;
+  ``dzad.reports`` reads); NaN is written as null and every null is explained under ``skipped``
+  (e.g. pixel metrics of a category whose defect images lack masks: image metrics only);
 - ``metrics.csv`` (one row per method and category, plus ``mean``), ``scores.csv`` (one row per
   image), ``noise_features.npz`` (F per image with labels, categories and the calibration needed to
   rescore F under another weighting without running the model);
 - ``figures/<category>_roc.png`` and ``figures/<category>_heatmaps.png``;
 - with ``save_maps``: ``maps/<category>.npy`` ``(n, H, W)`` float32, rows in ``scores.csv`` order.
 
-Fusion is evaluated per category: the map and detection scores are ranked among all test images
-of the category (:func:`dzad.scoring.rank_fusion`, no labels used), so it does not depend on the
-batch size. Every file is written atomically.
+Fusion (:func:`dzad.scoring.rank_fusion`, no labels used) ranks each image's map and detection
+scores among those of the held-out SOURCE normals stored in the calibration. Where the model cannot
+use them (none stored, or other map settings than at calibration) it ranks among all test images of
+the category instead, so it never depends on the batch size; ``protocol.fusion_reference`` says
+which. Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import io
 import json
 import logging
@@ -46,7 +47,7 @@ from dzad.errors import DZADInputError
 from dzad.io_utils import atomic_path, atomic_write_bytes, atomic_write_text
 from dzad.metrics import IMAGE_METRICS, PIXEL_METRICS, MetricAccumulator, image_metrics, macro_mean
 from dzad.model import DZAD
-from dzad.reports import plot_roc_curves
+from dzad.reports import Extremes, plot_roc_curves
 from dzad.scoring import rank_fusion
 
 log = logging.getLogger(__name__)
@@ -114,74 +115,6 @@ def build_controls(
     return controls
 
 
-# ------------------------------------------------------------------------------------- figures
-def heat_colours(m: np.ndarray, vmax: float | None = None) -> np.ndarray:
-    """``(H, W)`` map -> ``(H, W, 3)`` float RGB in [0, 1] (``inferno``; 0..vmax, default max)."""
-    from matplotlib import colormaps
-
-    top = float(m.max()) if vmax is None else vmax
-    norm = np.clip((m - float(m.min())) / max(top - float(m.min()), 1e-12), 0, 1)
-    return colormaps["inferno"](norm)[..., :3]
-
-
-def overlay(image: np.ndarray, m: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Heat map ``(h, w)`` resized onto an ``(H, W, 3)`` image in [0, 1] -> uint8 ``(H, W, 3)``.
-
-    Colours are normalised per image (its own min..max): compare images by their scores.
-    """
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(t, size=image.shape[:2], mode="bilinear")[0, 0].numpy()
-    mixed = (1 - alpha) * image + alpha * heat_colours(up)
-    return (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)
-
-
-@dataclass(order=True)
-class _Shown:
-    key: float
-    image: np.ndarray = field(compare=False)
-    map: np.ndarray = field(compare=False)
-    mask: np.ndarray = field(compare=False)
-    name: str = field(compare=False)
-
-
-class Extremes:
-    """Keeps the ``k`` highest- and lowest-scoring images (small copies) for the heat-map grid."""
-
-    def __init__(self, k: int) -> None:
-        self.k, self.high, self.low = k, [], []
-
-    def add(self, score: float, image, m, mask, name: str) -> None:
-        for heap, key in ((self.high, score), (self.low, -score)):
-            item = _Shown(key, image, m, mask, name)
-            if len(heap) < self.k:
-                heapq.heappush(heap, item)
-            elif key > heap[0].key:
-                heapq.heapreplace(heap, item)
-
-    def plot(self, path: Path, title: str) -> Path:
-        from matplotlib.figure import Figure
-
-        rows = [sorted(self.high, reverse=True), sorted(self.low, reverse=True)]
-        cols = max(len(r) for r in rows)
-        fig = Figure(figsize=(2.2 * cols, 4.8))
-        axes = fig.subplots(2, cols, squeeze=False)
-        for r, (items, what) in enumerate(zip(rows, ("highest", "lowest"), strict=True)):
-            for c in range(cols):
-                ax = axes[r][c]
-                ax.axis("off")
-                if c >= len(items):
-                    continue
-                it = items[c]
-                ax.imshow(overlay(it.image, it.map))
-                if it.mask.any():
-                    ax.contour(it.mask, levels=[0.5], colors="cyan", linewidths=0.8)
-                ax.set_title(f"{what}: {abs(it.key):.3g}\n{it.name}", fontsize=7)
-        fig.suptitle(title, fontsize=9)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        return path
-
-
 # ---------------------------------------------------------------------------------- evaluation
 @dataclass
 class _CategoryRun:
@@ -193,6 +126,13 @@ class _CategoryRun:
     F: list[np.ndarray] = field(default_factory=list)
     extremes: Extremes = field(default_factory=lambda: Extremes(N_EXTREMES))
     held: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # transductive
+    pixel: bool = True  # every defect image has a mask: pixel metrics; else image metrics only
+
+    def add(self, name: str | None, labels, scores, masks, maps) -> None:
+        """Accumulate DZAD (``name`` None) or a control; maps count only when ``pixel``."""
+        acc = self.dzad if name is None else self.controls[name]
+        pixel = self.pixel and maps is not None
+        acc.add(labels, scores, masks if pixel else None, maps if pixel else None)
 
 
 def _select(samples: list[Sample], max_images: int, seed: int) -> list[Sample]:
@@ -211,13 +151,16 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def _why_undefined(n_good: int, n_defect: int, defect_pixels: int) -> dict[str, str]:
+def _why_undefined(n_good: int, n_defect: int, defect_pixels: int, no_mask: int) -> dict[str, str]:
     reasons: dict[str, str] = {}
     if n_good == 0 or n_defect == 0:
         missing = "good (normal)" if n_good == 0 else "defect"
         why = f"no {missing} test images: AUROC/AP/F1 need both classes"
         reasons.update(dict.fromkeys(IMAGE_METRICS, why))
-    if defect_pixels == 0:
+    if no_mask:
+        why = f"{no_mask} of {n_defect} defect images have no mask: image metrics only"
+        reasons.update(dict.fromkeys(PIXEL_METRICS, why))
+    elif defect_pixels == 0:
         reasons.update(dict.fromkeys(PIXEL_METRICS, "no defect pixels in the masks"))
     return reasons
 
@@ -230,7 +173,8 @@ def _run_category(
     maps_out: np.ndarray | None,
     progress: Callable[[int], None] | None,
 ) -> tuple[_CategoryRun, int]:
-    run = _CategoryRun({c.name: MetricAccumulator() for c in controls})
+    pixel = all(s.mask_path is not None for s in ds.samples if s.label == 1)
+    run = _CategoryRun({c.name: MetricAccumulator() for c in controls}, pixel=pixel)
     defect_pixels = 0
     for start in range(0, len(ds), eval_cfg.batch_size):
         items = [ds[i] for i in range(start, min(start + eval_cfg.batch_size, len(ds)))]
@@ -239,7 +183,7 @@ def _run_category(
         labels = torch.tensor([it["label"] for it in items])
         out = model(images)
         maps = out.anomaly_map.float().cpu()  # (B,1,S,S)
-        run.dzad.add(labels, out.map_score.cpu(), masks, maps)
+        run.add(None, labels, out.map_score.cpu(), masks, maps)
         defect_pixels += int(masks.sum())
         if maps_out is not None:
             maps_out[start : start + len(items)] = maps[:, 0].numpy()
@@ -254,6 +198,7 @@ def _run_category(
                     "image_score": float(out.image_score[i]),
                     "map_score": float(out.map_score[i]),
                     "detection_score": float(out.detection_score[i]),
+                    "fused_score": float(out.fused_score[i]),
                     "decision": "anomalous" if bool(out.decision[i]) else "normal",
                 }
             )
@@ -268,7 +213,7 @@ def _run_category(
             if c.transductive:
                 continue
             scores, cmaps = c.score(images)
-            run.controls[c.name].add(labels, scores.cpu(), None if cmaps is None else masks, cmaps)
+            run.add(c.name, labels, scores.cpu(), masks, cmaps)
         if any(c.transductive for c in controls):
             run.held.append((images, masks))
         if progress is not None:
@@ -278,12 +223,15 @@ def _run_category(
             labels = torch.tensor([r["label"] for r in run.rows])
             masks = torch.cat([m for _, m in run.held])
             scores, cmaps = c.score(torch.cat([x for x, _ in run.held]))
-            run.controls[c.name].add(labels, scores, masks, cmaps)
+            run.add(c.name, labels, scores, masks, cmaps)
     return run, defect_pixels
 
 
 def _finish_scores(model: DZAD, rows: list[dict[str, Any]]) -> None:
-    """Category-level rank fusion (and the configured image score when it is the fusion)."""
+    """Category-level rank fusion (and the image score when it is the fusion), used only when the
+    model has no usable SOURCE references (its within-batch ranks depend on the batch size)."""
+    if model.fusion_references() is not None:
+        return  # the forward ranked every image among the SOURCE normals already
     map_s = torch.tensor([r["map_score"] for r in rows], dtype=torch.float64)
     det_s = torch.tensor([r["detection_score"] for r in rows], dtype=torch.float64)
     fused = rank_fusion(map_s, det_s).tolist()
@@ -308,8 +256,11 @@ def _drop_unreadable(ds: ImageDataset) -> list[str]:
 
 
 def category_samples(root: Path, category: str, eval_cfg: EvalConfig, seed: int, skip_bad: bool):
-    """The test samples of one category (seeded subset when ``eval_cfg.max_images``)."""
-    samples = list(iter_samples(root, category, "test", skip_bad=skip_bad))
+    """The test samples of one category (seeded subset when ``eval_cfg.max_images``); defect
+    images without a mask are kept (``mask_path`` None: the category gets image metrics only)."""
+    samples = list(
+        iter_samples(root, category, "test", skip_bad=skip_bad, allow_missing_masks=True)
+    )
     return _select(samples, eval_cfg.max_images, seed)
 
 
@@ -363,6 +314,8 @@ def evaluate(
         _finish_scores(model, run.rows)
         labels = np.array([r["label"] for r in run.rows])
         metrics = run.dzad.result()
+        if not run.pixel:  # null, explained under skipped
+            metrics.update(dict.fromkeys(PIXEL_METRICS, math.nan))
         final = np.array([r["image_score"] for r in run.rows])
         metrics.update(image_metrics(labels, final))  # the configured image score
         per_cat[cat] = metrics
@@ -371,7 +324,8 @@ def evaluate(
         for c in controls:
             ctrl[c.name][cat] = run.controls[c.name].result()
         counts[cat] = {"images": len(ds), "good": len(ds) - n_defect, "defect": n_defect}
-        reasons = _why_undefined(len(ds) - n_defect, n_defect, defect_pixels)
+        no_mask = sum(s.label == 1 and s.mask_path is None for s in ds.samples)
+        reasons = _why_undefined(len(ds) - n_defect, n_defect, defect_pixels, no_mask)
         if reasons:
             skipped["metrics"][cat] = reasons
         if eval_cfg.figures:
@@ -393,9 +347,18 @@ def evaluate(
         "detection": model.cfg.detection.mode,
         "backbone": model.cfg.anomaly_map.backbone,
         "random_backbone": model.cfg.anomaly_map.random_backbone,
+        "fusion_reference": _fusion_reference(model),
     }
     _write_outputs(out_dir, result, rows, f_parts, model)
     return result
+
+
+def _fusion_reference(model: DZAD) -> str:
+    problem = model.reference_problem()
+    if problem is None:
+        n = len(model.calibration.ref_map)  # type: ignore[arg-type]
+        return f"SOURCE normals ({n} held-out images)"
+    return f"test images of the category ({problem})"
 
 
 def _mean_without_skipped(per_cat: dict[str, dict[str, float]]) -> dict[str, float]:

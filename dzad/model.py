@@ -4,7 +4,8 @@ Like a diffusers pipeline, it only holds parts built elsewhere (method-notes 0):
 (``dzad.latents``), the SG-conditioned denoiser (``dzad.networks``), the training schedule's
 alpha-bar, the noise bank, the SOURCE-only calibration (``dzad.detection``) and the backbone Phi
 (``dzad.backbones``). A checkpoint folder (``dzad.checkpoint``) rebuilds it with
-:meth:`DZAD.from_checkpoint`.
+:meth:`DZAD.from_checkpoint`. The calibration also holds this pipeline's scores of the held-out
+SOURCE normals (``dzad.calibration``): the rank fusion ranks every image against them.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from torch import Tensor, nn
 from dzad.anomaly_map import base_map, gate_weights, scaled, smooth
 from dzad.backbones import Backbone, build_backbone
 from dzad.checkpoint import load_checkpoint, save_checkpoint
-from dzad.config import DZADConfig
+from dzad.config import DZADConfig, to_dict
 from dzad.detection import Calibration, detect, mode_features, weighted_map
 from dzad.errors import CheckpointError
-from dzad.latents import Encoder, PixelEncoder, PixelUnshuffleEncoder
+from dzad.latents import Encoder
 from dzad.networks import DZADNetwork, make_scheduler
 from dzad.noise_features import NoiseBank, NoiseFeatures
-from dzad.reconstruction import ClampRange, image_seeds, reconstruct
+from dzad.reconstruction import image_seeds, reconstruct
 from dzad.scoring import image_score, pool_size, rank_fusion
 from dzad.weighting import stage_means
 
@@ -53,19 +54,29 @@ class DZADOutput:
     anomaly_map: Tensor  # (B, 1, H, W) smoothed, gated map
     F: Tensor  # (B, N, M)
     map_score: Tensor  # (B,) pooled max of the map (method-notes 5)
-    fused_score: Tensor  # (B,) rank fusion of map and detection scores, batch as reference
+    fused_score: Tensor  # (B,) rank fusion of map and detection scores (SOURCE references)
 
 
-def latent_clamp_range(encoder: Encoder) -> ClampRange | None:
-    """SOURCE latent range for the x0 clamp of reconstruction, when the encoder fixes it.
+def map_settings(cfg: DZADConfig) -> dict:
+    """The inference-time settings a map score depends on (reconstruction, map but its fusion).
 
-    Pixel and pixel-unshuffle latents of [0, 1] images lie in [-1, 1] by construction. The VAE and
-    backbone-feature latents need the range measured on SOURCE normals, which the checkpoint does
-    not store yet: None (the caller warns).
+    SOURCE reference scores stored in the calibration are valid only under the same settings.
     """
-    if isinstance(encoder, (PixelEncoder, PixelUnshuffleEncoder)):
-        return (-1.0, 1.0)
-    return None
+    anomaly_map = {k: v for k, v in to_dict(cfg.anomaly_map).items() if k != "fusion"}
+    return {"reconstruction": to_dict(cfg.reconstruction), "anomaly_map": anomaly_map}
+
+
+def map_backbone(cfg: DZADConfig, encoder: Encoder) -> Backbone | None:
+    """Phi of ``cfg.anomaly_map`` (None for a latent without a decoder); BackboneUnavailable.
+
+    Random (test) weights are seeded with ``cfg.seed``, so calibration and loading agree.
+    """
+    if not encoder.can_decode:
+        return None
+    m = cfg.anomaly_map
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_backbone(m.backbone, random_weights=m.random_backbone)
 
 
 class DZAD(nn.Module):
@@ -87,13 +98,14 @@ class DZAD(nn.Module):
         if encoder.can_decode and backbone is None:
             raise ValueError("a decodable latent needs the backbone Phi for the anomaly map")
         self.register_buffer("alphas_cumprod", make_scheduler(cfg.model).alphas_cumprod.clone())
-        self.clamp_range = latent_clamp_range(encoder)
+        self.clamp_range = encoder.latent_range()  # SOURCE latent range (issue 9)
         if cfg.reconstruction.clamp and self.clamp_range is None:
             log.warning(
-                "reconstruction.clamp is on but the %s latent's SOURCE range is not in the "
-                "checkpoint: x0-predictions are not clamped",
+                "reconstruction.clamp is on but the %s latent has no SOURCE range (encoder not "
+                "fitted): x0-predictions are not clamped",
                 cfg.model.latent,
             )
+        self._warned_reference = False
         self.eval()
 
     @property
@@ -103,6 +115,22 @@ class DZAD(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
+
+    def reference_problem(self) -> str | None:
+        """Why the stored SOURCE reference scores cannot rank this model's scores, or None."""
+        calib = self.calibration
+        if calib.ref_map is None or calib.ref_detection is None:
+            return "the checkpoint stores no SOURCE reference scores"
+        if calib.ref_settings != map_settings(self.cfg):
+            return "the reconstruction / anomaly-map settings differ from the calibration's"
+        return None
+
+    def fusion_references(self) -> tuple[Tensor, Tensor] | None:
+        """(map, detection) scores ``(R,)`` of the held-out SOURCE normals, or None (see
+        :meth:`reference_problem`): rank fusion then ranks within the scored set."""
+        if self.reference_problem() is not None:
+            return None
+        return self.calibration.ref_map, self.calibration.ref_detection  # type: ignore[return-value]
 
     @classmethod
     def from_checkpoint(
@@ -128,11 +156,7 @@ class DZAD(nn.Module):
                 random_backbone=random_backbone or map_cfg.random_backbone,
             )
             cfg = dataclasses.replace(cfg, anomaly_map=map_cfg)
-        backbone = None
-        if encoder.can_decode:
-            with torch.random.fork_rng(devices=[]):  # random weights (tests) are seeded too
-                torch.manual_seed(cfg.seed)
-                backbone = build_backbone(map_cfg.backbone, random_weights=map_cfg.random_backbone)
+        backbone = map_backbone(cfg, encoder)
         return cls(cfg, encoder, net, bank, calibration, backbone).to(map_location)
 
     def save(self, folder: str | Path) -> Path:
@@ -164,6 +188,13 @@ class DZAD(nn.Module):
         # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
         score, decision = detect(feats, self.calibration, cfg.detection, **extra)
         return Detection(feats.F, feats.spatial, score, decision), feats
+
+    def _references(self) -> tuple[Tensor | None, Tensor | None]:
+        refs = self.fusion_references()
+        if refs is None and self.cfg.anomaly_map.fusion == "rank" and not self._warned_reference:
+            log.warning("rank fusion within the batch: %s", self.reference_problem())
+            self._warned_reference = True
+        return refs or (None, None)
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> DZADOutput:
@@ -208,7 +239,9 @@ class DZAD(nn.Module):
         m = smooth(raw, scaled(cfg.anomaly_map.sigma, size[0]))  # (B,1,H,W)
         k = pool_size(cfg.anomaly_map.pool_k, size[0])
         map_score = image_score(m, k, cfg.anomaly_map.pool_rounds)  # (B,)
-        fused = rank_fusion(map_score, det.detection_score).to(map_score)  # (B,)
+        # rank fusion against SOURCE-normal references (CPU: the references live there)
+        fused = rank_fusion(map_score.cpu(), det.detection_score.cpu(), *self._references())
+        fused = fused.to(map_score)  # (B,)
         chosen = {"map": map_score, "detection": det.detection_score, "rank": fused}
         return DZADOutput(
             image_score=chosen[cfg.anomaly_map.fusion],

@@ -9,15 +9,16 @@ Where several seeds are given (a sequence of such mappings) every cell is mean Â
 (sample std, ddof 1). Mean rows are recomputed here as the macro mean over categories (NaN
 categories skipped) per seed, then averaged over seeds. Control columns/rows are labelled
 ``control: <name>`` so no table shows a DZAD number without the simple baselines beside it.
-Figures use matplotlib's ``Figure`` directly (Agg canvas, no pyplot state); every file is written
-atomically.
+Figures (ROC curves, Table-4 bars, heat-map overlays and the best/worst heat-map grid) use
+matplotlib's ``Figure`` directly (Agg canvas, no pyplot state); every file is written atomically.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +262,75 @@ def plot_weighting_bars(table: Table, path: str | Path, ylabel: str = "image AUR
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def heat_colours(m: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """``(H, W)`` map -> ``(H, W, 3)`` float RGB in [0, 1] (``inferno``; 0..vmax, default max)."""
+    from matplotlib import colormaps
+
+    top = float(m.max()) if vmax is None else vmax
+    norm = np.clip((m - float(m.min())) / max(top - float(m.min()), 1e-12), 0, 1)
+    return colormaps["inferno"](norm)[..., :3]
+
+
+def overlay(image: np.ndarray, m: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Heat map ``(h, w)`` resized onto an ``(H, W, 3)`` image in [0, 1] -> uint8 ``(H, W, 3)``.
+
+    Colours are normalised per image (its own min..max): compare images by their scores.
+    """
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    up = torch.nn.functional.interpolate(t, size=image.shape[:2], mode="bilinear")[0, 0].numpy()
+    mixed = (1 - alpha) * image + alpha * heat_colours(up)
+    return (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)
+
+
+@dataclass(order=True)
+class _Shown:
+    key: float
+    image: np.ndarray = field(compare=False)
+    map: np.ndarray = field(compare=False)
+    mask: np.ndarray = field(compare=False)
+    name: str = field(compare=False)
+
+
+class Extremes:
+    """Keeps the ``k`` highest- and lowest-scoring images (small copies) for the heat-map grid."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.high, self.low = k, [], []
+
+    def add(self, score: float, image, m, mask, name: str) -> None:
+        for heap, key in ((self.high, score), (self.low, -score)):
+            item = _Shown(key, image, m, mask, name)
+            if len(heap) < self.k:
+                heapq.heappush(heap, item)
+            elif key > heap[0].key:
+                heapq.heapreplace(heap, item)
+
+    def plot(self, path: Path, title: str) -> Path:
+        from matplotlib.figure import Figure
+
+        rows = [sorted(self.high, reverse=True), sorted(self.low, reverse=True)]
+        cols = max(len(r) for r in rows)
+        fig = Figure(figsize=(2.2 * cols, 4.8))
+        axes = fig.subplots(2, cols, squeeze=False)
+        for r, (items, what) in enumerate(zip(rows, ("highest", "lowest"), strict=True)):
+            for c in range(cols):
+                ax = axes[r][c]
+                ax.axis("off")
+                if c >= len(items):
+                    continue
+                it = items[c]
+                ax.imshow(overlay(it.image, it.map))
+                if it.mask.any():
+                    ax.contour(it.mask, levels=[0.5], colors="cyan", linewidths=0.8)
+                ax.set_title(f"{what}: {abs(it.key):.3g}\n{it.name}", fontsize=7)
+        fig.suptitle(title, fontsize=9)
+        return _save(fig, path, dpi=110)
+
+
+def _save(fig, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     return path

@@ -1,5 +1,8 @@
 """eq. 8 training on SOURCE normals, then SOURCE-only calibration (method-notes 1 and 4).
 
+The calibration (``dzad.calibration``) runs on SOURCE normals held out of the loop, with the
+weights that will score (EMA when on), and is saved in the same checkpoint.
+
 Loss: ``|| eps - eps_theta(sqrt(ab_t) z0 + sqrt(1-ab_t) eps, t, x0) ||^2``, t ~ U{0..T-1}. AdamW
 with linear warm-up, gradient clipping, optional EMA, mixed precision where the device has it;
 written on HF Accelerate so the same loop runs on CPU, one GPU or under ``accelerate launch``.
@@ -12,6 +15,7 @@ global RNG state (safetensors + JSON), and a killed run loses at most that many 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
 from dzad.checkpoint import (
     load_checkpoint,
     read_train_state,
@@ -31,11 +36,12 @@ from dzad.checkpoint import (
     save_checkpoint,
 )
 from dzad.config import DZADConfig, flatten
-from dzad.detection import Calibration, build_prototypes, calibrate
+from dzad.detection import Calibration
 from dzad.errors import CheckpointError
 from dzad.latents import Encoder, build_encoder
+from dzad.model import map_backbone
 from dzad.networks import DZADNetwork, build_network, make_scheduler
-from dzad.noise_features import NoiseBank, NoiseFeatures, noise_features
+from dzad.noise_features import NoiseBank
 
 
 @dataclass
@@ -49,60 +55,6 @@ class TrainResult:
     seconds: float
     images_per_second: float
     calibration: Calibration
-
-
-class ImageSource:
-    """Random access to ``(3,H,W)`` images in [0,1] from a tensor ``(n,3,H,W)`` or a Dataset.
-
-    Dataset items may be a tensor, a tuple (image first) or a dict with ``"image"``
-    (``dzad.data.dataset.ImageDataset``). Held in memory when it fits ``max_mb``.
-    """
-
-    def __init__(self, images: Dataset | Tensor, max_mb: int = 2048) -> None:
-        self.data = images
-        first = self._item(0)
-        if first.ndim != 3 or first.shape[0] != 3 or first.shape[1] != first.shape[2]:
-            raise ValueError(f"training images must be square (3,H,W); got {tuple(first.shape)}")
-        self.image_size = int(first.shape[-1])
-        if not isinstance(images, Tensor) and len(self) * first.numel() * 4 <= max_mb * 2**20:
-            self.data = torch.stack([self._item(i) for i in range(len(self))])
-
-    def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
-
-    def _item(self, i: int) -> Tensor:
-        item = self.data[i]
-        if isinstance(item, dict):
-            item = item["image"]
-        elif isinstance(item, (tuple, list)):
-            item = item[0]
-        return torch.as_tensor(item, dtype=torch.float32)
-
-    def get(self, idx: Tensor) -> Tensor:
-        """``(b,)`` indices -> ``(b,3,H,W)``."""
-        if isinstance(self.data, Tensor):
-            return self.data[idx].float()
-        return torch.stack([self._item(int(i)) for i in idx])
-
-    def batches(self, idx: Tensor, size: int) -> Iterator[Tensor]:
-        for s in range(0, len(idx), size):
-            yield self.get(idx[s : s + size])
-
-
-def split_holdout(n: int, fraction: float, max_images: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Seeded split of ``n`` SOURCE normals into (train, calibration) indices.
-
-    ``fraction`` 0 calibrates on the training images themselves (their errors are optimistic).
-    """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17))
-    n_cal = min(max_images, round(fraction * n)) if fraction > 0 else 0
-    if fraction > 0 and (n_cal < 2 or n - n_cal < 1):
-        raise ValueError(
-            f"{n} source images are too few to hold out {fraction:.0%} for calibration"
-        )
-    if n_cal == 0:
-        return perm, perm[:max_images]
-    return perm[n_cal:], perm[:n_cal]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -136,10 +88,26 @@ class EMA:
         for k, p in params.items():
             self.shadow[k].lerp_(p.detach().float(), 1 - d)
 
-    @torch.no_grad()
-    def copy_to(self, params: dict[str, nn.Parameter]) -> None:
-        for k, p in params.items():
-            p.copy_(self.shadow[k])
+    @contextlib.contextmanager
+    def applied(self, params: dict[str, nn.Parameter]) -> Iterator[None]:
+        """The EMA weights in ``params`` inside the block; the raw ones are restored after it."""
+        raw = {k: p.detach().clone() for k, p in params.items()}
+        _assign(params, self.shadow)
+        try:
+            yield
+        finally:
+            _assign(params, raw)
+
+
+@torch.no_grad()
+def _assign(params: dict[str, nn.Parameter], values: dict[str, Tensor]) -> None:
+    for k, p in params.items():
+        p.copy_(values[k])
+
+
+def _scoring_weights(ema: EMA | None, params: dict[str, nn.Parameter]):
+    """Context in which ``params`` hold the weights that score: the EMA ones when it is on."""
+    return ema.applied(params) if ema is not None else contextlib.nullcontext()
 
 
 def _trainable(net: nn.Module) -> dict[str, nn.Parameter]:
@@ -147,24 +115,18 @@ def _trainable(net: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors tensors ``opt.<param>.<key>`` + JSON scalars."""
     sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for i, state in sd["state"].items():
-        for k, v in state.items():
-            if isinstance(v, Tensor):
-                tensors[f"opt.{i}.{k}"] = v.detach().cpu()
-            else:
-                scalars[f"{i}.{k}"] = v
+    flat = {f"{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
+    tensors = {f"opt.{k}": v.detach().cpu() for k, v in flat.items() if isinstance(v, Tensor)}
+    scalars = {k: v for k, v in flat.items() if not isinstance(v, Tensor)}
     return tensors, {"param_groups": sd["param_groups"], "state_scalars": scalars}
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    flat = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
     state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    for key, v in meta["state_scalars"].items():
+    for key, v in {**flat, **meta["state_scalars"]}.items():
         i, k = key.split(".", 1)
         state.setdefault(int(i), {})[k] = v
     groups = [
@@ -199,92 +161,12 @@ def _encode_all(encoder: Encoder, source: ImageSource, idx: Tensor, device) -> T
         return torch.cat([encoder.encode(x.to(device)).cpu() for x in source.batches(idx, 32)])
 
 
-def source_features(
-    net: DZADNetwork,
-    encoder: Encoder,
-    images: Iterator[Tensor],
-    bank: NoiseBank,
-    alphas_cumprod: Tensor,
-    max_batch: int,
-    device: torch.device,
-    *,
-    null_hint: bool = False,
-) -> NoiseFeatures:
-    """Noise features (eq. 11-12) of image batches ``(B,3,H,W)``; hint None when ``null_hint``."""
-    parts = []
-    for x in images:
-        x = x.to(device)
-        z0 = encoder.encode(x)
-        parts.append(
-            noise_features(net, z0, None if null_hint else x, bank, alphas_cumprod, max_batch)
-        )
-    return NoiseFeatures.cat(parts)
-
-
-def calibrate_on_source(
-    cfg: DZADConfig,
-    net: DZADNetwork,
-    encoder: Encoder,
-    bank: NoiseBank,
-    alphas_cumprod: Tensor,
-    normals: ImageSource,
-    normal_idx: Tensor,
-    device: torch.device,
-    labelled: tuple[ImageSource, Tensor] | None = None,
-) -> Calibration:
-    """Calibration (method-notes 4) on held-out SOURCE normals (+ a labelled SOURCE split)."""
-    mb, bs = cfg.noise.max_batch, cfg.evaluate.batch_size
-    net.eval()
-
-    def feats(src: ImageSource, idx: Tensor, null: bool = False) -> NoiseFeatures:
-        return source_features(
-            net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, null_hint=null
-        )
-
-    kwargs: dict[str, Any] = {"seed": cfg.seed}
-    normal = feats(normals, normal_idx)
-    if cfg.detection.mode == "contrast":
-        kwargs["features_normal_null"] = feats(normals, normal_idx, null=True)
-    need_labels = cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
-    if need_labels:
-        if labelled is None:
-            raise ValueError(
-                "weighting 'learned' / detection 'prototype' need a labelled SOURCE split "
-                "(normals + anomalies: the source test split or synthetic pseudo-anomalies)"
-            )
-        src, labels = labelled
-        all_idx = torch.arange(len(src))
-        kwargs["labels"] = labels
-        kwargs["features_labelled"] = feats(src, all_idx)
-        if cfg.detection.mode == "prototype":
-            batches = []
-            for s in range(0, len(src), bs):
-                x = src.get(all_idx[s : s + bs]).to(device)
-                batches.append((encoder.encode(x), x, labels[s : s + bs]))
-            protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
-            kwargs["prototypes"] = protos
-            kwargs["features_labelled_prototypes"] = [
-                NoiseFeatures.cat(
-                    [
-                        noise_features(net, z0, None, bank, alphas_cumprod, mb, residuals=p)
-                        for z0, _, _ in batches
-                    ]
-                )
-                for p in protos
-            ]
-    return calibrate(normal, cfg.weighting, cfg.detection, alphas_cumprod, **kwargs)
-
-
 def _check_same_config(cfg: DZADConfig, old: DZADConfig, folder: Path) -> None:
     """Resume only the same run: every setting but ``train.steps`` must match the checkpoint's."""
-    new_flat, old_flat = flatten(with_steps(cfg, 0)), flatten(with_steps(old, 0))
-    diff = sorted(
-        k for k in new_flat.keys() | old_flat.keys() if new_flat.get(k) != old_flat.get(k)
-    )
+    new, before = flatten(with_steps(cfg, 0)), flatten(with_steps(old, 0))
+    diff = sorted(k for k in new.keys() | before.keys() if new.get(k) != before.get(k))
     if diff:
-        raise CheckpointError(
-            folder, f"cannot resume: config differs from the checkpoint's in {diff}"
-        )
+        raise CheckpointError(folder, f"cannot resume: the config differs in {diff}")
 
 
 def _notify(callbacks: Sequence[Any], event: str, *args: Any) -> None:
@@ -318,38 +200,32 @@ def train(
     tc = cfg.train
     acc = _accelerator(cfg)
     device = acc.device
+    if cfg.reconstruction.t_start >= cfg.model.num_train_timesteps:  # calibration reconstructs
+        raise ValueError("reconstruction.t_start must be < model.num_train_timesteps")
     torch.manual_seed(cfg.seed)
     source = ImageSource(images, tc.preload_max_mb)
-    train_idx, cal_idx = split_holdout(
-        len(source),
-        cfg.detection.calibration_holdout,
-        cfg.detection.calibration_max_images,
-        cfg.seed,
-    )
+    d = cfg.detection
+    holdout = (d.calibration_holdout, d.calibration_max_images)
+    train_idx, cal_idx = split_holdout(len(source), *holdout, cfg.seed)
     state = read_train_state(out_dir) if resume and (out_dir / "dzad.json").exists() else None
     previous = load_checkpoint(out_dir) if state is not None else None
-    if previous is not None:
-        _check_same_config(cfg, previous[0], out_dir)
     encoder = build_encoder(cfg.model, source.image_size).to(device)
     if previous is not None:
+        _check_same_config(cfg, previous[0], out_dir)
         encoder.load_extra_state(previous[1].extra_state())
     else:
         encoder.fit(source.batches(train_idx, 32))
-    z_probe = _encode_all(encoder, source, train_idx[:1], device)
-    latent_shape = tuple(z_probe.shape[1:])
-    latents = None
-    if (
-        isinstance(source.data, Tensor)
-        and latent_shape[0] * latent_shape[1] ** 2 * 4 * len(source) <= tc.preload_max_mb * 2**20
-    ):
-        latents = _encode_all(encoder, source, torch.arange(len(source)), device)
+    backbone = map_backbone(cfg, encoder)  # before training: a missing Phi stops the run here
+    latent_shape = tuple(_encode_all(encoder, source, train_idx[:1], device).shape[1:])
+    fits = math.prod(latent_shape) * 4 * len(source) <= tc.preload_max_mb * 2**20
+    preload = isinstance(source.data, Tensor) and fits  # latents of every image, computed once
+    latents = _encode_all(encoder, source, torch.arange(len(source)), device) if preload else None
 
     torch.manual_seed(cfg.seed)
     net = build_network(
         cfg.model, latent_shape[0], latent_shape[1], image_size=source.image_size
     ).to(device)
-    scheduler = make_scheduler(cfg.model)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alphas_cumprod = make_scheduler(cfg.model).alphas_cumprod.to(device)
     t_max = cfg.model.num_train_timesteps
     bank = NoiseBank.create(cfg.noise, t_max, latent_shape)  # type: ignore[arg-type]
     params = _trainable(net)
@@ -361,11 +237,8 @@ def train(
     start = 0
     if state is not None and previous is not None:
         tensors, meta = state
-        raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
         net.load_state_dict(previous[2].state_dict())
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(raw[k])
+        _assign(params, {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")})
         _load_optimizer(opt, tensors, meta["optimizer"])
         lr_sched.load_state_dict(meta["lr_scheduler"])
         if ema is not None:
@@ -391,8 +264,7 @@ def train(
         }
         if ema is not None:
             tensors.update({f"ema.{k}": v.cpu() for k, v in ema.shadow.items()})
-            ema.copy_to(params)
-        try:
+        with _scoring_weights(ema, params):
             return save_checkpoint(
                 out_dir,
                 cfg,
@@ -403,11 +275,6 @@ def train(
                 {"train": {"step": step, "complete": calib is not None}},
                 train_state=(tensors, meta),
             )
-        finally:
-            if ema is not None:
-                with torch.no_grad():
-                    for k, p in params.items():
-                        p.copy_(tensors[f"raw.{k}"])
 
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -466,19 +333,14 @@ def train(
     acc.wait_for_everyone()
 
     # calibration on SOURCE data only, with the weights that will score (EMA when on)
-    raw_backup = {k: p.detach().clone() for k, p in params.items()}
-    if ema is not None:
-        ema.copy_to(params)
     lab = None
     if labelled is not None:
         lab = (ImageSource(labelled[0], tc.preload_max_mb), torch.as_tensor(labelled[1]).long())
-    with acc.autocast():
+    with _scoring_weights(ema, params), acc.autocast():
         calib = calibrate_on_source(
-            cfg, core, encoder, bank, alphas_cumprod, source, cal_idx, device, lab
-        )
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(raw_backup[k])
+            cfg, core, encoder, bank, alphas_cumprod, source, cal_idx, device, lab,
+            backbone=backbone,
+        )  # fmt: skip
     path = out_dir
     if acc.is_main_process:
         path = snapshot(tc.steps, calib)

@@ -102,6 +102,26 @@ def test_defect_without_mask(root, caplog):
         kept = list(iter_samples(root, "a", "test", skip_bad=True))
     assert [s.defect for s in kept] == ["crack", "crack", "good"]
     assert "000.png" in caplog.text and "no mask" in caplog.text
+    # allow_missing_masks keeps the image, labelled defect, with no mask (image metrics only)
+    kept = list(iter_samples(root, "a", "test", allow_missing_masks=True))
+    assert [(s.defect, s.label) for s in kept] == [
+        ("crack", 1),
+        ("crack", 1),
+        ("good", 0),
+        ("hole", 1),
+    ]
+    assert kept[3].mask_path is None and kept[0].mask_path is not None
+    both = collect_samples(root, ["a", "b"], ("test",), allow_missing_masks=True)
+    assert [s.path.name for s in both] == [
+        "000.jpg",
+        "001.bmp",
+        "000.png",
+        "000.png",
+        "y.png",
+        "x.png",
+    ]
+    item = ImageDataset(kept, 8, DataConfig())[3]
+    assert item["label"] == 1 and item["mask"].sum() == 0
 
 
 def test_mask_size_mismatch(root, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -159,14 +160,18 @@ def test_calibration_tensor_round_trip():
         features_normal_null=null,
         prototypes=protos,
     )
-    back = Calibration.from_tensors(calib.to_tensors(), calib.to_meta())
+    calib.ref_map, calib.ref_detection = torch.rand(7), torch.rand(7)  # fusion references
+    calib.ref_settings = {"reconstruction": {"t_start": 999}, "anomaly_map": {"sigma": 4.0}}
+    back = Calibration.from_tensors(calib.to_tensors(), json.loads(json.dumps(calib.to_meta())))
+    assert {"ref_map", "ref_detection"} <= set(calib.to_tensors())
     for k, v in calib.to_tensors().items():
         assert torch.equal(back.to_tensors()[k], v), k
-    assert back.to_meta() == calib.to_meta()
+    assert back.to_meta() == calib.to_meta() and back.ref_settings == calib.ref_settings
     plain = calibrate(normal, WeightingConfig(), DetectionConfig(), AB)
     meta = plain.to_meta()
     assert meta["tau_contrast"] is None  # NaN is not JSON
     assert math.isnan(Calibration.from_tensors(plain.to_tensors(), meta).tau_contrast)
+    assert Calibration.from_tensors(plain.to_tensors(), meta).ref_map is None  # none stored
 
 
 def test_prototypes_and_mode_features_on_a_network():

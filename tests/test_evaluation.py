@@ -16,6 +16,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from dzad.config import DatasetRef
 from dzad.data.dataset import ImageDataset, iter_samples
 from dzad.evaluation import build_controls, evaluate, source_batches
+from dzad.model import DZAD
+from dzad.scoring import rank_fusion
 from dzad.weighting import weighted_score
 
 CATS = ["grain", "weave"]
@@ -95,6 +97,8 @@ def test_metrics_json_equals_recomputation_from_scores_and_maps(evaluated, tiny_
         assert got["aupro"] == pytest.approx(_aupro(masks, maps), abs=1e-6)
     mean = np.mean([saved["categories"][c]["pixel_auroc"] for c in CATS])
     assert saved["mean"]["pixel_auroc"] == pytest.approx(mean)
+    # the random test backbone is not the one the SOURCE references were scored with
+    assert saved["protocol"]["fusion_reference"].startswith("test images of the category (")
 
 
 def test_outputs_are_complete_and_rescorable(evaluated, tiny_model):
@@ -153,6 +157,38 @@ def test_skipped_categories_and_metrics_are_explained(tmp_path, tiny_model, synt
     assert result["counts"]["goodonly"]["images"] == 3  # seeded subset of max_images
     assert result["controls"] == {}
     json.loads((tmp_path / "out" / "metrics.json").read_text())  # standard JSON (no NaN)
+
+
+def test_missing_masks_give_image_metrics_and_fusion_ranks_against_source(
+    tmp_path, tiny_checkpoint, synth_root
+):
+    model = DZAD.from_checkpoint(tiny_checkpoint)  # the calibration's backbone: references valid
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "grain", root / "grain")
+    gone = sorted((root / "grain" / "ground_truth").rglob("*_mask.png"))[0]
+    gone.unlink()
+    cfg = replace(model.cfg.evaluate, batch_size=4, figures=False)
+    result = evaluate(model, root, ["grain"], tmp_path / "out", cfg)
+    got = result["categories"]["grain"]
+    assert got["image_auroc"] is not None and got["pixel_auroc"] is None and got["aupro"] is None
+    why = result["skipped"]["metrics"]["grain"]["pixel_auroc"]
+    assert why == "1 of 6 defect images have no mask: image metrics only"
+    assert "image_auroc" not in result["skipped"]["metrics"]["grain"]
+    assert result["protocol"]["fusion_reference"] == "SOURCE normals (6 held-out images)"
+    # fused scores are ranks among the SOURCE references, not among the category's images
+    rows = pd.read_csv(tmp_path / "out" / "scores.csv")
+    calib = model.calibration
+    want = rank_fusion(
+        torch.tensor(rows.map_score.to_numpy()),
+        torch.tensor(rows.detection_score.to_numpy()),
+        calib.ref_map,
+        calib.ref_detection,
+    )
+    np.testing.assert_allclose(rows.fused_score, want.numpy(), rtol=1e-5, atol=1e-6)
+    within = rank_fusion(
+        torch.tensor(rows.map_score.to_numpy()), torch.tensor(rows.detection_score.to_numpy())
+    )
+    assert not np.allclose(rows.fused_score, within.numpy())
 
 
 @pytest.mark.shared_data

@@ -7,9 +7,12 @@ import dataclasses
 import pytest
 import torch
 
+from dzad.calibration import split_holdout
 from dzad.data.dataset import ImageDataset, iter_samples
 from dzad.errors import CheckpointError
 from dzad.model import DZAD
+from dzad.reconstruction import image_seeds, reconstruct
+from dzad.scoring import rank_fusion
 
 
 def _with_map(model: DZAD, tau: float | None = None, **changes) -> DZAD:
@@ -83,6 +86,33 @@ def test_fusion_option_selects_the_image_score(tiny_model, test_images, output):
     assert ((rank.fused_score > 0) & (rank.fused_score < 1)).all()
 
 
+def test_fusion_ranks_against_the_held_out_source_normals(tiny_checkpoint, tiny_config, synth_root):
+    model = DZAD.from_checkpoint(tiny_checkpoint)  # the backbone the calibration used
+    assert model.reference_problem() is None
+    calib = model.calibration
+    # the references are the pipeline's own scores of the SOURCE normals held out of training
+    samples = list(iter_samples(synth_root, "weave", "train"))
+    ds = ImageDataset(samples, tiny_config.data.image_size, tiny_config.data)
+    d = tiny_config.detection
+    _, cal_idx = split_holdout(
+        len(ds), d.calibration_holdout, d.calibration_max_images, tiny_config.seed
+    )
+    held = torch.stack([ds[int(i)]["image"] for i in cal_idx])
+    out = model(held)
+    torch.testing.assert_close(calib.ref_map, out.map_score, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(calib.ref_detection, out.detection_score, atol=1e-5, rtol=1e-4)
+    # so one image's fused score is its rank among them, whatever else is in the batch
+    test = torch.stack([ds[i]["image"] for i in range(3)])
+    batch = model(test)
+    want = rank_fusion(batch.map_score, batch.detection_score, calib.ref_map, calib.ref_detection)
+    torch.testing.assert_close(batch.fused_score, want)
+    one = model(test[2:3])
+    torch.testing.assert_close(one.fused_score[0], batch.fused_score[2], atol=1e-4, rtol=1e-4)
+    # other map settings than at calibration: the references are not used, and that is said
+    other = _with_map(model, sigma=1.0)
+    assert "differ" in other.reference_problem() and other.fusion_references() is None
+
+
 def test_save_and_reload_reproduce_outputs(tiny_model, test_images, output, tmp_path):
     tiny_model.save(tmp_path / "copy")
     again = DZAD.from_checkpoint(tmp_path / "copy", random_backbone=True)
@@ -126,7 +156,22 @@ def test_latent_without_decoder_uses_latent_distances(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dzad.model"):
         model = DZAD.from_checkpoint(tmp_path / "ck")
     assert model.backbone is None and not model.encoder.can_decode  # never decoded
-    assert "not clamped" in caplog.text  # the missing SOURCE latent range is said, not hidden
+    assert "not clamped" not in caplog.text
+    # x0-predictions are clamped to the SOURCE latent range stored in the checkpoint, which keeps
+    # the near-untrained net's DDIM reconstruction bounded (unclamped it diverges)
+    lo, hi = model.encoder.latent_range()
+    assert model.clamp_range == (lo, hi) and lo < 0 < hi
+    x = images[:3]
+    z0 = model.encoder.encode(x)
+    for clamp in (True, False):
+        rc = dataclasses.replace(model.cfg.reconstruction, clamp=clamp)
+        args = (model.net, z0, x, rc, cfg.model.num_train_timesteps)
+        z = reconstruct(
+            *args, clamp_range=model.clamp_range, alphas_cumprod=model.alphas_cumprod,
+            seeds=image_seeds(x, 0),
+        )  # fmt: skip
+        inside = bool(z.min() >= lo - 1e-4) and bool(z.max() <= hi + 1e-4)
+        assert inside == clamp
     cosine = model(images[:3])
     assert cosine.anomaly_map.shape == (3, 1, 32, 32) and torch.isfinite(cosine.anomaly_map).all()
     l2 = _with_map(model, latent_distance="l2")(images[:3])

@@ -9,12 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dzad.calibration import split_holdout
 from dzad.checkpoint import load_checkpoint, save_checkpoint
 from dzad.config import (
     DetectionConfig,
     DZADConfig,
     ModelConfig,
     NoiseConfig,
+    ReconstructionConfig,
     TrainConfig,
     WeightingConfig,
 )
@@ -22,13 +24,14 @@ from dzad.errors import CheckpointError
 from dzad.latents import build_encoder
 from dzad.networks import build_network
 from dzad.noise_features import NoiseBank
-from dzad.training import batch_indices, split_holdout, train
+from dzad.training import batch_indices, train
 
 CFG = DZADConfig(
     model=ModelConfig(profile="tiny", latent="pixel", num_train_timesteps=100),
     train=TrainConfig(steps=6, batch_size=4, checkpoint_every=3, warmup_steps=2, device="cpu"),
     noise=NoiseConfig(n_stages=4, m_samples=2, max_batch=32),
     detection=DetectionConfig(calibration_holdout=0.25),
+    reconstruction=ReconstructionConfig(t_start=99),  # the schedule has 100 steps
 )
 
 
@@ -70,10 +73,18 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert resumed.calibration.tau == pytest.approx(full.calibration.tau, abs=1e-6)
+    # the 3 held-out SOURCE normals' map and detection scores are stored as fusion references
+    assert full.calibration.ref_map.shape == full.calibration.ref_detection.shape == (3,)
+    torch.testing.assert_close(resumed.calibration.ref_map, full.calibration.ref_map)
     # a run that is resumed must be the same run
     other = dataclasses.replace(CFG, seed=1)
     with pytest.raises(CheckpointError, match="seed"):
         train(other, _images(), tmp_path / "b", resume=True, progress=False)
+    # a config the calibration cannot reconstruct with stops before any training step
+    bad = dataclasses.replace(CFG, reconstruction=ReconstructionConfig(t_start=100))
+    with pytest.raises(ValueError, match="t_start"):
+        train(bad, _images(), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_frozen_unet_encoder_does_not_change_and_ema_weights_are_saved(tmp_path):

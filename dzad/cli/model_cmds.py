@@ -42,7 +42,7 @@ def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
     train_set = ImageDataset(normals, cfg.data.image_size, cfg.data)
     labelled = None
     if cfg.weighting.name == "learned" or cfg.detection.mode == "prototype":
-        test = [s for c in cats for s in iter_samples(data, c, "test")]
+        test = [s for c in cats for s in iter_samples(data, c, "test", allow_missing_masks=True)]
         labels = torch.tensor([s.label for s in test])
         labelled = (ImageDataset(test, cfg.data.image_size, cfg.data), labels)
     return train_set, labelled

@@ -184,8 +184,8 @@ def _write_image_outputs(item: _Input, out: Path, score_map, save_maps: bool) ->
     from PIL import Image
 
     from dzad.data.images import load_image
-    from dzad.evaluation import overlay
     from dzad.io_utils import atomic_path
+    from dzad.reports import overlay
 
     shown = load_image(item.path, max_side=512).permute(1, 2, 0).numpy()
     rel = Path("heatmaps") / item.rel.with_name(item.rel.name + ".heatmap.png")

@@ -10,7 +10,9 @@ Layout (one root holds many categories)::
 A category without ``train/`` is valid (test-only). Bad input -- a defect image without a mask, a
 mask whose size differs from its image, an unreadable file, an empty category -- raises
 :class:`~dzad.errors.DZADInputError` naming the file; with ``skip_bad=True`` it is logged
-(``logging.warning``) and the sample is left out instead. A sample is never given a wrong label.
+(``logging.warning``) and the sample is left out instead. With ``allow_missing_masks=True`` a
+defect image without a mask is kept with ``mask_path=None`` (image-level metrics only). A sample is
+never given a wrong label.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ GOOD = "good"
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of an MVTec-layout dataset (``mask_path`` is ``None`` for good images)."""
+    """One image of an MVTec-layout dataset.
+
+    ``mask_path`` is ``None`` for good images and, with ``allow_missing_masks``, for defect images
+    whose mask is missing.
+    """
 
     path: Path
     category: str
@@ -103,7 +109,9 @@ def _fail(err: DZADInputError, skip_bad: bool) -> None:
     log.warning("skipped: %s", err)
 
 
-def _split_samples(root: Path, category: str, split: str, skip_bad: bool) -> Iterator[Sample]:
+def _split_samples(
+    root: Path, category: str, split: str, skip_bad: bool, allow_missing_masks: bool
+) -> Iterator[Sample]:
     split_dir = root / category / split
     if not split_dir.is_dir():
         return
@@ -117,7 +125,7 @@ def _split_samples(root: Path, category: str, split: str, skip_bad: bool) -> Ite
                 yield Sample(path, category, split, 0, GOOD, None)
                 continue
             mask = find_mask(root, category, defect, path)
-            if mask is None:
+            if mask is None and not allow_missing_masks:
                 expected = root / category / "ground_truth" / defect / f"{path.stem}_mask.png"
                 _fail(
                     DZADInputError(path, f"defect image has no mask (expected {expected})"),
@@ -144,11 +152,13 @@ def iter_samples(
     *,
     skip_bad: bool = False,
     validate: bool = False,
+    allow_missing_masks: bool = False,
 ) -> Iterator[Sample]:
     """Yield the samples of ``root/category/split`` in sorted order (defect folders, then names).
 
     ``validate`` adds :func:`check_sample` (header reads) for every sample. Raises
-    :class:`DZADInputError` on bad input unless ``skip_bad``.
+    :class:`DZADInputError` on bad input unless ``skip_bad``; ``allow_missing_masks`` keeps a
+    defect image without a mask (``mask_path=None``) instead of treating it as bad input.
     """
     root = Path(root)
     if split not in SPLITS:
@@ -159,7 +169,7 @@ def iter_samples(
     if not _has_images(root, category):
         _fail(DZADInputError(cat_dir, "empty category: no images in train/ or test/"), skip_bad)
         return
-    for sample in _split_samples(root, category, split, skip_bad):
+    for sample in _split_samples(root, category, split, skip_bad, allow_missing_masks):
         if validate:
             try:
                 check_sample(sample)
@@ -176,24 +186,27 @@ def collect_samples(
     *,
     skip_bad: bool = False,
     validate: bool = False,
+    allow_missing_masks: bool = False,
 ) -> list[Sample]:
     """All samples of ``categories`` (empty = every category) and ``splits`` as one list."""
     cats = list(categories) or list_categories(root)
-    return [
-        s
-        for c in cats
-        for sp in splits
-        for s in iter_samples(root, c, sp, skip_bad=skip_bad, validate=validate)
-    ]
+    kwargs = {
+        "skip_bad": skip_bad,
+        "validate": validate,
+        "allow_missing_masks": allow_missing_masks,
+    }
+    return [s for c in cats for sp in splits for s in iter_samples(root, c, sp, **kwargs)]
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Samples as tensors at a fixed size ``S``.
 
-    Item: ``dict(image=(3,S,S) float [0,1], mask=(1,S,S) float {0,1} (zeros for good images),
-    label=int, path=str, category=str, defect=str)``. Mask and image sizes are checked (header read)
-    when an item is loaded. With ``data_cfg.skip_bad`` the samples are checked once here and bad
-    ones are logged and dropped (a file truncated after its header still fails when loaded).
+    Item: ``dict(image=(3,S,S) float [0,1], mask=(1,S,S) float {0,1}, label=int, path=str,
+    category=str, defect=str)``; the mask is zeros when ``mask_path`` is None (good images, or a
+    defect image without a mask: check ``Sample.mask_path`` before using it for pixel metrics).
+    Mask and image sizes are checked (header read) when an item is loaded. With
+    ``data_cfg.skip_bad`` the samples are checked once here and bad ones are logged and dropped (a
+    file truncated after its header still fails when loaded).
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int, data_cfg: DataConfig) -> None:

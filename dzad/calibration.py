@@ -1,0 +1,183 @@
+"""SOURCE-only calibration (method-notes 4) of a trained network, and rank-fusion references.
+
+The held-out SOURCE normals (:func:`split_holdout`: never used by eq. 8's loop, never target data)
+give the per-stage statistics, tau and the eq. 15 gating bank (:func:`dzad.detection.calibrate`),
+then the whole pipeline scores them once: those map and detection scores are the references against
+which :func:`dzad.scoring.rank_fusion` ranks any later image, alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dzad.backbones import Backbone
+from dzad.config import DZADConfig
+from dzad.detection import Calibration, build_prototypes, calibrate
+from dzad.latents import Encoder
+from dzad.model import DZAD, map_settings
+from dzad.networks import DZADNetwork
+from dzad.noise_features import NoiseBank, NoiseFeatures, noise_features
+
+
+class ImageSource:
+    """Random access to ``(3,H,W)`` images in [0,1] from a tensor ``(n,3,H,W)`` or a Dataset.
+
+    Dataset items may be a tensor, a tuple (image first) or a dict with ``"image"``
+    (``dzad.data.dataset.ImageDataset``). Held in memory when it fits ``max_mb``.
+    """
+
+    def __init__(self, images: Dataset | Tensor, max_mb: int = 2048) -> None:
+        self.data = images
+        first = self._item(0)
+        if first.ndim != 3 or first.shape[0] != 3 or first.shape[1] != first.shape[2]:
+            raise ValueError(f"training images must be square (3,H,W); got {tuple(first.shape)}")
+        self.image_size = int(first.shape[-1])
+        if not isinstance(images, Tensor) and len(self) * first.numel() * 4 <= max_mb * 2**20:
+            self.data = torch.stack([self._item(i) for i in range(len(self))])
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def _item(self, i: int) -> Tensor:
+        item = self.data[i]
+        if isinstance(item, dict):
+            item = item["image"]
+        elif isinstance(item, (tuple, list)):
+            item = item[0]
+        return torch.as_tensor(item, dtype=torch.float32)
+
+    def get(self, idx: Tensor) -> Tensor:
+        """``(b,)`` indices -> ``(b,3,H,W)``."""
+        if isinstance(self.data, Tensor):
+            return self.data[idx].float()
+        return torch.stack([self._item(int(i)) for i in idx])
+
+    def batches(self, idx: Tensor, size: int) -> Iterator[Tensor]:
+        for s in range(0, len(idx), size):
+            yield self.get(idx[s : s + size])
+
+
+def split_holdout(n: int, fraction: float, max_images: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``n`` SOURCE normals into (train, calibration) indices.
+
+    ``fraction`` 0 calibrates on the training images themselves (their errors are optimistic).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 17))
+    n_cal = min(max_images, round(fraction * n)) if fraction > 0 else 0
+    if fraction > 0 and (n_cal < 2 or n - n_cal < 1):
+        raise ValueError(
+            f"{n} source images are too few to hold out {fraction:.0%} for calibration"
+        )
+    if n_cal == 0:
+        return perm, perm[:max_images]
+    return perm[n_cal:], perm[:n_cal]
+
+
+def source_features(
+    net: DZADNetwork,
+    encoder: Encoder,
+    images: Iterator[Tensor],
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    max_batch: int,
+    device: torch.device,
+    *,
+    null_hint: bool = False,
+) -> NoiseFeatures:
+    """Noise features (eq. 11-12) of image batches ``(B,3,H,W)``; hint None when ``null_hint``."""
+    parts = []
+    for x in images:
+        x = x.to(device)
+        z0 = encoder.encode(x)
+        parts.append(
+            noise_features(net, z0, None if null_hint else x, bank, alphas_cumprod, max_batch)
+        )
+    return NoiseFeatures.cat(parts)
+
+
+def calibrate_on_source(
+    cfg: DZADConfig,
+    net: DZADNetwork,
+    encoder: Encoder,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    normals: ImageSource,
+    normal_idx: Tensor,
+    device: torch.device,
+    labelled: tuple[ImageSource, Tensor] | None = None,
+    *,
+    backbone: Backbone | None,
+) -> Calibration:
+    """Calibration (method-notes 4) on held-out SOURCE normals (+ a labelled SOURCE split).
+
+    Then the pipeline itself (:class:`dzad.model.DZAD`; ``backbone``: ``dzad.model.map_backbone``)
+    scores the same normals: their map and detection scores are the rank-fusion references.
+    """
+    mb, bs = cfg.noise.max_batch, cfg.evaluate.batch_size
+    net.eval()
+
+    def feats(src: ImageSource, idx: Tensor, null: bool = False) -> NoiseFeatures:
+        return source_features(
+            net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, null_hint=null
+        )
+
+    kwargs: dict[str, Any] = {"seed": cfg.seed}
+    normal = feats(normals, normal_idx)
+    if cfg.detection.mode == "contrast":
+        kwargs["features_normal_null"] = feats(normals, normal_idx, null=True)
+    need_labels = cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
+    if need_labels:
+        if labelled is None:
+            raise ValueError(
+                "weighting 'learned' / detection 'prototype' need a labelled SOURCE split "
+                "(normals + anomalies: the source test split or synthetic pseudo-anomalies)"
+            )
+        src, labels = labelled
+        all_idx = torch.arange(len(src))
+        kwargs["labels"] = labels
+        kwargs["features_labelled"] = feats(src, all_idx)
+        if cfg.detection.mode == "prototype":
+            batches = []
+            for s in range(0, len(src), bs):
+                x = src.get(all_idx[s : s + bs]).to(device)
+                batches.append((encoder.encode(x), x, labels[s : s + bs]))
+            protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
+            kwargs["prototypes"] = protos
+            kwargs["features_labelled_prototypes"] = [
+                NoiseFeatures.cat(
+                    [
+                        noise_features(net, z0, None, bank, alphas_cumprod, mb, residuals=p)
+                        for z0, _, _ in batches
+                    ]
+                )
+                for p in protos
+            ]
+    calib = calibrate(normal, cfg.weighting, cfg.detection, alphas_cumprod, **kwargs)
+    return reference_scores(
+        DZAD(cfg, encoder, net, bank, calib, backbone).to(device), normals, normal_idx
+    )
+
+
+def reference_scores(model: DZAD, normals: ImageSource, idx: Tensor) -> Calibration:
+    """``model.calibration`` plus the map and detection scores ``(R,)`` of SOURCE normals ``idx``.
+
+    They make a single image's fused score a rank among SOURCE normals (``dzad.scoring``), valid
+    while the map settings stay those recorded in ``ref_settings``.
+    """
+    maps, dets = [], []
+    for x in normals.batches(idx, model.cfg.evaluate.batch_size):
+        out = model(x)
+        maps.append(out.map_score.float().cpu())
+        dets.append(out.detection_score.float().cpu())
+    return replace(
+        model.calibration,
+        ref_map=torch.cat(maps),
+        ref_detection=torch.cat(dets),
+        ref_settings=map_settings(model.cfg),
+    )
