@@ -29,7 +29,9 @@ _TABLE_ROWS = 30
 def resolve_model(uri: str) -> Path:
     """The checkpoint folder a ``--model`` value names (registry URIs plug in here)."""
     if uri.startswith("models:/"):
-        raise DZADInputError(uri, "model registry URIs are not supported here; give a folder")
+        from flows.tracking import resolve_model as resolve_registry  # lazy: MLflow only here
+
+        return resolve_registry(uri)
     return Path(uri)
 
 

@@ -1,0 +1,60 @@
+"""``python -m flows.serve``: serve ``dzad/train``, ``dzad/evaluate`` and ``dzad/ablation``.
+
+All three are deployments of the one orchestrator flow ``dzad`` (``flows/pipeline.py``); they differ
+in their default ``stage`` parameter. ``prefect.serve`` registers them with the Prefect API named by
+``PREFECT_API_URL`` and runs every flow run they get in a subprocess of this one: no work pool, no
+worker, nothing to deploy first (docs/prefect.md says why this, and how to use a work pool instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+from flows.pipeline import STAGES, dzad
+
+DESCRIPTIONS = {
+    "train": "Prepare + preprocess the data, train every seed on the SOURCE normals, calibrate.",
+    "evaluate": "Train (cached) or take -p checkpoint=..., then evaluate every target.",
+    "ablation": "Train + evaluate (cached), then the Table 4 / Figure 4 / Table 3 arms.",
+}
+
+
+def deployments(
+    params_file: str = "params.yaml", out_dir: str = "runs/prefect"
+) -> list[RunnerDeployment]:
+    """One deployment per stage; every other parameter keeps the flow's default (None = YAML)."""
+    return [
+        dzad.to_deployment(
+            name=stage,
+            parameters={"stage": stage, "params_file": params_file, "out_dir": out_dir},
+            description=DESCRIPTIONS[stage],
+            tags=["dzad", stage],
+            # `flows.pipeline.dzad`, imported like any module: independent of the working directory.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        for stage in STAGES
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--params-file", default="params.yaml", help="default params YAML")
+    parser.add_argument("--out-dir", default="runs/prefect", help="default output root")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=1,
+        help="flow runs executed at once (1: two trainings never share one GPU)",
+    )
+    args = parser.parse_args(argv)
+    serve(*deployments(args.params_file, args.out_dir), limit=args.limit)
+
+
+if __name__ == "__main__":
+    main()

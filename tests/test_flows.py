@@ -1,0 +1,362 @@
+"""Prefect flows, run for real: a temporary Prefect API (``prefect_test_harness``) for in-process
+tests, and one slow test that serves the deployments behind ``prefect server start`` and runs
+``prefect deployment run dzad/ablation --watch`` through the CLI. MLflow writes to a SQLite store in
+the test's folder. The study is ``studies/tiny.yaml`` with the overrides ``SMALL``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from flows import pipeline, serve
+
+TINY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
+# -p overrides that keep the tiny study to seconds: one target, two Table-4 weight functions and one
+# Figure-4 start timestep (every run of this file passes the same ones, so caches are shared)
+SMALL = {"targets": ["objects"], "weightings": ["uniform", "dzad"], "t_starts": [500]}
+ARMS = {("weighting", "uniform"), ("weighting", "dzad"), ("timesteps", "500")}
+ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Iterator[Path]:
+    """A study folder (params, data, outputs, MLflow store) that is also the working directory."""
+    root = tmp_path_factory.mktemp("flows")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in ENV.items():
+            mp.setenv(key, value)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("PREFECT_HOME", str(root / "prefect-home"))
+        mp.chdir(root)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def harness(workdir) -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=600):
+        yield
+
+
+@pytest.fixture(scope="module")
+def study(harness, workdir) -> dict:
+    """The ablation stage of the tiny study, run once: the flow's result and its flow-run state."""
+    state = _run(stage="ablation")
+    assert state.is_completed(), state.message
+    return {"result": state.result(), "state": state}
+
+
+def _run(**params):
+    """The orchestrator flow on the small tiny study, in this process; returns its final state."""
+    return pipeline.dzad(params_file=str(TINY), out_dir="out", **SMALL, **params, return_state=True)
+
+
+def _mlflow() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _children(parent_id: str) -> list:
+    c = _mlflow()
+    exp = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _artifact_table(run_id: str) -> pd.DataFrame:
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path=f"tables/{pipeline.ABLATION_TABLE}.csv",
+        tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+    )
+    return pd.read_csv(path, dtype={"setting": str})
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def _subflow_task_runs(flow_run_id) -> dict[str, str]:
+    """``{task-run name: state name}`` of every task in the subflows of one orchestrator run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        parent = FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+    return {r.name: r.state.name for r in runs}
+
+
+# ------------------------------------------------------------------------------ no Prefect API
+def test_overrides_make_a_one_seed_study_and_name_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(TINY.read_text()), "seeds": [0, 1, 2]}))
+    cfg = pipeline.load_params(path)
+    assert pipeline.run_name("evaluate", cfg) == "evaluate-tiny-seeds0-1-2"
+    one = pipeline.apply_overrides(cfg, seed=3, device="cuda:1", weightings=["snr"], t_starts=[])
+    assert (one.seed, one.seeds, one.train.device) == (3, (3,), "cuda:1")
+    assert (one.ablation.weightings, one.ablation.t_starts) == (("snr",), ())
+    assert pipeline.run_name("ablation", one) == "ablation-tiny-seed3"
+    with pytest.raises(ValueError, match=r"\['nope'\] are not in sets.targets"):
+        pipeline.apply_overrides(cfg, targets=["nope"])
+
+
+def test_params_are_parsed_once_per_content(tmp_path, monkeypatch):
+    path = tmp_path / "p.yaml"
+    raw = yaml.safe_load(TINY.read_text())
+    path.write_text(yaml.safe_dump(raw))
+    calls = []
+    real = pipeline.dzad_config.load
+    monkeypatch.setattr(pipeline.dzad_config, "load", lambda p: calls.append(p) or real(p))
+    pipeline._parse.cache_clear()
+    assert pipeline.load_params(path) is pipeline.load_params(path)
+    path.write_text(yaml.safe_dump({**raw, "seed": 5}))
+    assert pipeline.load_params(path).seed == 5
+    assert len(calls) == 2
+
+
+def test_dask_runner_is_optional_with_a_clear_error(monkeypatch):
+    assert pipeline.task_runner(None) is None
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if not installed
+    with pytest.raises(RuntimeError, match="pip install prefect-dask"):
+        pipeline.task_runner("tcp://scheduler:8786")
+
+
+def test_three_deployments_of_the_dzad_flow():
+    deps = {d.name: d for d in serve.deployments("studies/x.yaml", "runs/x")}
+    assert sorted(deps) == ["ablation", "evaluate", "train"]
+    for name, dep in deps.items():
+        assert dep.flow_name == "dzad"
+        assert dep.parameters == {
+            "stage": name,
+            "params_file": "studies/x.yaml",
+            "out_dir": "runs/x",
+        }
+        assert dep.entrypoint == "flows.pipeline.dzad"
+        schema = dep._parameter_openapi_schema.properties
+        assert {"params_file", "seed", "profile", "device", "weightings"} <= set(schema)
+
+
+# ------------------------------------------------------------------- flows on a Prefect API
+def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
+    result = study["result"]
+    table = pd.read_csv(result["table"], dtype={"setting": str})
+    assert set(zip(table["ablation"], table["setting"], strict=True)) == ARMS
+    assert (table["target"] == "objects").all()
+    assert table["image_auroc"].between(0, 1).all()
+    # the Figure-4 rerun has pixel metrics, Table-4 rescoring has none (image score only)
+    assert table.loc[table.ablation == "timesteps", "pixel_auroc"].between(0, 1).all()
+    assert table.loc[table.ablation == "weighting", "pixel_auroc"].isna().all()
+
+    flow_run_id = study["state"].state_details.flow_run_id
+    tasks = _subflow_task_runs(flow_run_id)
+    arms = {n for n in tasks if n.startswith("arm-")}
+    assert arms == {f"arm-{k}={v}" for k, v in ARMS}
+    assert {"train-seed0", "evaluate-objects-seed0", "prepare-data", "preprocess-data"} <= {
+        re.sub(r"-[0-9a-f]{3}$", "", n) for n in tasks
+    }
+    assert set(tasks.values()) == {"Completed"}
+    (artifact,) = _artifacts("tiny-ablation-auroc")  # the table in the Prefect UI
+    assert artifact.data == table.to_markdown(index=False)
+
+    parent = _mlflow().get_run(result["mlflow_run_id"])
+    assert parent.info.run_name == "ablation-tiny-seed0"
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert parent.data.params["model.profile"] == "tiny"
+    pd.testing.assert_frame_equal(_artifact_table(parent.info.run_id), table)
+    children = {r.info.run_name: r for r in _children(parent.info.run_id)}
+    assert set(children) == {"train-seed0", "evaluate-objects-seed0"} | {
+        f"arm-{k}={v}" for k, v in ARMS
+    }
+    for kind, setting in ARMS:
+        arm = children[f"arm-{kind}={setting}"]
+        row = table[(table.ablation == kind) & (table.setting == setting)].iloc[0]
+        assert arm.data.metrics["objects/image_auroc"] == pytest.approx(row["image_auroc"])
+    assert "objects/mean/image_auroc" in children["evaluate-objects-seed0"].data.metrics
+
+
+def test_rerun_reuses_cached_results(study, workdir):
+    ckpt = Path(study["result"]["models"][0]["checkpoint"]) / "dzad.json"
+    before = ckpt.stat().st_mtime_ns
+    state = _run(stage="ablation")
+    assert state.is_completed(), state.message
+    tasks = _subflow_task_runs(state.state_details.flow_run_id)
+    expensive = {n: s for n, s in tasks.items() if n.startswith(("train-", "evaluate-", "arm-"))}
+    assert len(expensive) == 5 and set(expensive.values()) == {"Cached"}
+    assert ckpt.stat().st_mtime_ns == before
+    result = state.result()
+    assert _children(result["mlflow_run_id"]) == []  # nothing reran, so no nested run
+    first = pd.read_csv(study["result"]["table"], dtype={"setting": str})
+    pd.testing.assert_frame_equal(_artifact_table(result["mlflow_run_id"]), first)
+
+
+def test_seed_override_retrains_and_names_the_run(study, workdir):
+    state = _run(stage="train", seed=1)
+    assert state.is_completed(), state.message
+    tasks = _subflow_task_runs(state.state_details.flow_run_id)
+    assert tasks["train-seed1"] == "Completed"
+    models = state.result()["models"]
+    assert list(models) == [1] and models[1]["checkpoint"].endswith("models/seed_1")
+    assert models[1]["fingerprint"] != study["result"]["models"][0]["fingerprint"]
+    assert _mlflow().get_run(state.result()["mlflow_run_id"]).info.run_name == "train-tiny-seed1"
+
+
+def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
+    calls = []
+    real = pipeline.study.prepare_data
+
+    def flaky(cfg):
+        calls.append(cfg)
+        if len(calls) == 1:
+            raise ConnectionResetError("download interrupted")
+        return real(cfg)
+
+    monkeypatch.setattr(pipeline.study, "prepare_data", flaky)
+    monkeypatch.setattr(
+        pipeline, "prepare_task", pipeline.prepare_task.with_options(retry_delay_seconds=0)
+    )
+    state = _run(stage="train")
+    assert state.is_completed(), state.message
+    assert len(calls) == 2
+
+    def bad(cfg):
+        calls.append(cfg)
+        raise ValueError("sets.fetch: unknown dataset 'x'")
+
+    monkeypatch.setattr(pipeline.study, "prepare_data", bad)
+    calls.clear()
+    state = _run(stage="train")
+    assert state.is_failed()
+    assert len(calls) == 1  # a bad input is not retried
+
+
+def test_missing_params_file_fails_with_the_reason(harness, workdir):
+    state = pipeline.dzad(params_file="nowhere.yaml", out_dir="out", return_state=True)
+    assert state.is_failed()
+    assert "nowhere.yaml" in state.message
+    with pytest.raises(ValueError, match=r"nowhere\.yaml"):
+        state.result()
+
+
+# ------------------------------------------------------- served deployments through the CLI
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: process exited {proc.returncode}\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not ready after {timeout} s\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def _get(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def served(workdir, tmp_path) -> Iterator[dict[str, str]]:
+    """``prefect server start`` + ``python -m flows.serve``; both always terminated."""
+    port = _free_port()
+    env = {**os.environ, **ENV, "PREFECT_HOME": str(tmp_path / "home")}
+    env["PREFECT_API_URL"] = api = f"http://127.0.0.1:{port}/api"
+    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
+    procs = []
+    try:
+        with server_log.open("w") as log:
+            cmd = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        _wait(lambda: _get(f"{api}/health"), "prefect server", procs[0], server_log)
+        with serve_log.open("w") as log:
+            cmd = [sys.executable, "-m", "flows.serve", "--out-dir", "out"]
+            procs.append(
+                subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+            )
+
+        def deployed() -> bool:
+            return _get(f"{api}/deployments/name/dzad/ablation")
+
+        _wait(deployed, "flows.serve", procs[1], serve_log)
+        yield env
+    finally:
+        for proc in reversed(procs):  # the server last: serve reports to it on shutdown
+            _stop(proc)
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["prefect", *args], env=env, capture_output=True, text=True, timeout=500)
+
+
+@pytest.mark.slow
+def test_served_ablation_deployment_runs_through_the_cli(study, served, workdir):
+    """The CLI run's flow-run subprocess finds the results the in-process run persisted (same
+    params, same code): nothing is retrained, the table is collected, written and logged anew."""
+    table_file = Path(study["result"]["table"])
+    ckpt = Path(study["result"]["models"][0]["checkpoint"]) / "dzad.json"
+    before = table_file.stat().st_mtime_ns, ckpt.stat().st_mtime_ns
+    params = [f"params_file={TINY}", *(f"{k}={json.dumps(v)}" for k, v in SMALL.items())]
+    options = [a for p in params for a in ("-p", p)]
+    run = _cli(served, "deployment", "run", "dzad/ablation", "--watch", *options)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ablation-tiny-seed0" in run.stdout and "Completed" in run.stdout
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    assert table_file.stat().st_mtime_ns > before[0] and ckpt.stat().st_mtime_ns == before[1]
+    table = pd.read_csv(table_file, dtype={"setting": str})
+    assert set(zip(table["ablation"], table["setting"], strict=True)) == ARMS
+    assert table["image_auroc"].between(0, 1).all()
+    c = _mlflow()
+    exp = c.get_experiment_by_name("dzad").experiment_id
+    (parent,) = c.search_runs([exp], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "ablation-tiny-seed0"
+    pd.testing.assert_frame_equal(_artifact_table(parent.info.run_id), table)
+    assert _children(parent.info.run_id) == []  # train, evaluate, arms: all cached
+
+    missing = "params_file=gone.yaml"
+    bad = _cli(served, "deployment", "run", "dzad/ablation", "--watch", "-p", missing)
+    assert bad.returncode != 0 and "Failed" in bad.stdout
+    bad_id = re.search(r"UUID: ([0-9a-f-]{36})", bad.stdout).group(1)
+    logs = _cli(served, "flow-run", "logs", bad_id)
+    assert "gone.yaml" in logs.stdout, logs.stdout
