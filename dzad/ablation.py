@@ -1,0 +1,357 @@
+"""Ablations of the paper: Table 4 (weight functions), Figure 4 (timesteps), Table 3 (architecture).
+
+- Table 4: every weight function of ``ablation.weightings`` rescores the noise-feature matrices F
+  ``(B,N,M)`` the evaluation stored (``noise_features.npz``) with the same SOURCE-only stage
+  statistics; no model runs. The number is the image AUROC of the detection score s (eq. 13), the
+  only score a weight function changes without rerunning the gated map.
+- Figure 4: the whole evaluation again for every reconstruction start ``t_start`` in
+  ``ablation.t_starts`` (DDIM from that timestep, method-notes 5); image and pixel AUROC.
+- Table 3 (``ablation.architecture``): the rows SD, +SGSD, +M_t, +F_b, +w_t of the paper. SD = no SG
+  network (its own training run per seed); without M_t = one noise stage (N = 1: a single timestep
+  at the schedule's centre) instead of N; without F_b = no two-branch gate (``gating: none``);
+  without w_t = uniform stage weights. Rows on the trained SG model are recalibrated on the same
+  held-out SOURCE normals as training (never target data). seg = pixel AUROC of the map; cls =
+  image AUROC of the configured image score in rows with F_b (the gate is how detection reaches the
+  map) and of the detection score s in rows without it (without the two-branch map, detection is
+  the image-level output; this is how the paper's +M_t row can gain cls without F_b).
+
+Results are kept per target and per seed as ``{"categories": {cat: {metric: v}}, "mean": {...}}``
+(the mapping :mod:`dzad.reports` reads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dzad import study
+from dzad.config import DZADConfig
+from dzad.metrics import image_metrics, macro_mean
+
+log = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+NPZ = "noise_features.npz"
+# Table 3: the paper's check marks per row (SD is always there)
+TABLE3_ROWS: tuple[dict[str, bool], ...] = (
+    {"SD": True},
+    {"SD": True, "SGSD": True},
+    {"SD": True, "SGSD": True, "M_t": True},
+    {"SD": True, "SGSD": True, "F_b": True},
+    {"SD": True, "SGSD": True, "M_t": True, "w_t": True},
+    {"SD": True, "SGSD": True, "M_t": True, "F_b": True, "w_t": True},
+)
+RESULT_KEYS = ("categories", "mean")
+
+
+def trim(result: Mapping[str, Any]) -> Result:
+    """Only the per-category and mean metrics of a ``metrics.json`` mapping."""
+    return {k: result[k] for k in RESULT_KEYS}
+
+
+def detection_result(result: Mapping[str, Any]) -> Result:
+    """``result`` with its image metrics taken from the detection score s (pixel ones kept)."""
+    det = result["variants"]["detection_score"]
+    cats = {c: {**v, **det["categories"].get(c, {})} for c, v in result["categories"].items()}
+    return {"categories": cats, "mean": {**result["mean"], **det["mean"]}}
+
+
+def image_result(labels: np.ndarray, categories: np.ndarray, scores: np.ndarray) -> Result:
+    """Per-category image metrics of ``scores`` ``(n,)`` and their macro mean."""
+    per_cat = {
+        str(c): image_metrics(labels[categories == c], scores[categories == c])
+        for c in dict.fromkeys(categories.tolist())
+    }
+    mean = macro_mean(per_cat)
+    mean.pop("skipped", None)
+    return {"categories": per_cat, "mean": mean}
+
+
+# ---------------------------------------------------------------------------------------- Table 4
+def rescore_file(
+    npz: Mapping[str, np.ndarray], names: Sequence[str], k: float, learned: bool = False
+) -> dict[str, np.ndarray]:
+    """Detection scores ``(n,)`` of a stored ``noise_features.npz`` under every weight function.
+
+    ``learned``: the checkpoint was calibrated with the learned weighting, so its stored weights
+    and bias are that function; otherwise "learned" cannot be rescored (it needs calibration).
+    """
+    from dzad.weighting import rescore
+
+    F = torch.from_numpy(np.asarray(npz["F"], np.float32))
+    standardise = bool(npz["standardise"])
+    mean = torch.from_numpy(npz["stage_mean"]) if standardise else None
+    std = torch.from_numpy(npz["stage_std"]) if standardise else None
+    fitted = None
+    if learned:
+        fitted = (torch.from_numpy(npz["weights"]), float(npz["bias"]))
+    elif "learned" in names:
+        raise ValueError(
+            "ablation.weightings lists 'learned', but the checkpoints were calibrated with another "
+            "weighting: train with weighting.name: learned to rescore it"
+        )
+    alphas = torch.from_numpy(npz["alphas_cumprod"])
+    scores = rescore(F, tuple(names), alphas, k=k, mean=mean, std=std, learned=fitted)
+    return {name: s.double().numpy() for name, s in scores.items()}
+
+
+def weighting_results(
+    cfg: DZADConfig, eval_dirs: Mapping[str, Path]
+) -> dict[str, dict[str, list[Result]]]:
+    """Table 4: ``{weight function: {target: [result per seed]}}`` rescored from stored F."""
+    out: dict[str, dict[str, list[Result]]] = {n: {} for n in cfg.ablation.weightings}
+    learned = cfg.weighting.name == "learned"
+    for target, eval_dir in eval_dirs.items():
+        for seed in sorted(study.seed_results(eval_dir)):
+            with np.load(study.seed_dir(eval_dir, seed) / NPZ) as npz:
+                data = dict(npz)
+            scores = rescore_file(data, cfg.ablation.weightings, cfg.weighting.k, learned)
+            for name, s in scores.items():
+                result = image_result(data["label"], data["category"], s)
+                out[name].setdefault(target, []).append(result)
+    return out
+
+
+# ------------------------------------------------------------------------------ model reruns
+def _eval_cfg(cfg: DZADConfig) -> DZADConfig:
+    """Reruns score DZAD only (controls are in the main evaluation) on ``ablation.max_images``."""
+    n = cfg.ablation.max_images or cfg.evaluate.max_images
+    return replace(cfg, evaluate=replace(cfg.evaluate, controls=False, figures=False, max_images=n))
+
+
+def _reusable(cfg: DZADConfig) -> bool:
+    """The main evaluation ran on the same images as the reruns."""
+    return _eval_cfg(cfg).evaluate.max_images == cfg.evaluate.max_images
+
+
+def ablation_targets(cfg: DZADConfig) -> list[str]:
+    targets = list(cfg.ablation.targets) or list(cfg.sets.targets)
+    for t in targets:
+        study.target_ref(cfg, t)
+    return targets
+
+
+def timestep_results(
+    cfg: DZADConfig,
+    ckpts: Mapping[int, Path],
+    eval_dirs: Mapping[str, Path],
+    out_dir: Path,
+) -> dict[str, dict[str, list[Result]]]:
+    """Figure 4: ``{str(t_start): {target: [result per seed]}}``; the main evaluation's
+    ``t_start`` is reused, not rerun."""
+    out: dict[str, dict[str, list[Result]]] = {str(t): {} for t in cfg.ablation.t_starts}
+    base = _eval_cfg(cfg)
+    for seed, ckpt in ckpts.items():
+        model = study.load_model(ckpt, study.with_seed(base, seed))
+        trained = model.cfg
+        for t in cfg.ablation.t_starts:
+            if not 0 < t < trained.model.num_train_timesteps:
+                raise ValueError(
+                    f"ablation.t_starts: {t} is outside (0, T={trained.model.num_train_timesteps})"
+                )
+            model.cfg = replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
+            for target in ablation_targets(cfg):
+                if t == cfg.reconstruction.t_start and _reusable(cfg):
+                    result = study.seed_results(eval_dirs[target])[seed]
+                else:
+                    folder = study.seed_dir(out_dir / f"t_{t}" / target, seed)
+                    result = study.evaluate_model(model, base, target, folder, controls=False)
+                out[str(t)].setdefault(target, []).append(trim(result))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- Table 3
+def row_config(cfg: DZADConfig, flags: Mapping[str, bool]) -> DZADConfig:
+    """The study config of one Table-3 row (see the module docstring)."""
+    out = cfg
+    if not flags.get("SGSD"):
+        out = replace(
+            out,
+            model=replace(out.model, use_sg=False),
+            detection=replace(out.detection, mode="self"),  # the other modes need the SG network
+        )
+    if not flags.get("M_t"):
+        out = replace(out, noise=replace(out.noise, n_stages=1))
+    if not flags.get("w_t"):
+        out = replace(out, weighting=replace(out.weighting, name="uniform"))
+    if not flags.get("F_b"):
+        out = replace(out, anomaly_map=replace(out.anomaly_map, gating="none"))
+    return out
+
+
+def recalibrated(model, row_cfg: DZADConfig):
+    """``model`` with the row's noise bank, weighting and gate, calibrated on the same held-out
+    SOURCE normals as training (:func:`dzad.calibration.split_holdout`, training seed)."""
+    from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
+    from dzad.data.dataset import ImageDataset
+    from dzad.model import DZAD
+    from dzad.noise_features import NoiseBank
+
+    trained = model.cfg
+    cfg = replace(
+        trained,
+        noise=replace(row_cfg.noise, max_batch=trained.noise.max_batch),
+        weighting=row_cfg.weighting,
+        detection=row_cfg.detection,
+        anomaly_map=row_cfg.anomaly_map,
+    )
+    same_bank = (cfg.noise.n_stages, cfg.noise.m_samples, cfg.noise.seed) == (
+        trained.noise.n_stages, trained.noise.m_samples, trained.noise.seed
+    )  # fmt: skip
+    if same_bank and (cfg.weighting, cfg.detection) == (trained.weighting, trained.detection):
+        return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
+    bank = model.bank
+    if not same_bank:
+        latent_shape = tuple(model.bank.noise.shape[2:])
+        bank = NoiseBank.create(cfg.noise, cfg.model.num_train_timesteps, latent_shape)
+    normals = ImageSource(
+        ImageDataset(study.source_normals(row_cfg), model.image_size, row_cfg.data),
+        row_cfg.train.preload_max_mb,
+    )
+    d = cfg.detection
+    _, cal_idx = split_holdout(
+        len(normals), d.calibration_holdout, d.calibration_max_images, trained.seed
+    )
+    labelled = None
+    if study.needs_labelled(cfg):
+        images, labels = study.source_labelled(row_cfg)
+        labelled = (ImageSource(images, row_cfg.train.preload_max_mb), torch.as_tensor(labels))
+    calib = calibrate_on_source(
+        cfg, model.net, model.encoder, bank, model.alphas_cumprod, normals, cal_idx,
+        model.device, labelled, backbone=model.backbone,
+    )  # fmt: skip
+    return DZAD(cfg, model.encoder, model.net, bank, calib, model.backbone)
+
+
+def architecture_results(
+    cfg: DZADConfig,
+    ckpts: Mapping[int, Path],
+    eval_dirs: Mapping[str, Path],
+    out_dir: Path,
+) -> dict[str, list[dict[str, Any]]]:
+    """Table 3: ``{target: [{"flags": {...}, "results": [result per seed]} per row]}``.
+
+    The SD row trains its own model per seed (``out_dir/sd_model/seed_<s>``); the full row reuses
+    the main evaluation when it ran on the same images.
+    """
+    base = _eval_cfg(cfg)
+    targets = ablation_targets(cfg)
+    rows: dict[str, list[dict[str, Any]]] = {
+        t: [{"flags": dict(flags), "results": []} for flags in TABLE3_ROWS] for t in targets
+    }
+    full = {"SD", "SGSD", "M_t", "F_b", "w_t"}
+    for seed, ckpt in ckpts.items():
+        main = study.load_model(ckpt, study.with_seed(base, seed))
+        for i, flags in enumerate(TABLE3_ROWS):
+            row_cfg = study.with_seed(row_config(base, flags), seed)
+            name = "+".join(k for k in ("SD", "SGSD", "M_t", "F_b", "w_t") if flags.get(k))
+            if not flags.get("SGSD"):
+                sd_ckpt = study.seed_dir(out_dir / "sd_model", seed)
+                study.train_model(row_cfg, sd_ckpt, seed=seed)
+                model = study.load_model(sd_ckpt, row_cfg)
+            else:
+                model = recalibrated(main, row_cfg)
+            for target in targets:
+                if set(k for k, v in flags.items() if v) == full and _reusable(cfg):
+                    result = study.seed_results(eval_dirs[target])[seed]
+                else:
+                    folder = study.seed_dir(out_dir / name / target, seed)
+                    result = study.evaluate_model(model, base, target, folder, controls=False)
+                use = trim(result) if flags.get("F_b") else detection_result(result)
+                rows[target][i]["results"].append(use)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- summaries
+def long_frame(record: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per (ablation, setting, target, seed) with the macro-mean key metrics."""
+    rows = []
+
+    def add(kind: str, setting: str, target: str, results: Sequence[Result]) -> None:
+        for i, r in enumerate(results):
+            values = {m: r["mean"].get(m) for m in study.KEY_METRICS}
+            rows.append(
+                {"ablation": kind, "setting": setting, "target": target, "run": i, **values}
+            )
+
+    for kind in ("weighting", "timesteps"):
+        for setting, by_target in record.get(kind, {}).items():
+            for target, results in by_target.items():
+                add(kind, setting, target, results)
+    for target, table in record.get("architecture", {}).items():
+        for row in table:
+            setting = "+".join(k for k, v in row["flags"].items() if v)
+            add("architecture", setting, target, row["results"])
+    columns = ["ablation", "setting", "target", "run", *study.KEY_METRICS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def dvc_metrics(frame: pd.DataFrame) -> dict[str, Any]:
+    """``{ablation: {setting: {target: {metric: mean over seeds}}}}`` (NaN-free JSON for DVC)."""
+    out: dict[str, Any] = {}
+    for (kind, setting, target), g in frame.groupby(["ablation", "setting", "target"], sort=False):
+        values = {m: study.mean_std(g[m].tolist())["mean"] for m in study.KEY_METRICS}
+        out.setdefault(kind, {}).setdefault(setting, {})[target] = {
+            m: v for m, v in values.items() if v is not None
+        }
+    return out
+
+
+def plot_frames(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """DVC plots: Table-4 bars and Figure-4 points, means over targets and seeds (always both
+    files, so that the stage's declared outputs exist)."""
+    out = {}
+    for kind, key, metrics in (
+        ("weighting", "weighting", ("image_auroc",)),
+        ("timesteps", "t_start", ("image_auroc", "pixel_auroc")),
+    ):
+        sub = frame[frame["ablation"] == kind]  # empty when that ablation is off: header only
+        g = sub.groupby("setting", sort=False)[list(metrics)].mean().reset_index()
+        out[kind] = g.rename(columns={"setting": key})
+    return out
+
+
+def timesteps_table(record: Mapping[str, Mapping[str, Sequence[Result]]]):
+    """Figure 4 as a table: rows t_start, columns ``<target>: image_auroc|pixel_auroc``."""
+    from dzad.reports import Table
+
+    means: dict[str, dict[int, float]] = {}
+    stds: dict[str, dict[int, float]] = {}
+    for t, by_target in record.items():
+        for target, results in by_target.items():
+            for m in ("image_auroc", "pixel_auroc"):
+                s = study.mean_std([r["mean"].get(m) for r in results])
+                column = f"{target}: {m}"
+                means.setdefault(column, {})[int(t)] = np.nan if s["mean"] is None else s["mean"]
+                stds.setdefault(column, {})[int(t)] = np.nan if s["std"] is None else s["std"]
+    mean, std = pd.DataFrame(means, dtype=float), pd.DataFrame(stds, dtype=float)
+    mean.index.name = std.index.name = "t_start"
+    return Table(mean, None if std.isna().all().all() else std)
+
+
+def plot_timesteps(table, path: Path) -> Path:
+    """Figure 4: AUROC against the reconstruction start timestep, one line per column."""
+    from matplotlib.figure import Figure
+
+    from dzad.io_utils import atomic_path
+
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    x = table.mean.index.to_numpy()
+    for column in table.mean.columns:
+        err = None if table.std is None else table.std[column].fillna(0).to_numpy()
+        ax.errorbar(x, table.mean[column].to_numpy(), yerr=err, marker="o", capsize=3, label=column)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="reconstruction start t_start", ylabel="AUROC", title="Figure 4: timesteps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
