@@ -1,7 +1,7 @@
 """DVC ``register`` stage: log a trained checkpoint and its evaluations, register, promote.
 
-``python -m flows.register --params params.yaml --checkpoint models --metrics
-metrics/eval_<target>.json [--metrics ...] [--eval-root runs/eval] [--out metrics/registry.json]``
+``python -m flows.register --params params.yaml --checkpoint models [--metrics
+runs/eval/<target>/summary.json ...] [--eval-root runs/eval] [--out runs/register.json]``
 
 ``--checkpoint``: a checkpoint folder, or the models folder (``seed_<s>/``; seed ``cfg.seed`` is
 registered). The metrics are the summaries over every seed, so promotion compares study means.
@@ -72,6 +72,8 @@ def run(
 
     cfg = config.load(params)
     checkpoint = checkpoints(checkpoint, [cfg.seed])[cfg.seed]
+    # Without --metrics: every target of the study, as `dzad stage evaluate` exported it.
+    metrics = metrics or [eval_root / target / "summary.json" for target in cfg.sets.targets]
     summaries = [_read_summary(Path(m)) for m in metrics]
     with tracking.start_run(cfg, "register", tags={"dzad.stage": "register"}) as active:
         tracking.log_training(active, cfg, checkpoint, manifest_hashes(cfg))
@@ -91,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or models/")
     parser.add_argument(
-        "--metrics", type=Path, action="append", default=[], help="target summary JSON (repeat)"
+        "--metrics",
+        type=Path,
+        action="append",
+        default=[],
+        help="target summary JSON (repeat); default: every target under --eval-root",
     )
     parser.add_argument("--eval-root", type=Path, default=Path("runs/eval"))
     parser.add_argument("--out", type=Path, default=None, help="write the decision here (JSON)")
