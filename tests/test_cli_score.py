@@ -202,7 +202,8 @@ def test_missing_backbone_weights_stop_unless_random(monkeypatch, tiny_checkpoin
     assert "--random-backbone" in _error_line(result)
 
 
-def test_evaluate_command(tiny_checkpoint, synth_root, tmp_path):
+def test_evaluate_command(tiny_checkpoint, synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the checkpoint's relative sets.source must not resolve here
     out = tmp_path / "ev"
     base = ["evaluate", "--model", str(tiny_checkpoint), "--data", str(synth_root)]
     base += ["--categories", "grain", "--out", str(out), "--random-backbone", "--max-images", "4"]
