@@ -1,0 +1,199 @@
+"""Scoring speed: ``dzad score`` on the ``demo`` study against the bare network forwards it needs.
+
+``python -m benchmarks.score [--batch-sizes 1 8 32] [--latent L] [--no-compile] [--quick]`` prints
+one JSON line. For each batch size B it runs the ``dzad score`` command function itself
+(``dzad.cli.score_cmds.score_cmd``: PNG decoding, DZAD forward with encoder, noise features, DDIM,
+maps, gating, heat-map PNGs and ``scores.csv``) on synthetic PNGs, with the checkpoint loaded once
+beforehand (``load_s``), and then, in the same process, only the denoiser+SG forwards that scoring B
+images needs: ``ceil(B*N*M / max_batch)`` noise-feature batches plus ``reconstruction.steps`` DDIM
+batches of B. Both are timed ``--repeats`` times, interleaved, on ``max(2B, 6)`` images after a
+warm-up run; medians are reported.
+
+Fields per B: ``images_per_s_bB`` (whole command, wall clock) and ``images_per_s_cpu_bB`` (per CPU
+second of this process), ``efficiency_ratio_bB`` (wall time per image / bare forwards' wall time
+per image; bar 1.25) and ``efficiency_ratio_cpu_bB`` (the same on CPU time, which other jobs on a
+shared machine do not inflate), ``gflops_bB`` / ``bare_gflops_bB`` (FLOPs of those forwards per CPU
+second of the whole command / of the bare forwards); the unsuffixed fields are the largest batch's.
+Variants of the bare forwards at batch 8 (``variant_ms_per_image``, CPU ms): autograd ``no_grad``,
+``inference_mode`` (the library's), ``channels_last`` and ``torch.compile`` (its compile time:
+``compile_s``). ``matmul_peak_gflops`` is an fp32 matmul per CPU second measured by the same
+script; ``peak_fraction`` is the largest batch's ``gflops`` over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from benchmarks._common import (
+    Span,
+    add_common_args,
+    build_model,
+    demo_config,
+    emit,
+    forwards_per_image,
+    latent_shape,
+    matmul_peak_gflops,
+    median_span,
+    setup,
+    stopwatch,
+    timed,
+    write_pngs,
+)
+
+
+def forward_sizes(cfg, batch: int) -> list[int]:
+    """Batch sizes of the ``predict_noise`` calls scoring ``batch`` images makes, in order."""
+    pairs = batch * cfg.noise.n_stages * cfg.noise.m_samples
+    chunks = [min(cfg.noise.max_batch, pairs - s) for s in range(0, pairs, cfg.noise.max_batch)]
+    return chunks + [batch] * cfg.reconstruction.steps
+
+
+def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> Callable[[], None]:
+    """A callable that runs exactly the denoiser+SG forwards of one scoring batch of ``batch``."""
+    c, h, w = latent_shape(model)
+    size, t_max = model.image_size, model.cfg.model.num_train_timesteps
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for n in forward_sizes(model.cfg, batch):
+        z = torch.randn((n, c, h, w), generator=gen).to(model.device, memory_format=memory_format)
+        hint = torch.rand((n, 3, size, size), generator=gen)
+        hint = hint.to(model.device, memory_format=memory_format)
+        inputs.append((z, torch.randint(0, t_max, (n,), generator=gen).to(model.device), hint))
+
+    def run() -> None:
+        for z, t, hint in inputs:
+            model.net.predict_noise(z, t, hint)
+
+    return run
+
+
+def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Span:
+    """Time of the ``dzad score`` command function on ``images`` (model preloaded)."""
+    from dzad.cli import score_cmds
+
+    with (
+        mock.patch.object(score_cmds, "load_model", lambda *_: model),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        lap = stopwatch()
+        score_cmds.score_cmd(
+            paths=[str(images)],
+            model=str(ckpt),
+            out=out,
+            threshold="auto",
+            save_maps=False,
+            json_out=True,
+            skip_bad=False,
+            random_backbone=False,
+            batch_size=batch,
+        )
+        return lap()
+
+
+def variants(
+    model, batch: int, compile_too: bool, repeats: int
+) -> tuple[dict[str, float | None], float | None]:
+    """CPU milliseconds per image of the bare forwards of one batch under each execution variant,
+    and the wall seconds ``torch.compile`` took (None when skipped)."""
+    out: dict[str, float | None] = {}
+    compile_s = None
+    with torch.no_grad():
+        out["no_grad"] = timed(bare_forwards(model, batch), repeats).cpu / batch * 1e3
+    with torch.inference_mode():
+        out["inference_mode"] = timed(bare_forwards(model, batch), repeats).cpu / batch * 1e3
+        model.net.to(memory_format=torch.channels_last)
+        run = bare_forwards(model, batch, torch.channels_last)
+        out["channels_last"] = timed(run, repeats).cpu / batch * 1e3
+        model.net.to(memory_format=torch.contiguous_format)
+        out["compile"] = None
+        if compile_too:
+            plain = model.net.predict_noise
+            model.net.predict_noise = torch.compile(plain, dynamic=False)
+            try:
+                run = bare_forwards(model, batch)
+                start = time.perf_counter()
+                run()  # compiles once per distinct batch shape
+                compile_s = time.perf_counter() - start
+                out["compile"] = timed(run, repeats).cpu / batch * 1e3
+            finally:
+                model.net.predict_noise = plain
+    return out, compile_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--latent", default=None, help="override the demo study's model.latent")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    add_common_args(parser)
+    args = parser.parse_args()
+    setup(args)
+    sizes = [2] if args.quick else args.batch_sizes
+    cfg = demo_config(args.latent, quick=args.quick)
+    from dzad.cli.score_cmds import load_model
+    from dzad.networks import flops_per_forward
+
+    peak = matmul_peak_gflops(512 if args.quick else 1024)
+    with tempfile.TemporaryDirectory(prefix="dzad-bench-") as tmp:
+        tmp_path = Path(tmp)
+        build_model(cfg, n_source=4 if args.quick else 16).save(tmp_path / "ckpt")
+        start = time.perf_counter()
+        model = load_model(str(tmp_path / "ckpt"), False)
+        load_s = time.perf_counter() - start
+        c, h, _ = latent_shape(model)
+        flops_image = flops_per_forward(model.net, c, h) * forwards_per_image(cfg)
+        n_max = max(max(2 * b, 6) for b in sizes)
+        write_pngs(tmp_path / "images", n_max, cfg.data.image_size)
+        figures: dict[str, object] = {
+            "bench": "score",
+            "latent": cfg.model.latent,
+            "image_size": cfg.data.image_size,
+            "forwards_per_image": forwards_per_image(cfg),
+            "gflop_per_image": flops_image / 1e9,
+            "load_s": load_s,
+            "matmul_peak_gflops": peak,
+        }
+        for b in sizes:
+            n = max(2 * b, 6)
+            folder = tmp_path / f"in_{b}"
+            folder.mkdir()
+            for p in sorted((tmp_path / "images").glob("*.png"))[:n]:
+                (folder / p.name).symlink_to(p)
+            score_command(model, tmp_path / "ckpt", folder, tmp_path / f"warm_{b}", b)  # warm-up
+            fulls, bares = [], []
+            for r in range(args.repeats):  # interleaved: load drifts affect both alike
+                out = tmp_path / f"out_{b}_{r}"
+                fulls.append(score_command(model, tmp_path / "ckpt", folder, out, b) / n)
+                with torch.inference_mode():
+                    bares.append(timed(bare_forwards(model, b), repeats=n // b, warmup=0) / b)
+            full, bare = median_span(fulls), median_span(bares)
+            figures[f"images_per_s_b{b}"] = 1 / full.wall
+            figures[f"images_per_s_cpu_b{b}"] = 1 / full.cpu
+            figures[f"efficiency_ratio_b{b}"] = full.wall / bare.wall
+            figures[f"efficiency_ratio_cpu_b{b}"] = full.cpu / bare.cpu
+            figures[f"gflops_b{b}"] = flops_image / full.cpu / 1e9
+            figures[f"bare_gflops_b{b}"] = flops_image / bare.cpu / 1e9
+        top = max(sizes)
+        for key in ("images_per_s", "images_per_s_cpu", "efficiency_ratio", "efficiency_ratio_cpu"):
+            figures[key] = figures[f"{key}_b{top}"]
+        v_batch = min(8, top)
+        figures["variant_batch"] = v_batch
+        figures["variant_ms_per_image"], figures["compile_s"] = variants(
+            model, v_batch, not (args.no_compile or args.quick), args.repeats
+        )
+        figures["peak_fraction"] = figures[f"gflops_b{top}"] / peak  # type: ignore[operator]
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Benchmarks: each runs in ``--quick`` mode and prints one JSON line with its figures.
+
+Smoke tests only: no figure is compared against a speed bar (speed targets live in benchmarks/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.scaling import fit_line
+from benchmarks.score import forward_sizes
+from dzad.config import DZADConfig, NoiseConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+# figures every --quick run must print: positive numbers, and numbers of any sign
+POSITIVE = {
+    "score": ["efficiency_ratio", "efficiency_ratio_cpu", "images_per_s", "matmul_peak_gflops"],
+    "memory": ["rss_ratio", "rss_ratio_evaluate", "images_per_s", "peak_rss_mb_24"],
+    "train": ["efficiency_ratio", "efficiency_ratio_cpu", "images_per_s", "step_s"],
+    "scaling": ["seconds", "cpu_seconds"],
+}
+NUMBERS = {
+    "score": ["gflops_b2", "peak_fraction"],
+    "memory": ["rss_growth_mb_24"],
+    "train": ["bare_forward_backward_s"],
+    "scaling": ["slope_r2", "slope_r2_cpu", "slope_s_per_image", "intercept_s"],
+}
+
+
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def one_json_line(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+def test_forward_sizes_follow_max_batch_and_ddim_steps():
+    cfg = DZADConfig()
+    cfg = replace(cfg, noise=NoiseConfig(n_stages=10, m_samples=1, max_batch=256))
+    steps = cfg.reconstruction.steps
+    assert forward_sizes(cfg, 32) == [256, 64] + [32] * steps
+    assert forward_sizes(cfg, 1) == [10] + [1] * steps
+    assert sum(forward_sizes(cfg, 7)[:-steps]) == 70
+
+
+def test_fit_line_recovers_slope_and_r2():
+    slope, intercept, r2 = fit_line([50, 100, 200], [12.0, 22.0, 42.0])
+    assert slope == pytest.approx(0.2) and intercept == pytest.approx(2.0)
+    assert r2 == pytest.approx(1.0)
+    _, _, r2_bent = fit_line([50, 100, 200], [10.0, 30.0, 40.0])
+    assert r2_bent < 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(POSITIVE))
+def test_benchmark_prints_one_json_line(name):
+    figures = one_json_line(run_benchmark(name, "--quick"))
+    assert figures["bench"] == name
+    for key in POSITIVE[name] + NUMBERS[name]:
+        values = figures[key] if isinstance(figures[key], list) else [figures[key]]
+        for v in values:
+            assert isinstance(v, (int, float)) and math.isfinite(v), key
+            assert v > 0 or key in NUMBERS[name], key
+    assert "images_per_s" in figures
+    assert figures["loadavg_1m"] >= 0 and figures["torch_threads"] == 1
+
+
+@pytest.mark.slow
+def test_aupro_benchmark_prints_one_json_line():
+    args = ("--n-maps", "6", "--size", "48", "--levels", "8")
+    figures = one_json_line(run_benchmark("aupro", *args))
+    assert figures["max_abs_diff"] < 1e-4 and figures["speedup"] > 0
+
+
+def test_gpu_benchmark_without_cuda_says_so():
+    if torch.cuda.is_available():
+        figures = one_json_line(run_benchmark("gpu", "--quick"))
+        assert figures["images_per_s"] > 0
+        return
+    proc = run_benchmark("gpu", "--quick")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: benchmarks.gpu needs a CUDA device and torch.cuda.is_available() is False; "
+        "nothing was measured"
+    ]
