@@ -22,16 +22,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from flows import TELEMETRY_OFF
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_STUDY = REPO / "studies" / "demo.yaml"
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-}
 os.environ.update(TELEMETRY_OFF)
 
 

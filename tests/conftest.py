@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-}
+from flows import TELEMETRY_OFF
+
 os.environ.update(TELEMETRY_OFF)  # also before collection, for modules reading them on import
 torch.set_num_threads(1)
 
