@@ -85,31 +85,20 @@ def test_sampler_stays_in_source_range_with_random_network():
     alphas = _alphas()
     lo, hi = torch.full((4,), -1.0), torch.tensor([1.0, 0.5, 1.0, 2.0])  # per-channel range
     net = WildNet(4)
-    clamped = reconstruct(
-        net,
-        z0,
-        hint,
-        ReconstructionConfig(clamp=True),
-        T,
-        clamp_range=(lo, hi),
-        alphas_cumprod=alphas,
-        seeds=[0, 1],
-    )
+
+    def run(clamp: bool) -> torch.Tensor:
+        cfg = ReconstructionConfig(clamp=clamp)
+        return reconstruct(
+            net, z0, hint, cfg, T, clamp_range=(lo, hi), alphas_cumprod=alphas, seeds=[0, 1]
+        )
+
+    clamped = run(clamp=True)
     assert torch.isfinite(clamped).all()
     assert (clamped >= lo.view(1, -1, 1, 1) - 1e-5).all()
     assert (clamped <= hi.view(1, -1, 1, 1) + 1e-5).all()
     # the SG hint is passed at every one of the 10 steps, on the trailing grid from t_start
     assert [int(t[0]) for t in net.calls] == list(range(999, 0, -100))
-    free = reconstruct(
-        net,
-        z0,
-        hint,
-        ReconstructionConfig(clamp=False),
-        T,
-        clamp_range=(lo, hi),
-        alphas_cumprod=alphas,
-        seeds=[0, 1],
-    )
+    free = run(clamp=False)
     assert free.abs().max() > 10  # without the clamp this network does diverge
 
 
