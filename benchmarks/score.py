@@ -6,8 +6,9 @@ one JSON line. For each batch size B it runs the ``dzad score`` command function
 maps, gating, heat-map PNGs and ``scores.csv``) on synthetic PNGs, with the checkpoint loaded once
 beforehand (``load_s``), and then, in the same process, only the denoiser+SG forwards that scoring B
 images needs: ``ceil(B*N*M / max_batch)`` noise-feature batches plus ``reconstruction.steps`` DDIM
-batches of B. Both are timed ``--repeats`` times, interleaved, on ``max(2B, 6)`` images after a
-warm-up run; medians are reported.
+batches of B, reusing the batch's SG hint embedding (computed once for each of the two). Both are
+timed ``--repeats`` times, interleaved, on ``max(2B, 6)`` images after a warm-up run; medians are
+reported.
 
 Fields per B: ``images_per_s_bB`` (whole command, wall clock) and ``images_per_s_cpu_bB`` (per CPU
 second of this process), ``efficiency_ratio_bB`` (wall time per image / bare forwards' wall time
@@ -57,21 +58,53 @@ def forward_sizes(cfg, batch: int) -> list[int]:
     return chunks + [batch] * cfg.reconstruction.steps
 
 
-def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> Callable[[], None]:
-    """A callable that runs exactly the denoiser+SG forwards of one scoring batch of ``batch``."""
+def flops_per_image(model) -> int:
+    """FLOPs of the network scoring one image (torch's FlopCounterMode): ``forwards_per_image``
+    forwards reusing the SG hint embedding, plus the two embeddings (noise features, DDIM)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     c, h, w = latent_shape(model)
-    size, t_max = model.image_size, model.cfg.model.num_train_timesteps
+    z = torch.zeros((1, c, h, w), device=model.device)
+    hint = torch.zeros((1, 3, model.image_size, model.image_size), device=model.device)
+    t = torch.tensor([500], device=model.device)
+    embed, forward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with torch.no_grad():
+        with embed:
+            embedded = model.net.embed_hint(hint, z)
+        with forward:
+            model.net.predict_noise(z, t, None, hint_embedding=embedded)
+    per_forward, per_embedding = forward.get_total_flops(), embed.get_total_flops()
+    return int(per_forward * forwards_per_image(model.cfg) + 2 * per_embedding)
+
+
+def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> Callable[[], None]:
+    """A callable that runs exactly the denoiser+SG forwards of one scoring batch of ``batch``,
+    with the SG hint embedding of the batch computed once for the noise features and once for the
+    reconstruction and its rows reused by their forwards, as scoring does."""
+    cfg = model.cfg
+    c, h, w = latent_shape(model)
+    size, t_max = model.image_size, cfg.model.num_train_timesteps
     gen = torch.Generator().manual_seed(0)
+    hint = torch.rand((batch, 3, size, size), generator=gen)
+    hint = hint.to(model.device, memory_format=memory_format)
+    nm = cfg.noise.n_stages * cfg.noise.m_samples
+    chunks = list((torch.arange(batch * nm) // nm).split(cfg.noise.max_batch))  # image per pair
+    rows = chunks + [torch.arange(batch)] * cfg.reconstruction.steps
+    assert [len(r) for r in rows] == forward_sizes(cfg, batch)
     inputs = []
-    for n in forward_sizes(model.cfg, batch):
+    for r in rows:
+        n = len(r)
         z = torch.randn((n, c, h, w), generator=gen).to(model.device, memory_format=memory_format)
-        hint = torch.rand((n, 3, size, size), generator=gen)
-        hint = hint.to(model.device, memory_format=memory_format)
-        inputs.append((z, torch.randint(0, t_max, (n,), generator=gen).to(model.device), hint))
+        t = torch.randint(0, t_max, (n,), generator=gen).to(model.device)
+        inputs.append((z, t, r.to(model.device)))
 
     def run() -> None:
-        for z, t, hint in inputs:
-            model.net.predict_noise(z, t, hint)
+        embedded, z_batch = None, inputs[-1][0]  # a (B, C, h, w) DDIM latent
+        for i, (z, t, r) in enumerate(inputs):
+            if i in (0, len(chunks)):  # noise features, then reconstruction
+                embedded = model.net.embed_hint(hint, z_batch)
+            emb = None if embedded is None else embedded[r]
+            model.net.predict_noise(z, t, None, hint_embedding=emb)
 
     return run
 
@@ -141,7 +174,6 @@ def main() -> None:
     sizes = [2] if args.quick else args.batch_sizes
     cfg = demo_config(args.latent, quick=args.quick)
     from dzad.cli.score_cmds import load_model
-    from dzad.networks import flops_per_forward
 
     peak = matmul_peak_gflops(512 if args.quick else 1024)
     with tempfile.TemporaryDirectory(prefix="dzad-bench-") as tmp:
@@ -150,8 +182,7 @@ def main() -> None:
         start = time.perf_counter()
         model = load_model(str(tmp_path / "ckpt"), False)
         load_s = time.perf_counter() - start
-        c, h, _ = latent_shape(model)
-        flops_image = flops_per_forward(model.net, c, h) * forwards_per_image(cfg)
+        flops_image = flops_per_image(model)
         n_max = max(max(2 * b, 6) for b in sizes)
         write_pngs(tmp_path / "images", n_max, cfg.data.image_size)
         figures: dict[str, object] = {

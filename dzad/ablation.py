@@ -105,12 +105,13 @@ def rescore_file(
 def weighting_results(
     cfg: DZADConfig, eval_dirs: Mapping[str, Path]
 ) -> dict[str, dict[str, list[Result]]]:
-    """Table 4: ``{weight function: {target: [result per seed]}}`` rescored from stored F."""
+    """Table 4: ``{weight function: {target: [result per seed of cfg.seeds]}}`` rescored from
+    stored F; other seeds' folders in ``eval_dirs`` are ignored, a missing one is an error."""
     out: dict[str, dict[str, list[Result]]] = {n: {} for n in cfg.ablation.weightings}
     learned = cfg.weighting.name == "learned"
     for target, eval_dir in eval_dirs.items():
-        for seed in sorted(study.seed_results(eval_dir)):
-            with np.load(study.seed_dir(eval_dir, seed) / NPZ) as npz:
+        for seed in cfg.seeds:
+            with np.load(study.seed_file(eval_dir, seed, NPZ)) as npz:
                 data = dict(npz)
             scores = rescore_file(data, cfg.ablation.weightings, cfg.weighting.k, learned)
             for name, s in scores.items():
@@ -159,7 +160,7 @@ def timestep_results(
             model.cfg = replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
             for target in ablation_targets(cfg):
                 if t == cfg.reconstruction.t_start and _reusable(cfg):
-                    result = study.seed_results(eval_dirs[target])[seed]
+                    result = study.seed_result(eval_dirs[target], seed)
                 else:
                     folder = study.seed_dir(out_dir / f"t_{t}" / target, seed)
                     result = study.evaluate_model(model, base, target, folder, controls=False)
@@ -260,7 +261,7 @@ def architecture_results(
                 model = recalibrated(main, row_cfg)
             for target in targets:
                 if set(k for k, v in flags.items() if v) == full and _reusable(cfg):
-                    result = study.seed_results(eval_dirs[target])[seed]
+                    result = study.seed_result(eval_dirs[target], seed)
                 else:
                     folder = study.seed_dir(out_dir / name / target, seed)
                     result = study.evaluate_model(model, base, target, folder, controls=False)

@@ -180,25 +180,34 @@ class DZADNetwork(nn.Module):
     def _context(self, batch: int) -> Tensor | None:
         return self.context.expand(batch, -1, -1) if self.context.numel() else None
 
-    def residuals(self, z_t: Tensor, t: Tensor, hint: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    def embed_hint(self, hint: Tensor | None, z: Tensor) -> Tensor | None:
+        """SG hint embedding ``(B,C_0,h,w)`` of ``hint`` ``(B,hint_channels,H,W)``, or of the null
+        hint (zeros) for the ``B`` latents of ``z`` ``(B,C,h,w)`` when ``hint`` is None.
+
+        It depends on the image only: compute it once per image batch and pass it (rows indexed
+        like the latents) as ``hint_embedding`` to every forward on those images. None when the
+        network has no SG network (nothing to embed).
+        """
+        if self.sg is None:
+            return None
+        if hint is None:
+            shape = (z.shape[0], self.hint_channels, self.image_size, self.image_size)
+            hint = torch.zeros(shape, device=z.device, dtype=z.dtype)
+        return self.sg.controlnet_cond_embedding(hint)
+
+    def residuals(
+        self, z_t: Tensor, t: Tensor, hint: Tensor | None, *, hint_embedding: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor]:
         """SG residuals fed to the UNet (after SFF and masking): (down skips, middle).
 
         Down skips in diffusers' order. ``hint`` ``(B,hint_channels,H,W)``; None = the null hint
-        (zeros) of the contrast mode.
+        (zeros) of the contrast mode. ``hint_embedding`` ``(B,C_0,h,w)``: :meth:`embed_hint` of
+        the hint, computed beforehand (``hint`` is then ignored).
         """
         if self.sg is None:
             raise RuntimeError("this network has no SG network (model.use_sg is false)")
-        if hint is None:
-            shape = (z_t.shape[0], self.hint_channels, self.image_size, self.image_size)
-            hint = torch.zeros(shape, device=z_t.device, dtype=z_t.dtype)
-        down, mid = self.sg(
-            z_t,
-            t,
-            encoder_hidden_states=self._context(z_t.shape[0]),
-            controlnet_cond=hint,
-            return_dict=False,
-        )
-        down = list(down)
+        embedded = self.embed_hint(hint, z_t) if hint_embedding is None else hint_embedding
+        down, mid = _sg_forward(self.sg, z_t, t, self._context(z_t.shape[0]), embedded)
         if self.sff is not None:
             down = self.sff(down)
         if self.only_mid_control:  # DiAD: control reaches the middle block and the SFF-fused skips
@@ -213,14 +222,16 @@ class DZADNetwork(nn.Module):
         hint: Tensor | None,
         *,
         residuals: tuple[list[Tensor], Tensor] | None = None,
+        hint_embedding: Tensor | None = None,
     ) -> Tensor:
         """eq. 9: z_t ``(B,C,h,w)``, t ``(B,)``, hint ``(B,3,H,W)`` or None -> eps ``(B,C,h,w)``.
 
-        ``residuals`` replaces SG(z_t, hint) by given ones (prototype conditions, method-notes 4).
+        ``residuals`` replaces SG(z_t, hint) by given ones (prototype conditions, method-notes 4);
+        ``hint_embedding`` ``(B,C_0,h,w)`` (:meth:`embed_hint`) replaces the embedding of ``hint``.
         """
         kwargs = {}
         if residuals is None and self.sg is not None:
-            residuals = self.residuals(z_t, t, hint)
+            residuals = self.residuals(z_t, t, hint, hint_embedding=hint_embedding)
         if residuals is not None:
             kwargs = {
                 "down_block_additional_residuals": tuple(residuals[0]),
@@ -240,6 +251,34 @@ class DZADNetwork(nn.Module):
             self.unet.mid_block,
         ):
             part.requires_grad_(False)
+
+
+def _attention(block: nn.Module, context: Tensor | None) -> dict[str, Tensor | None]:
+    """The context keyword of a diffusers block that cross-attends; none for one that does not."""
+    return (
+        {"encoder_hidden_states": context} if getattr(block, "has_cross_attention", False) else {}
+    )
+
+
+def _sg_forward(
+    sg: ControlNetModel, z_t: Tensor, t: Tensor, context: Tensor | None, hint_embedding: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    """``ControlNetModel.forward`` after its hint embedding, for the SG networks built here.
+
+    z_t ``(B,C,h,w)``, t ``(B,)``, ``hint_embedding`` ``(B,C_0,h,w)`` -> zero-conv residuals: down
+    skips (diffusers' order) and middle. The same operations in the same order as diffusers with
+    RGB hints, no class / added embeddings, conditioning scale 1 and no guess mode (what
+    :func:`build_network` makes), so the result is identical to ``sg(z_t, t, ..., hint)``.
+    """
+    emb = sg.time_embedding(sg.time_proj(t.expand(z_t.shape[0])).to(dtype=z_t.dtype))
+    sample = sg.conv_in(z_t) + hint_embedding
+    skips = [sample]
+    for block in sg.down_blocks:
+        sample, res = block(hidden_states=sample, temb=emb, **_attention(block, context))
+        skips.extend(res)
+    sample = sg.mid_block(sample, emb, **_attention(sg.mid_block, context))
+    down = [zero_conv(r) for zero_conv, r in zip(sg.controlnet_down_blocks, skips, strict=True)]
+    return down, sg.controlnet_mid_block(sample)
 
 
 def sg_embedding_channels(p: Profile, hint_size: int, latent_size: int) -> tuple[int, ...]:

@@ -85,8 +85,9 @@ def noise_features(
 
     Pair p = b*N*M + j (j = n*M + m) uses image b and bank entry j: ``z_t = sqrt(ab_t) z0 +
     sqrt(1-ab_t) eps_j`` (eq. 7 with alpha-bar). Pairs run in chunks of ``max_batch``, i.e.
-    ``ceil(B*N*M/max_batch)`` forwards. ``residuals`` (prototype mode): SG residuals per bank entry,
-    each tensor ``(N*M, ...)``, used instead of SG(x0).
+    ``ceil(B*N*M/max_batch)`` forwards. The SG hint embedding ``(B,C_0,H',W')`` is computed once
+    and its row b reused by every pair of image b. ``residuals`` (prototype mode): SG residuals per
+    bank entry, each tensor ``(N*M, ...)``, used instead of SG(x0).
     """
     b_, c_, h_, w_ = z0.shape
     n_, m_ = bank.n_stages, bank.m_samples
@@ -97,6 +98,7 @@ def noise_features(
     ab = alphas_cumprod.to(device, torch.float32)[t_flat].to(z0.dtype)
     err = torch.empty(b_ * nm, h_, w_, device=device)
     with torch.inference_mode():
+        embedded = net.embed_hint(hint, z0) if residuals is None else None
         for start in range(0, b_ * nm, max_batch):
             p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
             img, j = p // nm, p % nm
@@ -106,8 +108,8 @@ def noise_features(
             res = None
             if residuals is not None:
                 res = ([r.to(device)[j] for r in residuals[0]], residuals[1].to(device)[j])
-            h = None if hint is None or res is not None else hint[img]
-            pred = net.predict_noise(z_t, t_flat[j], h, residuals=res)
+            emb = None if embedded is None else embedded[img]
+            pred = net.predict_noise(z_t, t_flat[j], None, residuals=res, hint_embedding=emb)
             err[p] = (eps - pred).float().pow(2).mean(1)  # eq. 12, mean over C
     err = err.view(b_, n_, m_, h_, w_)
     return NoiseFeatures(F=err.mean((3, 4)), spatial=err.mean(2))
@@ -136,12 +138,13 @@ def sg_residual_means(
     down_sum: list[Tensor] | None = None
     mid_sum: Tensor | None = None
     with torch.inference_mode():
+        embedded = net.embed_hint(hint, z0)  # (B, C_0, H', W'), reused by every pair of image b
         for start in range(0, b_ * nm, max_batch):
             p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
             img, j = p // nm, p % nm
             a = ab[j].view(-1, 1, 1, 1)
             z_t = a.sqrt() * z0[img] + (1 - a).sqrt() * eps_flat[j]
-            down, mid = net.residuals(z_t, t_flat[j], hint[img])
+            down, mid = net.residuals(z_t, t_flat[j], None, hint_embedding=embedded[img])
             if down_sum is None or mid_sum is None:
                 down_sum = [torch.zeros(nm, *r.shape[1:], device=device) for r in down]
                 mid_sum = torch.zeros(nm, *mid.shape[1:], device=device)

@@ -114,8 +114,10 @@ def reconstruct(
 ) -> torch.Tensor:
     """x0_hat latent ``(B, C, h, w)`` from z0 ``(B, C, h, w)``; decode it once, outside.
 
-    ``net.predict_noise(z_t, t, hint)`` is the SG-conditioned denoiser (eq. 9), called with the same
-    hint ``(B, 3, H, W)`` (x0) at every step. ``alphas_cumprod`` ``(T,)`` is the training schedule.
+    ``net.predict_noise(z_t, t, hint)`` is the SG-conditioned denoiser (eq. 9), conditioned on the
+    same hint ``(B, 3, H, W)`` (x0) at every step: its embedding ``net.embed_hint(hint, z0)`` is
+    computed once and passed as ``hint_embedding``. ``alphas_cumprod`` ``(T,)`` is the training
+    schedule.
     Noise: per-image ``seeds`` when given (batch-invariant; see :func:`image_seeds`), else drawn
     from ``generator`` for the whole batch. ``clamp_range`` ``(lo, hi)`` (floats or ``(C,)``)
     is used only when ``cfg.clamp`` is true.
@@ -143,9 +145,11 @@ def reconstruct(
     # q(z_t | z0) at the grid's first timestep (eq. 7 with alpha-bar)
     a0 = alphas[grid[0]]
     z = a0.sqrt() * z0 + (1 - a0).sqrt() * draws[0]
+    embedded = net.embed_hint(hint, z0)  # x0's SG hint embedding, the same at every step
     for i, t in enumerate(grid):
         t_batch = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
-        eps = net.predict_noise(z, t_batch, hint)  # SG conditioned on x0 at every step; no guidance
+        # SG conditioned on x0 at every step; no guidance
+        eps = net.predict_noise(z, t_batch, None, hint_embedding=embedded)
         alpha_prev = alphas[grid[i + 1]] if i + 1 < len(grid) else torch.ones_like(a0)
         noise = draws[i + 1] if cfg.eta > 0 else None
         z, _ = ddim_step(z, eps, alphas[t], alpha_prev, clamp, cfg.eta, noise=noise)

@@ -352,6 +352,21 @@ def evaluate_seeds(cfg: DZADConfig, models: str | Path, target: str, out_dir: st
     return summary
 
 
+def seed_file(eval_dir: str | Path, seed: int, name: str) -> Path:
+    """``eval_dir/seed_<seed>/<name>``; :class:`DZADInputError` naming it when it is missing."""
+    path = seed_dir(eval_dir, seed) / name
+    if not path.is_file():
+        raise DZADInputError(
+            path, f"no evaluation output for seed {seed}: run `dzad stage evaluate` with this seed"
+        )
+    return path
+
+
+def seed_result(eval_dir: str | Path, seed: int) -> dict:
+    """``metrics.json`` of one seed's evaluation (``eval_dir/seed_<seed>/``)."""
+    return json.loads(seed_file(eval_dir, seed, "metrics.json").read_text())
+
+
 def seed_results(eval_dir: str | Path) -> dict[int, dict]:
     """``{seed: metrics.json}`` of an evaluation folder (``seed_<s>/`` subfolders)."""
     eval_dir = Path(eval_dir)
@@ -452,6 +467,7 @@ def ablate(cfg: DZADConfig, ckpt: Path, eval_dirs: dict[str, Path], out_dir: Pat
     from dzad import ablation
 
     ckpts = checkpoints(ckpt, cfg.seeds)
+    cfg = replace(cfg, seeds=tuple(ckpts))  # one checkpoint: its seed only, as evaluate_seeds
     a = cfg.ablation
     with atomic_dir(out_dir) as tmp:
         record = {

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dzad.config import ModelConfig
+from dzad.config import ModelConfig, NoiseConfig, ReconstructionConfig
 from dzad.errors import DZADError
 from dzad.networks import (
     PROFILES,
@@ -19,6 +19,8 @@ from dzad.networks import (
     sg_embedding_channels,
     skip_layout,
 )
+from dzad.noise_features import NoiseBank, noise_features, sg_residual_means
+from dzad.reconstruction import image_seeds, reconstruct
 
 CFG = ModelConfig(profile="tiny", latent="pixel")
 
@@ -192,3 +194,93 @@ def test_parameter_and_flop_counts():
     # a conv-only UNet's FLOPs grow ~4x when the latent side doubles
     ratio = flops_per_forward(sd, 3, 32) / flops_per_forward(sd, 3, 16)
     assert 3.5 < ratio < 4.5
+
+
+# ----------------------------------------------------------------- hint embedding computed once
+class PerCallHint(torch.nn.Module):
+    """The per-call path: the raw hint rows reach every forward, which embeds them again."""
+
+    def __init__(self, net) -> None:
+        super().__init__()
+        self.net = net
+
+    def embed_hint(self, hint, z):
+        return hint
+
+    def predict_noise(self, z_t, t, hint, *, residuals=None, hint_embedding=None):
+        return self.net.predict_noise(z_t, t, hint_embedding, residuals=residuals)
+
+    def residuals(self, z_t, t, hint, *, hint_embedding=None):
+        return self.net.residuals(z_t, t, hint_embedding)
+
+
+def _trained_unshuffle_net():
+    """Tiny profile on a 12x8x8 pixel-unshuffle latent of 16 px images, SG and SFF non-zero."""
+    net = _net(dataclasses.replace(CFG, latent="pixel_unshuffle"), channels=12, size=8)
+    _perturb(net.sg)
+    _perturb(net.sff)
+    return net
+
+
+@pytest.mark.parametrize("cfg", [CFG, _paper_tiny()], ids=["tiny", "cross_attention"])
+def test_sg_residuals_equal_diffusers_controlnet_forward(cfg):
+    channels, size, image = (3, 16, 16) if cfg is CFG else (4, 4, 32)
+    net = _net(dataclasses.replace(cfg, only_mid_control=False), channels, size)
+    net.sff = None  # the raw SG residuals
+    _perturb(net.sg)
+    z, t, hint = _inputs(channels, size, image)
+    with torch.no_grad():
+        for h in (hint, None):
+            cond = torch.zeros_like(hint) if h is None else h
+            want_down, want_mid = net.sg(
+                z, t, encoder_hidden_states=net._context(2), controlnet_cond=cond, return_dict=False
+            )
+            down, mid = net.residuals(z, t, h)
+            assert torch.equal(mid, want_mid) and all(map(torch.equal, down, want_down))
+            embedded = net.embed_hint(h, z)
+            assert embedded.shape == (2, net.sg.conv_in.out_channels, size, size)
+            once = net.predict_noise(z, t, None, hint_embedding=embedded)
+            assert torch.equal(once, net.predict_noise(z, t, h))
+
+
+def test_noise_features_embed_the_hint_once_with_the_same_result():
+    net = _trained_unshuffle_net()
+    alphas = make_scheduler(CFG).alphas_cumprod
+    bank = NoiseBank.create(NoiseConfig(n_stages=4, m_samples=2, seed=7), 1000, (12, 8, 8))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    z0 = torch.nn.functional.pixel_unshuffle(2 * x - 1, 2)
+    embeds = []
+    handle = net.sg.controlnet_cond_embedding.register_forward_hook(
+        lambda m, i, o: embeds.append(i[0].shape[0])
+    )
+    try:
+        for hint in (x, None):  # the SG hint and the contrast mode's null hint
+            embeds.clear()
+            # max_batch 5: chunks hold several images, each repeated across bank entries
+            once = noise_features(net, z0, hint, bank, alphas, 5)
+            assert embeds == [3]  # one embedding of the 3 images, not one per forward
+            per_call = noise_features(PerCallHint(net), z0, hint, bank, alphas, 5)
+            assert torch.allclose(once.F, per_call.F, rtol=0, atol=1e-6)
+            assert torch.allclose(once.spatial, per_call.spatial, rtol=0, atol=1e-6)
+        once_means = sg_residual_means(net, z0, x, bank, alphas, 5)
+        per_call_means = sg_residual_means(PerCallHint(net), z0, x, bank, alphas, 5)
+    finally:
+        handle.remove()
+    (once_down, once_mid), (per_call_down, per_call_mid) = once_means, per_call_means
+    for a, b in zip([*once_down, once_mid], [*per_call_down, per_call_mid], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_reconstruction_embeds_the_hint_once_with_the_same_result():
+    net = _trained_unshuffle_net()
+    alphas = make_scheduler(CFG).alphas_cumprod
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    z0 = torch.nn.functional.pixel_unshuffle(2 * x - 1, 2)
+    cfg = ReconstructionConfig(steps=5)
+    kwargs = {"clamp_range": (-1.0, 1.0), "alphas_cumprod": alphas, "seeds": image_seeds(x, 0)}
+    with torch.no_grad():
+        for hint in (x, None):
+            once = reconstruct(net, z0, hint, cfg, 1000, **kwargs)
+            per_call = reconstruct(PerCallHint(net), z0, hint, cfg, 1000, **kwargs)
+            assert torch.allclose(once, per_call, rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,10 @@ def test_cache_and_manifest(root, tmp_path):
     assert list(table.columns) == pp.COLUMNS and len(table) == 5
     row = table[table.defect == "scratch"].iloc[0]
     assert (row.label, row.split, row.orig_w, row.orig_h) == (1, "test", 40, 30)
-    assert row.mask_path == str(root / "a/ground_truth/scratch/0_mask.png")
+    assert (row.path, row.mask_path) == (
+        "a/test/scratch/0.png",
+        "a/ground_truth/scratch/0_mask.png",
+    )
     assert row.cached_mask_path == "a/ground_truth/scratch/0_mask.png"
     mask = np.asarray(Image.open(out / row.cached_mask_path))
     assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255}
@@ -87,10 +91,11 @@ def test_rerun_does_no_work(root, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "load_image", forbidden)
     again = pp.preprocess(root, ["a"], out, 12)
     assert again.equals(first) and _mtimes(out) == before
-    monkeypatch.undo()
     changed = root / "a/train/good/0.png"
+    os.utime(changed, ns=(1, 1))  # a new modification time only: the same content
+    assert pp.preprocess(root, ["a"], out, 12).equals(first) and _mtimes(out) == before
+    monkeypatch.undo()
     _save(changed, RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8))
-    os.utime(changed, ns=(1, 1))  # a new modification time
     pp.preprocess(root, ["a"], out, 12)
     assert _mtimes(out)[str(out / pp.MANIFEST)] != before[str(out / pp.MANIFEST)]
     pp.preprocess(root, ["a"], out, 8)  # other parameters: rebuilt at the new size
@@ -111,7 +116,26 @@ def test_bad_files(root, tmp_path, caplog):
     assert err.value.path == full and not out.exists()
     with caplog.at_level(logging.WARNING):
         table = pp.preprocess(root, ["a"], out, 12, skip_bad=True)
-    assert len(table) == 2 and str(full) not in set(table.path) and str(full) in caplog.text
+    assert len(table) == 2 and "a/train/good/0.png" not in set(table.path)
+    assert str(full) in caplog.text
+
+
+def test_cache_files_do_not_depend_on_location(root, tmp_path, monkeypatch):
+    """The same images at two absolute locations, copied at different times (other mtimes), and
+    read through an absolute and a relative root: byte-identical manifest and fingerprint."""
+    here, there = tmp_path / "one" / "data", tmp_path / "two" / "deeper" / "data"
+    shutil.copytree(root, here, copy_function=shutil.copyfile)
+    shutil.copytree(root, there, copy_function=shutil.copyfile)
+    for i, p in enumerate(sorted(there.rglob("*.*"))):
+        os.utime(p, ns=(i + 1, i + 1))
+    first = pp.preprocess(here, [], tmp_path / "one" / "cache", 12)
+    monkeypatch.chdir(there.parent)
+    second = pp.preprocess(Path("data"), [], Path("cache"), 12)
+    assert first.equals(second)
+    for name in (pp.MANIFEST, pp.FINGERPRINT):
+        written = (tmp_path / "one" / "cache" / name).read_bytes()
+        assert written == (there.parent / "cache" / name).read_bytes()
+        assert str(tmp_path).encode() not in written
 
 
 def test_refuses_foreign_folder(root, tmp_path):

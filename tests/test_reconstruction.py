@@ -23,7 +23,10 @@ class OracleNet(torch.nn.Module):
         super().__init__()
         self.z0, self.alphas = z0, alphas
 
-    def predict_noise(self, z_t, t, hint):
+    def embed_hint(self, hint, z):
+        return None  # it needs no hint
+
+    def predict_noise(self, z_t, t, hint, *, hint_embedding=None):
         a = self.alphas[t].view(-1, 1, 1, 1)
         return (z_t - a.sqrt() * self.z0) / (1 - a).sqrt()
 
@@ -37,10 +40,12 @@ class WildNet(torch.nn.Module):
         self.conv = torch.nn.Conv2d(channels + 3, channels, 3, padding=1)
         self.calls: list[torch.Tensor] = []
 
-    def predict_noise(self, z_t, t, hint):
+    def embed_hint(self, hint, z):
+        return torch.nn.functional.interpolate(hint, size=z.shape[-2:])
+
+    def predict_noise(self, z_t, t, hint, *, hint_embedding):
         self.calls.append(t.clone())
-        h = torch.nn.functional.interpolate(hint, size=z_t.shape[-2:])
-        return 25.0 * self.conv(torch.cat([z_t, h], 1))
+        return 25.0 * self.conv(torch.cat([z_t, hint_embedding], 1))
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "leading"])
@@ -96,7 +101,7 @@ def test_sampler_stays_in_source_range_with_random_network():
     assert torch.isfinite(clamped).all()
     assert (clamped >= lo.view(1, -1, 1, 1) - 1e-5).all()
     assert (clamped <= hi.view(1, -1, 1, 1) + 1e-5).all()
-    # the SG hint is passed at every one of the 10 steps, on the trailing grid from t_start
+    # the hint embedding is passed at every one of the 10 steps, on the trailing grid from t_start
     assert [int(t[0]) for t in net.calls] == list(range(999, 0, -100))
     free = run(clamp=False)
     assert free.abs().max() > 10  # without the clamp this network does diverge

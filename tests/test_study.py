@@ -246,6 +246,24 @@ def test_weighting_results_rank_by_the_weighted_stages(tmp_path):
     assert float(w[0]) > float(w[-1])
 
 
+def test_weighting_results_read_exactly_the_configured_seeds(tmp_path):
+    """An evaluation folder holding seeds 0, 1 and 2: a run over seeds (2, 0) rescores those two,
+    in that order; a configured seed without results is an error naming its folder."""
+    labels = np.array([0, 1, 0, 1])
+    for seed in (0, 1, 2):
+        F = np.ones((4, 3, 1))
+        F[:, 0, 0] += labels * (1.0 if seed == 1 else -1.0) * (seed + 1)  # seed 1 separates
+        _fake_eval(tmp_path / "t", seed, F, labels)
+    weightings = replace(config.AblationConfig(), weightings=("uniform",))
+    cfg = replace(config.DZADConfig(), seeds=(2, 0), ablation=weightings)
+    (two, zero) = ablation.weighting_results(cfg, {"t": tmp_path / "t"})["uniform"]["t"]
+    assert two["mean"]["image_auroc"] == zero["mean"]["image_auroc"] == 0.0
+    missing = replace(cfg, seeds=(0, 3))
+    with pytest.raises(DZADInputError, match="seed 3") as err:
+        ablation.weighting_results(missing, {"t": tmp_path / "t"})
+    assert err.value.path == tmp_path / "t" / "seed_3" / "noise_features.npz"
+
+
 def test_learned_weighting_needs_a_learned_calibration(tmp_path):
     labels = np.array([0, 1, 0, 1])
     _fake_eval(tmp_path / "t", 0, np.ones((4, 3, 1)), labels)

@@ -2,11 +2,13 @@
 
 ``out_dir`` is itself an MVTec-layout root (``<category>/<split>/<defect>/<stem>.png`` and
 ``<category>/ground_truth/<defect>/<stem>_mask.png``, all ``S x S``), so every reader works on it,
-and it holds ``manifest.csv`` with the columns :data:`COLUMNS` (original paths absolute, cached
-paths relative to ``out_dir``; empty strings where a good image has no mask) and
-``fingerprint.json``.
+and it holds ``manifest.csv`` with the columns :data:`COLUMNS` (original paths relative to the
+dataset root, cached paths relative to ``out_dir``, both POSIX; empty strings where a good image has
+no mask) and ``fingerprint.json``.
 
-The fingerprint covers the parameters and every input file's path, size and modification time; when
+The fingerprint covers the parameters and every input file's path relative to the root, label and
+content (SHA-256), never an absolute path or a modification time, so the same images at another
+location or in another checkout give byte-identical ``manifest.csv`` and ``fingerprint.json``. When
 it matches, :func:`preprocess` returns the stored manifest and writes nothing. Otherwise the whole
 cache is rebuilt under a temporary name and swapped in (an interrupted run keeps the old cache).
 """
@@ -28,13 +30,13 @@ from dzad.data.dataset import Sample, collect_samples
 from dzad.data.images import image_size as read_size
 from dzad.data.images import load_image, load_mask
 from dzad.errors import DZADInputError
-from dzad.io_utils import atomic_dir, atomic_write_text
+from dzad.io_utils import atomic_dir, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 FINGERPRINT = "fingerprint.json"
-CACHE_VERSION = 1  # bump when the cache's content changes for the same inputs
+CACHE_VERSION = 2  # bump when the cache's content changes for the same inputs
 COLUMNS = [
     "path",
     "cached_path",
@@ -49,13 +51,18 @@ COLUMNS = [
 ]
 
 
-def _fingerprint(samples: Sequence[Sample], params: dict) -> str:
+def _relative(path: Path | None, root: Path) -> str:
+    """``path`` relative to the dataset ``root`` as a POSIX string ("" for ``None``)."""
+    return "" if path is None else path.relative_to(root).as_posix()
+
+
+def _fingerprint(samples: Sequence[Sample], root: Path, params: dict) -> str:
+    """SHA-256 over ``params`` and each input file's root-relative path, label and content hash."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for s in samples:
         for p in (s.path, s.mask_path):
             if p is not None:
-                st = p.stat()
-                digest.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\t{s.label}\n".encode())
+                digest.update(f"{_relative(p, root)}\t{sha256_file(p)}\t{s.label}\n".encode())
     return digest.hexdigest()
 
 
@@ -73,7 +80,7 @@ def _save(t: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path, format="PNG")
 
 
-def _cache_one(s: Sample, tmp: Path, size: int, resample: str, threshold: int) -> dict:
+def _cache_one(s: Sample, root: Path, tmp: Path, size: int, resample: str, threshold: int) -> dict:
     cached = Path(s.category) / s.split / s.defect / f"{s.path.stem}.png"
     if (tmp / cached).exists():
         raise DZADInputError(s.path, f"another image in its folder has the same stem ({cached})")
@@ -85,13 +92,13 @@ def _cache_one(s: Sample, tmp: Path, size: int, resample: str, threshold: int) -
         _save(load_mask(s.mask_path, threshold, size), tmp / mask_rel)
         cached_mask = mask_rel.as_posix()
     return {
-        "path": str(s.path),
+        "path": _relative(s.path, root),
         "cached_path": cached.as_posix(),
         "category": s.category,
         "split": s.split,
         "label": s.label,
         "defect": s.defect,
-        "mask_path": "" if s.mask_path is None else str(s.mask_path),
+        "mask_path": _relative(s.mask_path, root),
         "cached_mask_path": cached_mask,
         "orig_w": w,
         "orig_h": h,
@@ -114,20 +121,19 @@ def preprocess(
     then resized NEAREST. Bad files raise :class:`DZADInputError`, or are logged and left out when
     ``skip_bad``.
     """
-    root, out_dir = Path(root).resolve(), Path(out_dir)
+    root, out_dir = Path(root), Path(out_dir)
     samples = collect_samples(root, categories, skip_bad=skip_bad, validate=True)
     if not samples:
         raise DZADInputError(root, "no images to preprocess")
     params = {
         "version": CACHE_VERSION,
-        "root": str(root),
         "categories": list(categories),
         "image_size": int(image_size),
         "resample": resample,
         "mask_threshold": int(mask_threshold),
         "skip_bad": skip_bad,
     }
-    fingerprint = _fingerprint(samples, params)
+    fingerprint = _fingerprint(samples, root, params)
     if (out_dir / MANIFEST).is_file() and _stored_fingerprint(out_dir) == fingerprint:
         log.info("%s: cache is up to date", out_dir)
         return load_manifest(out_dir)
@@ -137,7 +143,9 @@ def preprocess(
         rows = []
         for s in samples:
             try:
-                rows.append(_cache_one(s, tmp, int(image_size), resample, int(mask_threshold)))
+                rows.append(
+                    _cache_one(s, root, tmp, int(image_size), resample, int(mask_threshold))
+                )
             except DZADInputError as err:
                 if not skip_bad:
                     raise
