@@ -17,6 +17,8 @@ the mean errors), ``transductive`` (reference taken from the images of the same 
 detected normal; reported as "batch zero-shot"; no reference in the batch means no gate), ``none``.
 For latents without a decoder the same map is computed on latents (one "level": z0 vs z0_hat), with
 cosine or mean squared distance (``cfg.latent_distance``); for L2 the gate divides the distance.
+``cfg.base = "noise_excess"`` replaces the distance by the spatial noise error's excess over SOURCE
+normals (no reconstruction; :func:`excess_term`), gated the same way.
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ def base_map(
         term = (1 - w * sim).clamp_min(0) if distance == "cosine" else sim / w
         total = term if total is None else total + term
     return total
+
+
+def excess_term(
+    excess: torch.Tensor, size: tuple[int, int], pixel_weight: torch.Tensor
+) -> torch.Tensor:
+    """``(B, 1, H, W)`` map of the noise-excess base (``cfg.base``): ``up(excess) / w``.
+
+    ``excess`` ``(B, h, w)`` from :func:`dzad.detection.excess_map`, ``pixel_weight`` the gate
+    ``w`` ``(B, 1, H, W)``: as for the L2 distance the gate divides, so an image detected normal
+    is scaled down by ``w_pn`` (eq. 14) and positions whose error exceeds the nearest SOURCE
+    normal's are raised by ``1 / w_pa`` (eq. 15).
+    """
+    up = F.interpolate(excess.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    return up / pixel_weight.to(up)
 
 
 def nearest_reference(

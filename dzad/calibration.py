@@ -101,6 +101,14 @@ def source_features(
     return NoiseFeatures.cat(parts)
 
 
+def position_subset(n: int, cfg: DZADConfig) -> Tensor:
+    """Indices ``(P,)`` of the SOURCE normals behind the per-position error statistics: a seeded
+    subset of all ``n`` (training images included: the statistic is the denoiser's positional
+    error pattern, and the held-out split alone is a handful of images for small sources)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    return perm[: cfg.detection.position_images].sort().values
+
+
 def calibrate_on_source(
     cfg: DZADConfig,
     net: DZADNetwork,
@@ -129,6 +137,8 @@ def calibrate_on_source(
 
     kwargs: dict[str, Any] = {"seed": cfg.seed}
     normal = feats(normals, normal_idx)
+    if cfg.detection.position_images:
+        kwargs["features_position"] = feats(normals, position_subset(len(normals), cfg))
     if cfg.detection.mode == "contrast":
         kwargs["features_normal_null"] = feats(normals, normal_idx, null=True)
     need_labels = cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"

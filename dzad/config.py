@@ -136,6 +136,9 @@ class DetectionConfig:
     calibration_holdout: float = 0.1  # share of source normals held out of training to calibrate
     calibration_max_images: int = 256
     gating_bank_size: int = 64  # K source-normal spatial maps kept for eq. 15 gating
+    # SOURCE normals (seeded subset, training images included) for the per-stage, per-position
+    # error statistics of the noise-excess map (anomaly_map.base); 0 = none (that map then errors)
+    position_images: int = 128
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,10 @@ class MapConfig:
     fusion: Literal["map", "detection", "rank"] = "map"  # which score is the image score
     w_pa_floor: float = 0.1  # eq. 15: lower bound of w_pa(p) (dzad.anomaly_map), in (0, 1]
     latent_distance: Literal["cosine", "l2"] = "cosine"  # map of a latent without a decoder
+    # what the gate weighs: "reconstruction" = eq. 14-15's feature distance to the DDIM
+    # reconstruction; "noise_excess" = the spatial noise error's excess over SOURCE normals at
+    # each position (dzad.detection.excess_map), no reconstruction (issue 9)
+    base: Literal["reconstruction", "noise_excess"] = "reconstruction"
 
 
 @dataclass(frozen=True)

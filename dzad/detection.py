@@ -43,6 +43,8 @@ class Calibration:
     ``ref_map`` / ``ref_detection`` ``(R,)``: map and detection scores of the held-out SOURCE
     normals, the references of :func:`dzad.scoring.rank_fusion`, valid under the map settings
     ``ref_settings`` (``dzad.model.map_settings``) they were computed with.
+    ``position_mean`` / ``position_std`` ``(N,h,w)``: per-stage, per-position statistics of the
+    SOURCE normals' spatial errors, for :func:`excess_map` (None when not computed).
     """
 
     stage_mean: Tensor
@@ -63,6 +65,8 @@ class Calibration:
     ref_map: Tensor | None = None
     ref_detection: Tensor | None = None
     ref_settings: dict[str, Any] | None = None
+    position_mean: Tensor | None = None
+    position_std: Tensor | None = None
 
     def stats(self) -> tuple[Tensor | None, Tensor | None]:
         """(mean, std) to standardise stage means with, or (None, None)."""
@@ -78,6 +82,8 @@ class Calibration:
             out["contrast_mean"], out["contrast_std"] = self.contrast_mean, self.contrast_std
         if self.ref_map is not None and self.ref_detection is not None:
             out["ref_map"], out["ref_detection"] = self.ref_map, self.ref_detection
+        if self.position_mean is not None and self.position_std is not None:
+            out["position_mean"], out["position_std"] = self.position_mean, self.position_std
         for k, (down, mid) in enumerate(self.prototypes):
             out.update({f"prototype.{k}.down.{i}": r for i, r in enumerate(down)})
             out[f"prototype.{k}.mid"] = mid
@@ -127,6 +133,28 @@ def weighted_map(spatial: Tensor, calib: Calibration) -> Tensor:
     if mean is not None and std is not None:
         x = (x - mean.to(x)[:, None, None]) / std.to(x)[:, None, None]
     return torch.einsum("bnhw,n->bhw", x, calib.weights.to(x))
+
+
+def excess_map(spatial: Tensor, calib: Calibration) -> Tensor:
+    """``(B,N,h,w)`` -> ``(B,h,w)``: ``sum_n w_n max(z_n(p), 0)^2`` (the noise-excess map).
+
+    ``z_n(p)`` standardises the spatial error of stage n at position p with the SOURCE normals'
+    statistics at that stage AND position: the denoiser's error has a positional pattern of its
+    own (borders, padding) that a per-stage z-score (:func:`weighted_map`) leaves in, and that
+    pattern, not the defects, dominated the maps measured in issue 9. Only an error above what
+    SOURCE normals show there counts (the sign eq. 15's gate uses); squared so that a few
+    clearly-exceeding stages outweigh many marginal ones. Weights w_n as eq. 13.
+    """
+    if calib.position_mean is None or calib.position_std is None:
+        raise ValueError(
+            "the noise-excess map needs per-position SOURCE statistics; this calibration has "
+            "none (detection.position_images was 0 or the checkpoint predates them): retrain"
+        )
+    mean, std = calib.position_mean.to(spatial), calib.position_std.to(spatial)
+    if mean.shape != spatial.shape[1:]:
+        raise ValueError(f"position statistics {tuple(mean.shape)} vs maps {tuple(spatial.shape)}")
+    excess = ((spatial.float() - mean) / std).clamp_min(0).pow(2)
+    return torch.einsum("bnhw,n->bhw", excess, calib.weights.to(excess))
 
 
 def self_score(F: Tensor, calib: Calibration) -> Tensor:
@@ -184,6 +212,7 @@ def calibrate(
     features_normal_null: NoiseFeatures | None = None,
     prototypes: list[Residuals] | None = None,
     features_labelled_prototypes: list[NoiseFeatures] | None = None,
+    features_position: NoiseFeatures | None = None,
     seed: int = 0,
 ) -> Calibration:
     """Fit the detector on SOURCE features only (never target data).
@@ -191,7 +220,7 @@ def calibrate(
     ``features_normal``: held-out source normals ``F`` ``(B,N,M)``; ``features_labelled`` +
     ``labels``: a labelled source split (learned weights); ``features_normal_null``: the same
     normals with the null hint (contrast mode); ``prototypes`` + ``features_labelled_prototypes``:
-    prototype mode.
+    prototype mode; ``features_position``: SOURCE normals for :func:`excess_map`'s statistics.
     """
     F = features_normal.F
     b_, n_ = F.shape[:2]
@@ -228,6 +257,11 @@ def calibrate(
     ]
     calib.normal_spatial = weighted_map(features_normal.spatial[keep], calib)
     calib.normal_keys = stage_means(F[keep], use_mean, use_std)
+    if features_position is not None:
+        sp = features_position.spatial.float()  # (P,N,h,w)
+        if sp.shape[0] < 2:
+            raise ValueError("per-position statistics need at least 2 SOURCE-normal images")
+        calib.position_mean, calib.position_std = _mean_std(sp)
     if features_normal_null is not None:
         diff = F.float().mean(2) - features_normal_null.F.float().mean(2)
         calib.contrast_mean, calib.contrast_std = _mean_std(diff)

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dzad.anomaly_map import base_map, gate_weights, scaled, smooth
+from dzad.anomaly_map import base_map, excess_term, gate_weights, scaled, smooth
 from dzad.backbones import Backbone, build_backbone
 from dzad.checkpoint import load_checkpoint, save_checkpoint
 from dzad.config import DZADConfig, to_dict
-from dzad.detection import Calibration, detect, mode_features, weighted_map
+from dzad.detection import Calibration, detect, excess_map, mode_features, weighted_map
 from dzad.errors import CheckpointError
 from dzad.latents import Encoder
 from dzad.networks import DZADNetwork, make_scheduler
@@ -196,6 +196,28 @@ class DZAD(nn.Module):
             self._warned_reference = True
         return refs or (None, None)
 
+    def _reconstruction_map(self, x0: Tensor, z0: Tensor, gate: Tensor) -> Tensor:
+        """Eq. 14-15's base map ``(B,1,H,W)``: x0 ``(B,3,H,W)`` against its DDIM reconstruction
+        from ``t_start`` (SG conditioned on x0 at every step), gated by ``gate`` ``(B,1,H,W)``."""
+        cfg = self.cfg
+        size = (x0.shape[-2], x0.shape[-1])
+        z0_hat = reconstruct(
+            self.net,
+            z0,
+            x0,
+            cfg.reconstruction,
+            cfg.model.num_train_timesteps,
+            clamp_range=self.clamp_range,
+            alphas_cumprod=self.alphas_cumprod,
+            seeds=image_seeds(x0, cfg.reconstruction.seed),
+        )  # (B,C,h,w)
+        if self.encoder.can_decode:
+            x0_hat = self.encoder.decode(z0_hat)  # (B,3,H,W): the one decode
+            f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
+            return base_map(f_x, f_hat, size, gate)
+        # latent without a decoder: distances between z0 and z0_hat themselves
+        return base_map([z0], [z0_hat], size, gate, cfg.anomaly_map.latent_distance)
+
     @torch.inference_mode()
     def forward(self, images: Tensor) -> DZADOutput:
         """Score ``images`` ``(B,3,H,W)`` in [0,1] (square, ``image_size``); steps 1-7."""
@@ -210,30 +232,18 @@ class DZAD(nn.Module):
         # 2-4. noise features, weighted score, decision          F (B,N,M); s, decision (B,)
         det, feats = self._detect(x0, z0)
 
-        # 5. DDIM reconstruction from t_start, SG conditioned on x0 at every step
-        z0_hat = reconstruct(
-            self.net,
-            z0,
-            x0,
-            cfg.reconstruction,
-            cfg.model.num_train_timesteps,
-            clamp_range=self.clamp_range,
-            alphas_cumprod=self.alphas_cumprod,
-            seeds=image_seeds(x0, cfg.reconstruction.seed),
-        )  # (B,C,h,w)
-
-        # 6. two-branch gate (eq. 14-15) on the spatial noise error, then the map
+        # 5. two-branch gate (eq. 14-15) on the spatial noise error
         err = weighted_map(feats.spatial, calib)  # (B,h,w), same weighting as normal_spatial
         keys = stage_means(feats.F, *calib.stats())  # (B,N), same keys as normal_keys
         gate = gate_weights(
             det.decision, err, keys, cfg.anomaly_map, size, calib.normal_keys, calib.normal_spatial
         )  # (B,1,H,W)
-        if self.encoder.can_decode:
-            x0_hat = self.encoder.decode(z0_hat)  # (B,3,H,W): the one decode
-            f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
-            raw = base_map(f_x, f_hat, size, gate)  # (B,1,H,W)
-        else:  # latent without a decoder: distances between z0 and z0_hat themselves
-            raw = base_map([z0], [z0_hat], size, gate, cfg.anomaly_map.latent_distance)
+        # 6. gated base map: distance to the DDIM reconstruction (the paper's eq. 14-15) or the
+        # noise error's excess over SOURCE normals at each position (anomaly_map.base)
+        if cfg.anomaly_map.base == "noise_excess":
+            raw = excess_term(excess_map(feats.spatial, calib), size, gate)  # (B,1,H,W)
+        else:
+            raw = self._reconstruction_map(x0, z0, gate)  # (B,1,H,W)
 
         # 7. smoothing (sigma at 256 px, scaled) and the pooled-max image score
         m = smooth(raw, scaled(cfg.anomaly_map.sigma, size[0]))  # (B,1,H,W)
