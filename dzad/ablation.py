@@ -31,9 +31,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dzad import study
 from dzad.config import DZADConfig
 from dzad.metrics import image_metrics, macro_mean
+from dzad.study.evaluations import evaluate_model, load_model, seed_file, seed_result
+from dzad.study.layout import seed_dir, target_ref, with_seed
+from dzad.study.models import needs_labelled, source_labelled, source_normals, train_model
+from dzad.study.summaries import KEY_METRICS, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ def weighting_results(
     learned = cfg.weighting.name == "learned"
     for target, eval_dir in eval_dirs.items():
         for seed in cfg.seeds:
-            with np.load(study.seed_file(eval_dir, seed, NPZ)) as npz:
+            with np.load(seed_file(eval_dir, seed, NPZ)) as npz:
                 data = dict(npz)
             scores = rescore_file(data, cfg.ablation.weightings, cfg.weighting.k, learned)
             for name, s in scores.items():
@@ -135,7 +138,7 @@ def _reusable(cfg: DZADConfig) -> bool:
 def ablation_targets(cfg: DZADConfig) -> list[str]:
     targets = list(cfg.ablation.targets) or list(cfg.sets.targets)
     for t in targets:
-        study.target_ref(cfg, t)
+        target_ref(cfg, t)
     return targets
 
 
@@ -150,7 +153,7 @@ def timestep_results(
     out: dict[str, dict[str, list[Result]]] = {str(t): {} for t in cfg.ablation.t_starts}
     base = _eval_cfg(cfg)
     for seed, ckpt in ckpts.items():
-        model = study.load_model(ckpt, study.with_seed(base, seed))
+        model = load_model(ckpt, with_seed(base, seed))
         trained = model.cfg
         for t in cfg.ablation.t_starts:
             if not 0 < t < trained.model.num_train_timesteps:
@@ -160,10 +163,10 @@ def timestep_results(
             model.cfg = replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
             for target in ablation_targets(cfg):
                 if t == cfg.reconstruction.t_start and _reusable(cfg):
-                    result = study.seed_result(eval_dirs[target], seed)
+                    result = seed_result(eval_dirs[target], seed)
                 else:
-                    folder = study.seed_dir(out_dir / f"t_{t}" / target, seed)
-                    result = study.evaluate_model(model, base, target, folder, controls=False)
+                    folder = seed_dir(out_dir / f"t_{t}" / target, seed)
+                    result = evaluate_model(model, base, target, folder, controls=False)
                 out[str(t)].setdefault(target, []).append(trim(result))
     return out
 
@@ -213,7 +216,7 @@ def recalibrated(model, row_cfg: DZADConfig):
         latent_shape = tuple(model.bank.noise.shape[2:])
         bank = NoiseBank.create(cfg.noise, cfg.model.num_train_timesteps, latent_shape)
     normals = ImageSource(
-        ImageDataset(study.source_normals(row_cfg), model.image_size, row_cfg.data),
+        ImageDataset(source_normals(row_cfg), model.image_size, row_cfg.data),
         row_cfg.train.preload_max_mb,
     )
     d = cfg.detection
@@ -221,8 +224,8 @@ def recalibrated(model, row_cfg: DZADConfig):
         len(normals), d.calibration_holdout, d.calibration_max_images, trained.seed
     )
     labelled = None
-    if study.needs_labelled(cfg):
-        images, labels = study.source_labelled(row_cfg)
+    if needs_labelled(cfg):
+        images, labels = source_labelled(row_cfg)
         labelled = (ImageSource(images, row_cfg.train.preload_max_mb), torch.as_tensor(labels))
     calib = calibrate_on_source(
         cfg, model.net, model.encoder, bank, model.alphas_cumprod, normals, cal_idx,
@@ -249,22 +252,22 @@ def architecture_results(
     }
     full = {"SD", "SGSD", "M_t", "F_b", "w_t"}
     for seed, ckpt in ckpts.items():
-        main = study.load_model(ckpt, study.with_seed(base, seed))
+        main = load_model(ckpt, with_seed(base, seed))
         for i, flags in enumerate(TABLE3_ROWS):
-            row_cfg = study.with_seed(row_config(base, flags), seed)
+            row_cfg = with_seed(row_config(base, flags), seed)
             name = "+".join(k for k in ("SD", "SGSD", "M_t", "F_b", "w_t") if flags.get(k))
             if not flags.get("SGSD"):
-                sd_ckpt = study.seed_dir(out_dir / "sd_model", seed)
-                study.train_model(row_cfg, sd_ckpt, seed=seed)
-                model = study.load_model(sd_ckpt, row_cfg)
+                sd_ckpt = seed_dir(out_dir / "sd_model", seed)
+                train_model(row_cfg, sd_ckpt, seed=seed)
+                model = load_model(sd_ckpt, row_cfg)
             else:
                 model = recalibrated(main, row_cfg)
             for target in targets:
                 if set(k for k, v in flags.items() if v) == full and _reusable(cfg):
-                    result = study.seed_result(eval_dirs[target], seed)
+                    result = seed_result(eval_dirs[target], seed)
                 else:
-                    folder = study.seed_dir(out_dir / name / target, seed)
-                    result = study.evaluate_model(model, base, target, folder, controls=False)
+                    folder = seed_dir(out_dir / name / target, seed)
+                    result = evaluate_model(model, base, target, folder, controls=False)
                 use = trim(result) if flags.get("F_b") else detection_result(result)
                 rows[target][i]["results"].append(use)
     return rows
@@ -277,7 +280,7 @@ def long_frame(record: Mapping[str, Any]) -> pd.DataFrame:
 
     def add(kind: str, setting: str, target: str, results: Sequence[Result]) -> None:
         for i, r in enumerate(results):
-            values = {m: r["mean"].get(m) for m in study.KEY_METRICS}
+            values = {m: r["mean"].get(m) for m in KEY_METRICS}
             rows.append(
                 {"ablation": kind, "setting": setting, "target": target, "run": i, **values}
             )
@@ -290,7 +293,7 @@ def long_frame(record: Mapping[str, Any]) -> pd.DataFrame:
         for row in table:
             setting = "+".join(k for k, v in row["flags"].items() if v)
             add("architecture", setting, target, row["results"])
-    columns = ["ablation", "setting", "target", "run", *study.KEY_METRICS]
+    columns = ["ablation", "setting", "target", "run", *KEY_METRICS]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -298,7 +301,7 @@ def dvc_metrics(frame: pd.DataFrame) -> dict[str, Any]:
     """``{ablation: {setting: {target: {metric: mean over seeds}}}}`` (NaN-free JSON for DVC)."""
     out: dict[str, Any] = {}
     for (kind, setting, target), g in frame.groupby(["ablation", "setting", "target"], sort=False):
-        values = {m: study.mean_std(g[m].tolist())["mean"] for m in study.KEY_METRICS}
+        values = {m: mean_std(g[m].tolist())["mean"] for m in KEY_METRICS}
         out.setdefault(kind, {}).setdefault(setting, {})[target] = {
             m: v for m, v in values.items() if v is not None
         }
@@ -328,7 +331,7 @@ def timesteps_table(record: Mapping[str, Mapping[str, Sequence[Result]]]):
     for t, by_target in record.items():
         for target, results in by_target.items():
             for m in ("image_auroc", "pixel_auroc"):
-                s = study.mean_std([r["mean"].get(m) for r in results])
+                s = mean_std([r["mean"].get(m) for r in results])
                 column = f"{target}: {m}"
                 means.setdefault(column, {})[int(t)] = np.nan if s["mean"] is None else s["mean"]
                 stds.setdefault(column, {})[int(t)] = np.nan if s["std"] is None else s["std"]

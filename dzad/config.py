@@ -209,7 +209,7 @@ class AblationConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow tracking, registry and promotion (``flows/tracking.py``).
+    """MLflow tracking, registry and promotion (``flows/tracking/``).
 
     ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``; relative SQLite paths and
     ``artifact_root`` are taken from the working directory (the repo root for DVC and the CLI).

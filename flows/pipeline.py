@@ -35,11 +35,20 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.runtime import flow_run
 from prefect.states import State
 
+import dzad as dzad_package
 from dzad import config as dzad_config
-from dzad import study
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text, sha256_file
-from flows import tracking
+from dzad.study.ablations import ablate
+from dzad.study.data import prepare_data, preprocess_data
+from dzad.study.evaluations import evaluate_target
+from dzad.study.layout import checkpoints, seed_dir, with_seed
+from dzad.study.models import train_model
+from dzad.study.summaries import KEY_METRICS
+from flows.tracking import registry
+from flows.tracking.results import log_evaluation, log_table
+from flows.tracking.runs import log_metrics, log_params, set_tags, start_run
+from flows.tracking.training import log_training, training_callbacks
 
 Stage = Literal["train", "evaluate", "ablation"]
 STAGES: tuple[Stage, ...] = ("train", "evaluate", "ablation")
@@ -138,7 +147,7 @@ def _transient(task: Any, task_run: Any, state: State) -> bool:
 def code_version() -> str:
     """sha256 of the ``dzad`` library's sources (the command line excluded): a library change
     invalidates cached results, as a changed code dependency reruns a DVC stage."""
-    root = Path(study.__file__).parent
+    root = Path(dzad_package.__file__).parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
@@ -172,7 +181,7 @@ def _missing(paths: list[Path]) -> bool:
 @task(name="prepare-data", **IO_RETRIES)
 def prepare_task(cfg: DZADConfig) -> dict[str, Path]:
     """Synthesise, download + convert (resumable) or check every dataset root."""
-    return study.prepare_data(cfg)
+    return prepare_data(cfg)
 
 
 @task(name="preprocess-data")
@@ -180,7 +189,7 @@ def preprocess_task(cfg: DZADConfig) -> dict[str, str]:
     """Resized caches (unchanged ones are kept); returns ``{name: manifest sha256}``."""
     from dzad.data.preprocess import MANIFEST
 
-    roots = study.preprocess_data(cfg)
+    roots = preprocess_data(cfg)
     return {name: sha256_file(root / MANIFEST) for name, root in roots.items()}
 
 
@@ -193,8 +202,8 @@ def _model(ckpt: Path, run_id: str | None) -> dict[str, str | None]:
 def resolve_task(cfg: DZADConfig, checkpoint: str) -> Models:
     """A checkpoint, a models folder (``seed_<s>/``) or a registry URI -> ``{seed: model}``."""
     if checkpoint.startswith("models:/"):
-        return {cfg.seeds[0]: _model(tracking.resolve_model(checkpoint, cfg=cfg), None)}
-    return {s: _model(p, None) for s, p in study.checkpoints(checkpoint, cfg.seeds).items()}
+        return {cfg.seeds[0]: _model(registry.resolve_model(checkpoint, cfg=cfg), None)}
+    return {s: _model(p, None) for s, p in checkpoints(checkpoint, cfg.seeds).items()}
 
 
 @task(name="train", task_run_name="train-seed{seed}", **CACHED)
@@ -210,24 +219,24 @@ def train_task(
     """eq. 8 training + source-only calibration on ``device`` (``auto``, ``cpu``, ``cuda:0``...);
     ``resume`` continues the checkpoint a crashed run left in ``ckpt_dir`` (same config only)."""
     name = f"train-seed{seed}"
-    with tracking.start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        result = study.train_model(
+    with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
+        result = train_model(
             cfg,
             ckpt_dir,
             seed=seed,
             resume=resume,
-            callbacks=tracking.training_callbacks(run, cfg),
+            callbacks=training_callbacks(run, cfg),
             device=device,
         )
-        seeded = study.with_seed(cfg, seed)
-        tracking.log_training(run, seeded, result.checkpoint, manifests, result=result)
+        seeded = with_seed(cfg, seed)
+        log_training(run, seeded, result.checkpoint, manifests, result=result)
     return _model(result.checkpoint, run.info.run_id)
 
 
 @task(name="register-model", **IO_RETRIES)
 def register_task(cfg: DZADConfig, model: dict[str, str | None]) -> str:
     """Register a checkpoint as the ``candidate`` version of ``tracking.model_name``."""
-    return str(tracking.register(Path(model["checkpoint"]), model["run_id"], cfg).version)
+    return str(registry.register(Path(model["checkpoint"]), model["run_id"], cfg).version)
 
 
 @task(name="evaluate", task_run_name="evaluate-{target}-seed{seed}", **CACHED)
@@ -240,11 +249,11 @@ def evaluate_task(
     parent_run_id: str,
 ) -> dict[str, Any]:
     """The paper's protocol on one target with one seed's checkpoint; stores F for Table 4."""
-    cfg = study.with_seed(cfg, seed)
+    cfg = with_seed(cfg, seed)
     name = f"evaluate-{target}-seed{seed}"
-    with tracking.start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        metrics = study.evaluate_target(Path(model["checkpoint"]), cfg, target, eval_dir)
-        tracking.log_evaluation(run, target, metrics, eval_dir, cfg=cfg)
+    with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
+        metrics = evaluate_target(Path(model["checkpoint"]), cfg, target, eval_dir)
+        log_evaluation(run, target, metrics, eval_dir, cfg=cfg)
     return {"target": target, "seed": seed, "fingerprint": sha256_file(eval_dir / "metrics.json")}
 
 
@@ -270,7 +279,7 @@ def arm_config(cfg: DZADConfig, arm: dict[str, Any]) -> DZADConfig:
 
 def _arm_metrics(frame: pd.DataFrame) -> dict[str, float]:
     """``<target>/<metric>``: mean over seeds of the arm's macro means (undefined ones left out)."""
-    means = frame.groupby("target")[list(study.KEY_METRICS)].mean()
+    means = frame.groupby("target")[list(KEY_METRICS)].mean()
     return {
         f"{t}/{m}": float(v)
         for t, row in means.iterrows()
@@ -293,11 +302,11 @@ def arm_task(
     evaluation; Table 3 trains its SD model. ``upstream``: fingerprints of models and evaluations
     (a retrained model or a new evaluation invalidates the cached arm)."""
     name = f"arm-{arm['kind']}={arm['value']}"
-    with tracking.start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        tracking.set_tags(run, cfg, {"dzad.ablation": arm["kind"], "dzad.setting": arm["value"]})
-        frame = study.ablate(arm_config(cfg, arm), models_dir, eval_dirs, arm_dir)
-        tracking.log_metrics(run, cfg, _arm_metrics(frame))
-        tracking.log_table(run, "ablation", frame, cfg=cfg)
+    with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
+        set_tags(run, cfg, {"dzad.ablation": arm["kind"], "dzad.setting": arm["value"]})
+        frame = ablate(arm_config(cfg, arm), models_dir, eval_dirs, arm_dir)
+        log_metrics(run, cfg, _arm_metrics(frame))
+        log_table(run, "ablation", frame, cfg=cfg)
     return frame.to_dict("records")
 
 
@@ -318,7 +327,7 @@ def train_flow(
         return resolve_task(cfg, checkpoint)
     models: Models = {}
     for seed in cfg.seeds:  # in turn: one GPU, one training at a time
-        ckpt_dir = study.seed_dir(out / "models", seed)
+        ckpt_dir = seed_dir(out / "models", seed)
         train = train_task.with_options(refresh_cache=_missing([ckpt_dir / "dzad.json"]))
         models[seed] = train(
             cfg, ckpt_dir, seed, manifests, cfg.train.device, resume, parent_run_id
@@ -334,7 +343,7 @@ def evaluate_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str
     if not cfg.sets.targets:
         raise ValueError("sets.targets is empty: nothing to evaluate")
     pairs = [(t, s) for t in cfg.sets.targets for s in models]
-    dirs = [study.seed_dir(out / "eval" / t, s) for t, s in pairs]
+    dirs = [seed_dir(out / "eval" / t, s) for t, s in pairs]
     refresh = _missing([d / "metrics.json" for d in dirs])
     evaluate = evaluate_task.with_options(refresh_cache=refresh)
     return evaluate.map(
@@ -357,7 +366,7 @@ def ablation_flow(
         raise ValueError("no ablation arms: ablation.weightings and ablation.t_starts are empty")
     dirs = [out / "ablation" / "arms" / f"{a['kind']}_{a['value']}" for a in arms]
     ckpts = [Path(m["checkpoint"]) for m in models.values()]
-    models_dir = ckpts[0] if len(ckpts) == 1 else ckpts[0].parent  # study.checkpoints() reads it
+    models_dir = ckpts[0] if len(ckpts) == 1 else ckpts[0].parent  # checkpoints() reads it
     eval_dirs = {t: out / "eval" / t for t in dict.fromkeys(e["target"] for e in evals)}
     upstream = [m["fingerprint"] for m in models.values()] + [e["fingerprint"] for e in evals]
     run_arm = arm_task.with_options(refresh_cache=_missing([d / "ablation.csv" for d in dirs]))
@@ -374,7 +383,7 @@ def ablation_flow(
     folder = out / "ablation"
     atomic_write_text(folder / f"{ABLATION_TABLE}.csv", table.to_csv(index=False))
     atomic_write_text(folder / f"{ABLATION_TABLE}.md", table.to_markdown(index=False) + "\n")
-    tracking.log_table(parent_run_id, ABLATION_TABLE, table, cfg=cfg)
+    log_table(parent_run_id, ABLATION_TABLE, table, cfg=cfg)
     create_markdown_artifact(  # the table in the Prefect UI (Artifacts tab of the flow run)
         markdown=table.to_markdown(index=False),
         key=artifact_key(cfg),
@@ -439,15 +448,15 @@ def dzad(
     storage = {"result_storage": (out / RESULTS_DIR).resolve()}
     tags = {"dzad.stage": stage, "dzad.params_file": params_file}
     tags["prefect.flow_run_id"] = str(flow_run.id)
-    with tracking.start_run(cfg, run_name(stage, cfg), tags=tags) as parent:
+    with start_run(cfg, run_name(stage, cfg), tags=tags) as parent:
         pid = parent.info.run_id
-        tracking.log_params(parent, cfg)
+        log_params(parent, cfg)
         models = train_flow.with_options(**storage)(
             cfg, out, pid, checkpoint, register_model, resume
         )
         cfg = replace(cfg, seeds=tuple(models))  # a given checkpoint may hold fewer seeds
         runs = {f"dzad.train_run.seed_{s}": m["run_id"] for s, m in models.items() if m["run_id"]}
-        tracking.set_tags(pid, cfg, runs)
+        set_tags(pid, cfg, runs)
         result: dict[str, Any] = {"mlflow_run_id": pid, "models": models}
         if stage == "train":
             return result

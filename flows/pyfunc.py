@@ -1,8 +1,9 @@
 """MLflow pyfunc wrapper of a DZAD checkpoint, logged as code (models-from-code: no pickle).
 
-``flows/tracking.register`` logs this file with two artifacts, the checkpoint folder and the study's
-config (JSON); loading runs the file and builds the model with :func:`dzad.study.load_model`, so the
-registered model scores exactly as the evaluation did (same inference-time settings).
+``flows.tracking.registry.register`` logs this file with two artifacts, the checkpoint folder and
+the study's config (JSON); loading runs the file and builds the model with
+:func:`dzad.study.evaluations.load_model`, so the registered model scores exactly as the evaluation
+did (same inference-time settings).
 
 Input (signature column ``image``, one image per row): a path to an image file (read like the
 datasets, resized to the model's size with the training resample), or an array ``(H,W)``,
@@ -100,11 +101,12 @@ class DZADPyfunc(PythonModel):
     "cuda", "batch_size": 64})`` overrides the config's device and evaluation batch size."""
 
     def load_context(self, context: Any) -> None:
-        """The model as :func:`dzad.study.load_model` builds it for evaluation (same settings)."""
+        """The model as :func:`dzad.study.evaluations.load_model` builds it for evaluation (same
+        settings)."""
         import json
 
         from dzad.config import from_dict
-        from dzad.study import load_model
+        from dzad.study.evaluations import load_model
 
         conf = context.model_config or {}
         cfg = from_dict(json.loads(Path(context.artifacts[CONFIG]).read_text()))

@@ -27,19 +27,19 @@ from dzad.errors import DZADError
 
 def manifest_hashes(cfg) -> dict[str, str]:
     """``{source_<i> | target: sha256 of manifest.csv}``; every SOURCE cache must exist."""
-    from dzad import study
     from dzad.data.preprocess import MANIFEST
     from dzad.errors import DZADInputError
     from dzad.io_utils import sha256_file
+    from dzad.study.layout import source_cache, source_refs, target_cache
 
     out = {}
-    for i in range(len(study.source_refs(cfg))):
-        path = study.source_cache(cfg, i) / MANIFEST
+    for i in range(len(source_refs(cfg))):
+        path = source_cache(cfg, i) / MANIFEST
         if not path.is_file():
             raise DZADInputError(path, "no manifest: run the preprocess stage first")
         out[f"source_{i}"] = sha256_file(path)
     for target in cfg.sets.targets:
-        path = study.target_cache(cfg, target) / MANIFEST
+        path = target_cache(cfg, target) / MANIFEST
         if path.is_file():
             out[target] = sha256_file(path)
     return out
@@ -65,23 +65,29 @@ def run(
     out: Path | None = None,
     force: bool = False,
 ) -> dict:
-    """The stage's work (module docstring); returns :func:`flows.tracking.promote`'s dict."""
+    """The stage's work (module docstring); returns :func:`flows.tracking.promotion.promote`'s
+    dict."""
     from dzad import config
-    from dzad.study import checkpoints, write_json
-    from flows import tracking
+    from dzad.study.layout import checkpoints
+    from dzad.study.summaries import write_json
+    from flows.tracking.promotion import promote
+    from flows.tracking.registry import register
+    from flows.tracking.results import log_evaluation
+    from flows.tracking.runs import start_run
+    from flows.tracking.training import log_training
 
     cfg = config.load(params)
     checkpoint = checkpoints(checkpoint, [cfg.seed])[cfg.seed]
     # Without --metrics: every target of the study, as `dzad stage evaluate` exported it.
     metrics = metrics or [eval_root / target / "summary.json" for target in cfg.sets.targets]
     summaries = [_read_summary(Path(m)) for m in metrics]
-    with tracking.start_run(cfg, "register", tags={"dzad.stage": "register"}) as active:
-        tracking.log_training(active, cfg, checkpoint, manifest_hashes(cfg))
+    with start_run(cfg, "register", tags={"dzad.stage": "register"}) as active:
+        log_training(active, cfg, checkpoint, manifest_hashes(cfg))
         for summary in summaries:
             target = summary["target"]
-            tracking.log_evaluation(active, target, summary, eval_root / target, cfg=cfg)
-        version = tracking.register(checkpoint, active.info.run_id, cfg)
-    result = tracking.promote(version, cfg, force=force)
+            log_evaluation(active, target, summary, eval_root / target, cfg=cfg)
+        version = register(checkpoint, active.info.run_id, cfg)
+    result = promote(version, cfg, force=force)
     result["run_id"] = active.info.run_id
     if out is not None:
         write_json(out, result)

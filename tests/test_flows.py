@@ -227,7 +227,7 @@ def test_seed_override_retrains_and_names_the_run(study, workdir):
 
 def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
     calls = []
-    real = pipeline.study.prepare_data
+    real = pipeline.prepare_data
 
     def flaky(cfg):
         calls.append(cfg)
@@ -235,7 +235,7 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
             raise ConnectionResetError("download interrupted")
         return real(cfg)
 
-    monkeypatch.setattr(pipeline.study, "prepare_data", flaky)
+    monkeypatch.setattr(pipeline, "prepare_data", flaky)
     monkeypatch.setattr(
         pipeline, "prepare_task", pipeline.prepare_task.with_options(retry_delay_seconds=0)
     )
@@ -247,7 +247,7 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
         calls.append(cfg)
         raise ValueError("sets.fetch: unknown dataset 'x'")
 
-    monkeypatch.setattr(pipeline.study, "prepare_data", bad)
+    monkeypatch.setattr(pipeline, "prepare_data", bad)
     calls.clear()
     state = _run(stage="train")
     assert state.is_failed()

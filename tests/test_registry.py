@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from dzad.config import DatasetRef, DZADConfig, SetsConfig, TrackingConfig
 from dzad.errors import DZADInputError
 
-tracking = pytest.importorskip("flows.tracking")
+promotion = pytest.importorskip("flows.tracking.promotion")
+registry = pytest.importorskip("flows.tracking.registry")
+runs = pytest.importorskip("flows.tracking.runs")
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +46,14 @@ def cfg(tmp_path, monkeypatch, empty_store) -> DZADConfig:
 
 def fake_version(cfg: DZADConfig, means: dict[str, tuple[float, float]]) -> str:
     """A model version whose run logged ``<t>/mean/{image,pixel}_auroc`` = ``means[t]``."""
-    with tracking.start_run(cfg, "fake-eval") as run:
+    with runs.start_run(cfg, "fake-eval") as run:
         for target, (image, pixel) in means.items():
-            tracking.log_metrics(
+            runs.log_metrics(
                 run,
                 cfg,
                 {f"{target}/mean/image_auroc": image, f"{target}/mean/pixel_auroc": pixel},
             )
-    c = tracking.client(cfg)
+    c = runs.client(cfg)
     name = cfg.tracking.model_name
     if not c.search_registered_models(f"name = '{name}'"):
         c.create_registered_model(name)
@@ -60,11 +62,11 @@ def fake_version(cfg: DZADConfig, means: dict[str, tuple[float, float]]) -> str:
 
 
 def champion(cfg: DZADConfig) -> str:
-    return str(tracking.client(cfg).get_model_version_by_alias("dzad", "champion").version)
+    return str(runs.client(cfg).get_model_version_by_alias("dzad", "champion").version)
 
 
 def version_tags(cfg: DZADConfig, version: str) -> dict[str, str]:
-    return tracking.client(cfg).get_model_version("dzad", version).tags
+    return runs.client(cfg).get_model_version("dzad", version).tags
 
 
 def test_telemetry_is_off():
@@ -76,31 +78,31 @@ def test_telemetry_is_off():
 
 def test_decide_uses_tolerance_per_metric():
     champ = {"image_auroc": 0.90, "pixel_auroc": 0.80}
-    assert tracking.decide({"image_auroc": 0.895, "pixel_auroc": 0.80}, champ, 0.01)[0]
-    ok, reason = tracking.decide({"image_auroc": 0.95, "pixel_auroc": 0.78}, champ, 0.01)
+    assert promotion.decide({"image_auroc": 0.895, "pixel_auroc": 0.80}, champ, 0.01)[0]
+    ok, reason = promotion.decide({"image_auroc": 0.95, "pixel_auroc": 0.78}, champ, 0.01)
     assert not ok and "pixel_auroc" in reason and "image_auroc" not in reason
-    assert not tracking.decide({"image_auroc": 0.95, "pixel_auroc": None}, champ, 0.01)[0]
-    assert tracking.decide({"image_auroc": 0.5, "pixel_auroc": 0.5}, None, 0.01)[0]
-    assert not tracking.decide({"image_auroc": 0.5, "pixel_auroc": None}, None, 0.01)[0]
+    assert not promotion.decide({"image_auroc": 0.95, "pixel_auroc": None}, champ, 0.01)[0]
+    assert promotion.decide({"image_auroc": 0.5, "pixel_auroc": 0.5}, None, 0.01)[0]
+    assert not promotion.decide({"image_auroc": 0.5, "pixel_auroc": None}, None, 0.01)[0]
 
 
 def test_cross_dataset_mean_needs_every_target():
     m = {"a/mean/image_auroc": 0.8, "b/mean/image_auroc": 0.6, "a/mean/pixel_auroc": 0.9}
-    means = tracking.cross_dataset_means(m, ["a", "b"], ["image_auroc", "pixel_auroc"])
+    means = promotion.cross_dataset_means(m, ["a", "b"], ["image_auroc", "pixel_auroc"])
     assert means["image_auroc"] == pytest.approx(0.7)
     assert means["pixel_auroc"] is None
     nan = {"a/mean/image_auroc": math.nan, "b/mean/image_auroc": 0.6}
-    assert tracking.cross_dataset_means(nan, ["a", "b"], ["image_auroc"])["image_auroc"] is None
+    assert promotion.cross_dataset_means(nan, ["a", "b"], ["image_auroc"])["image_auroc"] is None
 
 
 def test_promotion_refuses_worse_accepts_better_forced_overrides(cfg):
     v1 = fake_version(cfg, {"a": (0.80, 0.90), "b": (0.70, 0.80)})  # means 0.75 / 0.85
-    first = tracking.promote(v1, cfg)
+    first = promotion.promote(v1, cfg)
     assert first["decision"] == "promoted" and champion(cfg) == v1
 
     # image mean 0.75 -> 0.735 (drop 0.015 > tolerance 0.01): refused, champion unchanged
     v2 = fake_version(cfg, {"a": (0.78, 0.90), "b": (0.69, 0.80)})
-    refused = tracking.promote(v2, cfg)
+    refused = promotion.promote(v2, cfg)
     assert refused["decision"] == "refused" and not refused["promoted"]
     assert champion(cfg) == v1
     tags = version_tags(cfg, v2)
@@ -112,12 +114,12 @@ def test_promotion_refuses_worse_accepts_better_forced_overrides(cfg):
 
     # within tolerance (image -0.005, pixel better): promoted
     v3 = fake_version(cfg, {"a": (0.79, 0.95), "b": (0.70, 0.85)})
-    assert tracking.promote(v3, cfg)["promoted"] and champion(cfg) == v3
+    assert promotion.promote(v3, cfg)["promoted"] and champion(cfg) == v3
 
     # a worse pixel AUROC alone also blocks; --force overrides and says so
     v4 = fake_version(cfg, {"a": (0.99, 0.50), "b": (0.99, 0.50)})
-    assert not tracking.promote(v4, cfg)["promoted"] and champion(cfg) == v3
-    forced = tracking.promote(v4, cfg, force=True)
+    assert not promotion.promote(v4, cfg)["promoted"] and champion(cfg) == v3
+    forced = promotion.promote(v4, cfg, force=True)
     assert forced["decision"] == "forced" and champion(cfg) == v4
     assert version_tags(cfg, v4)["dzad.promotion.decision"] == "forced"
 
@@ -128,17 +130,17 @@ def test_promotion_targets_are_configurable(cfg):
     )
     v1 = fake_version(cfg, {"a": (0.80, 0.80), "b": (0.90, 0.90)})
     v2 = fake_version(cfg, {"a": (0.85, 0.85), "b": (0.10, 0.10)})  # better on a, awful on b
-    assert tracking.promote(v2, only_a)["promoted"]
-    assert not tracking.promote(v1, only_a)["promoted"]  # a: 0.80 < 0.85 - 0.01
-    assert tracking.promote(v1, cfg)["promoted"]  # mean over a and b: 0.85 vs 0.475
+    assert promotion.promote(v2, only_a)["promoted"]
+    assert not promotion.promote(v1, only_a)["promoted"]  # a: 0.80 < 0.85 - 0.01
+    assert promotion.promote(v1, cfg)["promoted"]  # mean over a and b: 0.85 vs 0.475
     assert champion(cfg) == v1
 
 
 def test_version_without_metrics_is_refused_unless_forced(cfg):
     v1 = fake_version(cfg, {"a": (0.8, 0.8)})  # target b never evaluated
-    result = tracking.promote(v1, cfg)
+    result = promotion.promote(v1, cfg)
     assert result["decision"] == "refused" and "lacks" in result["reason"]
-    assert tracking.promote(v1, cfg, force=True)["decision"] == "forced"
+    assert promotion.promote(v1, cfg, force=True)["decision"] == "forced"
     assert champion(cfg) == v1
 
 
@@ -173,9 +175,9 @@ def test_cli_promote_and_models(cfg, tmp_path):
 
 def test_resolve_model_errors_name_the_uri(cfg):
     with pytest.raises(DZADInputError, match="not a registry URI"):
-        tracking.resolve_model("runs:/abc/model", cfg=cfg)
+        registry.resolve_model("runs:/abc/model", cfg=cfg)
     with pytest.raises(DZADInputError, match="models:/dzad@champion"):
-        tracking.resolve_model("models:/dzad@champion", cfg=cfg)
+        registry.resolve_model("models:/dzad@champion", cfg=cfg)
 
 
 def test_pyfunc_array_inputs_follow_the_image_conventions():

@@ -14,9 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from dzad import ablation, config, study
+from dzad import ablation, config
 from dzad.errors import CheckpointError, DZADInputError
 from dzad.metrics import image_metrics
+from dzad.study.ablations import ablate, export_ablation
+from dzad.study.data import prepare_data, preprocess_data
+from dzad.study.evaluations import evaluate_seeds, export_evaluation, seed_results
+from dzad.study.layout import checkpoints, target_cache
+from dzad.study.models import train_seeds
+from dzad.study.report import report
+from dzad.study.summaries import mean_std, write_json
 from dzad.weighting import weights_by_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +56,13 @@ def run(tmp_path_factory):
     cfg = tiny_study()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        roots = study.prepare_data(cfg)
-        caches = study.preprocess_data(cfg)
-        trained = study.train_seeds(cfg, "models")
-        summary = study.evaluate_seeds(cfg, "models", "grain", "runs/eval/grain")
+        roots = prepare_data(cfg)
+        caches = preprocess_data(cfg)
+        trained = train_seeds(cfg, "models")
+        summary = evaluate_seeds(cfg, "models", "grain", "runs/eval/grain")
         eval_dirs = {"grain": Path("runs/eval/grain")}
-        frame = study.ablate(cfg, Path("models"), eval_dirs, Path("runs/ablation"))
-        files = study.report(cfg, eval_dirs, Path("runs/ablation"), Path("reports"))
+        frame = ablate(cfg, Path("models"), eval_dirs, Path("runs/ablation"))
+        files = report(cfg, eval_dirs, Path("runs/ablation"), Path("reports"))
     return {
         "root": root, "cfg": cfg, "roots": roots, "caches": caches, "trained": trained,
         "summary": summary, "frame": frame, "files": files, "eval": root / "runs/eval/grain",
@@ -182,7 +189,7 @@ def test_report_tables_carry_controls_mean_rows_and_paper_order(run):
 
 @pytest.mark.slow
 def test_dvc_exports(run, tmp_path):
-    paths = study.export_evaluation("grain", run["eval"], tmp_path / "m.json", tmp_path / "plots")
+    paths = export_evaluation("grain", run["eval"], tmp_path / "m.json", tmp_path / "plots")
     roc = pd.read_csv(tmp_path / "plots" / "roc_grain.csv")
     assert (
         roc["fpr"].iloc[0] == 0 and roc["tpr"].iloc[-1] == 1 and roc["fpr"].is_monotonic_increasing
@@ -190,7 +197,7 @@ def test_dvc_exports(run, tmp_path):
     assert json.loads(paths[0].read_text())["dzad"] == json.loads(
         json.dumps(run["summary"]["dzad"])
     )
-    study.export_ablation(run["root"] / "runs/ablation", tmp_path / "a.json", tmp_path / "plots")
+    export_ablation(run["root"] / "runs/ablation", tmp_path / "a.json", tmp_path / "plots")
     bars = pd.read_csv(tmp_path / "plots" / "ablation_weighting.csv")
     assert list(bars["weighting"]) == list(run["cfg"].ablation.weightings)
     points = pd.read_csv(tmp_path / "plots" / "ablation_timesteps.csv")
@@ -207,7 +214,7 @@ def test_a_failed_evaluation_leaves_no_output_behind(run, tmp_path, monkeypatch)
     out = tmp_path / "eval" / "grain"
     monkeypatch.chdir(run["root"])  # the study's caches are relative paths
     with pytest.raises(CheckpointError, match="seed_1"):
-        study.evaluate_seeds(run["cfg"], models, "grain", out)
+        evaluate_seeds(run["cfg"], models, "grain", out)
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
@@ -287,11 +294,11 @@ def test_row_config_switches_exactly_the_ablated_parts():
 
 
 def test_mean_std_and_json_without_nan(tmp_path):
-    assert study.mean_std([0.5, None, math.nan, 0.7]) == {
+    assert mean_std([0.5, None, math.nan, 0.7]) == {
         "mean": pytest.approx(0.6), "std": pytest.approx(np.std([0.5, 0.7], ddof=1)), "n": 2,
     }  # fmt: skip
-    assert study.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
-    path = study.write_json(tmp_path / "m.json", {"a": math.nan, "b": np.float32(0.25)})
+    assert mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
+    path = write_json(tmp_path / "m.json", {"a": math.nan, "b": np.float32(0.25)})
     assert json.loads(path.read_text()) == {"a": None, "b": 0.25}
 
 
@@ -299,13 +306,13 @@ def test_bad_study_inputs_fail_with_clear_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = config.DZADConfig()
     with pytest.raises(ValueError, match="unknown target 'nope'"):
-        study.target_cache(cfg, "nope")
+        target_cache(cfg, "nope")
     with pytest.raises(ValueError, match="must lie inside"):
-        study.prepare_data(replace(cfg, synth=replace(cfg.synth, dest="elsewhere")))
+        prepare_data(replace(cfg, synth=replace(cfg.synth, dest="elsewhere")))
     with pytest.raises(DZADInputError, match="seed_3"):
-        study.checkpoints(tmp_path / "models", [3])
+        checkpoints(tmp_path / "models", [3])
     with pytest.raises(DZADInputError, match="run `dzad stage evaluate`"):
-        study.seed_results(tmp_path)
+        seed_results(tmp_path)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)

@@ -22,7 +22,11 @@ import yaml
 
 from dzad.config import DatasetRef, TrackingConfig, flatten, to_dict
 
-tracking = pytest.importorskip("flows.tracking")
+promotion = pytest.importorskip("flows.tracking.promotion")
+registry = pytest.importorskip("flows.tracking.registry")
+results = pytest.importorskip("flows.tracking.results")
+runs = pytest.importorskip("flows.tracking.runs")
+training = pytest.importorskip("flows.tracking.training")
 mlflow = pytest.importorskip("mlflow")
 
 TARGET = "textures"
@@ -32,7 +36,9 @@ STEPS = 30  # tiny_config.train.steps
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, synth_root, tiny_config):
     """Preprocess, train (callbacks on), register, evaluate one target; returns what tests read."""
-    from dzad import study as dzad_study
+    from dzad.study.data import preprocess_data
+    from dzad.study.evaluations import evaluate_target
+    from dzad.study.models import train_model
 
     tmp = tmp_path_factory.mktemp("tracking")
     sets = dataclasses.replace(
@@ -51,17 +57,17 @@ def study(tmp_path_factory, synth_root, tiny_config):
     ckpt, eval_dir = tmp / "models" / "seed_0", tmp / "eval" / TARGET / "seed_0"
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        dzad_study.preprocess_data(cfg)
-        with tracking.start_run(cfg, "study") as parent:
-            with tracking.start_run(cfg, "train", nested=True) as train_run:
-                callbacks = tracking.training_callbacks(train_run, cfg)
-                result = dzad_study.train_model(cfg, ckpt, callbacks=callbacks)
-                tracking.log_training(train_run, cfg, ckpt, {"source_0": "ab" * 32}, result=result)
-            version = tracking.register(ckpt, train_run.info.run_id, cfg)
-            with tracking.start_run(cfg, "evaluate", nested=True) as eval_run:
-                metrics = dzad_study.evaluate_target(ckpt, cfg, TARGET, eval_dir)
-                tracking.log_evaluation(eval_run, TARGET, metrics, eval_dir)
-        decision = tracking.promote(version, cfg)
+        preprocess_data(cfg)
+        with runs.start_run(cfg, "study") as parent:
+            with runs.start_run(cfg, "train", nested=True) as train_run:
+                callbacks = training.training_callbacks(train_run, cfg)
+                result = train_model(cfg, ckpt, callbacks=callbacks)
+                training.log_training(train_run, cfg, ckpt, {"source_0": "ab" * 32}, result=result)
+            version = registry.register(ckpt, train_run.info.run_id, cfg)
+            with runs.start_run(cfg, "evaluate", nested=True) as eval_run:
+                metrics = evaluate_target(ckpt, cfg, TARGET, eval_dir)
+                results.log_evaluation(eval_run, TARGET, metrics, eval_dir)
+        decision = promotion.promote(version, cfg)
         yield {
             "cfg": cfg,
             "parent": parent.info.run_id,
@@ -73,7 +79,7 @@ def study(tmp_path_factory, synth_root, tiny_config):
             "eval_dir": eval_dir,
             "version": version,
             "decision": decision,
-            "client": tracking.client(cfg),
+            "client": runs.client(cfg),
             "tmp": tmp,
         }
 
@@ -142,13 +148,13 @@ def test_evaluation_run_logs_named_metrics_tables_and_figures(study):
 
 
 def test_summary_over_seeds_is_logged_as_mean_and_std():
-    from dzad.study import summarise
+    from dzad.study.summaries import summarise
 
     def result(auroc: float) -> dict:
         block = {"image_auroc": auroc, "pixel_auroc": 0.5}
         return {"categories": {"a": block}, "mean": block, "controls": {}, "variants": {}}
 
-    names = tracking.evaluation_metrics("t", summarise("t", {0: result(0.6), 1: result(0.8)}))
+    names = results.evaluation_metrics("t", summarise("t", {0: result(0.6), 1: result(0.8)}))
     assert names["t/mean/image_auroc"] == pytest.approx(0.7)
     assert names["t/mean/image_auroc_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert names["t/a/image_auroc"] == pytest.approx(0.7)
@@ -178,7 +184,7 @@ def test_registered_version_candidate_then_champion_from_sibling_evaluation(stud
 
 def test_pyfunc_champion_predicts_like_the_library(study):
     from dzad.data.images import load_image
-    from dzad.study import load_model
+    from dzad.study.evaluations import load_model
 
     paths = sorted((Path(study["cfg"].sets.targets[TARGET].root) / "grain" / "test").rglob("*.png"))
     paths = [str(p) for p in paths[:5]]
@@ -209,19 +215,19 @@ def test_resolve_model_works_offline_in_place(study, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    folder = tracking.resolve_model("models:/dzad@champion", cfg=study["cfg"])
+    folder = registry.resolve_model("models:/dzad@champion", cfg=study["cfg"])
     assert folder.is_relative_to(study["tmp"] / "mlartifacts")  # read in place, not copied
     assert (folder / "dzad.json").read_text() == (study["ckpt"] / "dzad.json").read_text()
     assert not (folder / "train_state").exists()
     champion = study["client"].get_model_version_by_alias("dzad", "champion").version
-    assert tracking.resolve_model(f"models:/dzad/{champion}", cfg=study["cfg"]) == folder
+    assert registry.resolve_model(f"models:/dzad/{champion}", cfg=study["cfg"]) == folder
     # `dzad score --model models:/...` passes no config: MLFLOW_TRACKING_URI names the store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study["cfg"].tracking.tracking_uri)
-    assert tracking.resolve_model("models:/dzad@champion") == folder
+    assert registry.resolve_model("models:/dzad@champion") == folder
 
 
 def test_dvc_register_stage_logs_registers_and_promotes(study):
-    from dzad.study import summarise, write_json
+    from dzad.study.summaries import summarise, write_json
     from flows import register
 
     cfg, tmp = study["cfg"], study["tmp"]

@@ -29,7 +29,7 @@ _TABLE_ROWS = 30
 def resolve_model(uri: str) -> Path:
     """The checkpoint folder a ``--model`` value names (registry URIs plug in here)."""
     if uri.startswith("models:/"):
-        from flows.tracking import resolve_model as resolve_registry  # lazy: MLflow only here
+        from flows.tracking.registry import resolve_model as resolve_registry  # lazy: MLflow only
 
         return resolve_registry(uri)
     return Path(uri)

@@ -38,13 +38,13 @@ def prepare_cmd(
     downloads: Path = typer.Option(Path("data/downloads"), "--downloads", help="archives (kept)"),
 ) -> None:
     """Generate the synthetic families, download the public sets, check every dataset root."""
-    from dzad import study
+    from dzad.study.data import DATASETS_JSON, prepare_data
 
     t0 = time.perf_counter()
-    roots = study.prepare_data(load_config(params), raw_dir=out, download_dir=downloads)
+    roots = prepare_data(load_config(params), raw_dir=out, download_dir=downloads)
     for name, root in roots.items():
         typer.echo(f"{name}: {root}")
-    _done(f"prepared -> {out / study.DATASETS_JSON}", t0)
+    _done(f"prepared -> {out / DATASETS_JSON}", t0)
 
 
 @stage.command("preprocess")
@@ -55,12 +55,12 @@ def preprocess_cmd(
     target: list[str] = typer.Option([], "--target", help="cache this target (repeatable)"),
 ) -> None:
     """Resized cache + manifest of the SOURCE datasets and / or of targets."""
-    from dzad import study
+    from dzad.study.data import preprocess_data
 
     if not source and not target:
         raise typer.BadParameter("give --source and/or --target NAME")
     t0 = time.perf_counter()
-    out = study.preprocess_data(load_config(params), source=source, targets=target)
+    out = preprocess_data(load_config(params), source=source, targets=target)
     for name, root in out.items():
         typer.echo(f"{name}: {root}")
     _done("preprocessed", t0)
@@ -74,10 +74,10 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue interrupted checkpoints"),
 ) -> None:
     """Train one checkpoint per seed on the SOURCE normals (eq. 8) and calibrate it."""
-    from dzad import study
+    from dzad.study.models import train_seeds
 
     t0 = time.perf_counter()
-    for seed, r in study.train_seeds(load_config(params), out, resume=resume).items():
+    for seed, r in train_seeds(load_config(params), out, resume=resume).items():
         loss = r.losses[-1] if r.losses else float("nan")
         typer.echo(
             f"seed {seed}: {r.checkpoint} ({r.steps} steps, last loss {loss:.4f}, "
@@ -97,12 +97,12 @@ def evaluate_cmd(
     plots: Path = PLOTS,
 ) -> None:
     """Evaluate every seed's checkpoint on one target; write DVC metrics and ROC/PR points."""
-    from dzad import study
+    from dzad.study.evaluations import evaluate_seeds, export_evaluation
 
     t0 = time.perf_counter()
     cfg = load_config(params)
-    summary = study.evaluate_seeds(cfg, models, target, eval_root / target)
-    study.export_evaluation(target, eval_root / target, metrics / f"eval_{target}.json", plots)
+    summary = evaluate_seeds(cfg, models, target, eval_root / target)
+    export_evaluation(target, eval_root / target, metrics / f"eval_{target}.json", plots)
     d = summary["dzad"]
     typer.echo(
         f"{target}: image AUROC {d['image_auroc']['mean']}, pixel AUROC "
@@ -122,13 +122,13 @@ def ablate_cmd(
     plots: Path = PLOTS,
 ) -> None:
     """Table 4 (rescored weight functions), Figure 4 (t_start) and Table 3 (if enabled)."""
-    from dzad import study
+    from dzad.study.ablations import ablate, export_ablation
 
     t0 = time.perf_counter()
     cfg = load_config(params)
     eval_dirs = {t: eval_root / t for t in cfg.sets.targets}
-    frame = study.ablate(cfg, models, eval_dirs, out)
-    study.export_ablation(out, metrics, plots)
+    frame = ablate(cfg, models, eval_dirs, out)
+    export_ablation(out, metrics, plots)
     typer.echo(f"{len(frame)} ablation results -> {out}")
     _done("ablated", t0)
 
@@ -142,11 +142,11 @@ def report_cmd(
     out: Path = typer.Option(Path("reports"), "--out"),
 ) -> None:
     """AUROC tables (paper layout, controls beside DZAD) and figures; prints where they are."""
-    from dzad import study
+    from dzad.study.report import report
 
     t0 = time.perf_counter()
     cfg = load_config(params)
     eval_dirs = {t: eval_root / t for t in cfg.sets.targets}
-    files = study.report(cfg, eval_dirs, ablation, out)
+    files = report(cfg, eval_dirs, ablation, out)
     typer.echo(f"{len(files)} files; all tables: {out / 'index.md'}")
     _done("reported", t0)

@@ -36,7 +36,7 @@ def promote_cmd(
 ) -> None:
     """Move the 'champion' alias to VERSION when its cross-dataset mean image and pixel AUROCs are
     not worse than the current champion's by more than tracking.tolerance; exit 1 when refused."""
-    from flows.tracking import promote
+    from flows.tracking.promotion import promote
 
     result = promote(version, _config(params), force=force)
     for metric, value in result["candidate"].items():
@@ -53,7 +53,7 @@ def promote_cmd(
 @clean_errors
 def models_cmd(params: Path | None = typer.Option(None, help=_PARAMS_HELP)) -> None:
     """List the registered model's versions, newest first, with aliases and promotion tags."""
-    from flows.tracking import list_versions
+    from flows.tracking.registry import list_versions
 
     cfg = _config(params)
     rows = list_versions(cfg)

@@ -1,0 +1,185 @@
+"""Per-seed evaluations of a study's checkpoints on one target (``evaluate``), their summary over
+seeds and the image-level ROC / PR points DVC plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dzad.config import DatasetRef, DZADConfig
+from dzad.errors import DZADInputError
+from dzad.io_utils import atomic_dir, atomic_write_text
+from dzad.study.layout import (
+    SEED_DIR,
+    checkpoints,
+    seed_dir,
+    source_cache,
+    source_refs,
+    target_cache,
+    with_seed,
+)
+from dzad.study.summaries import summarise, write_json
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+INFERENCE_SECTIONS = ("reconstruction", "anomaly_map", "evaluate")
+
+
+def load_model(ckpt: str | Path, cfg: DZADConfig, device: str | None = None):
+    """The checkpoint's :class:`~dzad.model.DZAD` with the study's inference-time settings.
+
+    Training-time sections (model, train, noise bank, weighting, detection) are the checkpoint's:
+    they are baked into its weights and calibration. ``reconstruction``, ``anomaly_map``,
+    ``evaluate`` and ``noise.max_batch`` come from ``cfg``, so changing them needs no retraining.
+    """
+    from dzad.model import DZAD
+
+    m = cfg.anomaly_map
+    model = DZAD.from_checkpoint(
+        ckpt,
+        backbone_override=m.backbone,
+        random_backbone=m.random_backbone,
+        map_location=device or _device(cfg),
+    )
+    trained = model.cfg
+    for name in ("model", "weighting", "detection"):
+        if getattr(trained, name) != getattr(cfg, name):
+            log.warning(
+                "%s: its %s settings differ from the study's; using the checkpoint's", ckpt, name
+            )
+    model.cfg = replace(
+        trained,
+        **{name: getattr(cfg, name) for name in INFERENCE_SECTIONS},
+        noise=replace(trained.noise, max_batch=cfg.noise.max_batch),
+        data=replace(trained.data, skip_bad=cfg.data.skip_bad),
+    )
+    return model
+
+
+def _device(cfg: DZADConfig) -> str:
+    import torch
+
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def source_control_batches(cfg: DZADConfig, image_size: int) -> Callable[[], Any]:
+    """``source()`` for :func:`dzad.evaluation.build_controls`: SOURCE normals from the caches."""
+    from dzad.evaluation import source_batches
+
+    refs = [DatasetRef(str(source_cache(cfg, i))) for i in range(len(source_refs(cfg)))]
+    return lambda: source_batches(refs, image_size, cfg.data, cfg.evaluate.batch_size)
+
+
+def evaluate_model(model, cfg: DZADConfig, target: str, out_dir: Path, *, controls: bool) -> dict:
+    """:func:`dzad.evaluation.evaluate` of a built model on one target's cache (atomic folder)."""
+    from dzad.evaluation import build_controls, evaluate
+
+    ctrl = None
+    if controls:
+        ctrl = build_controls(
+            model, model.cfg.evaluate, source_control_batches(cfg, model.image_size)
+        )
+    with atomic_dir(out_dir) as tmp:
+        result = evaluate(
+            model, target_cache(cfg, target), (), tmp, model.cfg.evaluate, ctrl,
+            skip_bad=cfg.data.skip_bad,
+        )  # fmt: skip
+    return result
+
+
+def evaluate_target(
+    ckpt: Path, cfg: DZADConfig, target: str, out_dir: Path, *, controls: bool | None = None
+) -> dict:
+    """Evaluate one checkpoint on one target (method-notes 6); returns ``metrics.json``'s content.
+
+    ``out_dir`` gets ``metrics.json``, ``metrics.csv``, ``scores.csv``, ``noise_features.npz`` and
+    ``figures/``. ``controls`` None = ``cfg.evaluate.controls``.
+    """
+    model = load_model(ckpt, cfg)
+    use = cfg.evaluate.controls if controls is None else controls
+    return evaluate_model(model, cfg, target, Path(out_dir), controls=use)
+
+
+def evaluate_seeds(cfg: DZADConfig, models: str | Path, target: str, out_dir: str | Path) -> dict:
+    """:func:`evaluate_target` for every seed's checkpoint into ``out_dir/seed_<s>``.
+
+    Controls are scored with every seed (same images, same metric code). Writes and returns
+    ``out_dir/summary.json`` (:func:`dzad.study.summaries.summarise`).
+    """
+    ckpts = checkpoints(models, cfg.seeds)
+    with atomic_dir(out_dir) as tmp:
+        results = {
+            s: evaluate_target(ck, with_seed(cfg, s), target, seed_dir(tmp, s))
+            for s, ck in ckpts.items()
+        }
+        summary = summarise(target, results)
+        write_json(tmp / SUMMARY, summary)
+    return summary
+
+
+def seed_file(eval_dir: str | Path, seed: int, name: str) -> Path:
+    """``eval_dir/seed_<seed>/<name>``; :class:`DZADInputError` naming it when it is missing."""
+    path = seed_dir(eval_dir, seed) / name
+    if not path.is_file():
+        raise DZADInputError(
+            path, f"no evaluation output for seed {seed}: run `dzad stage evaluate` with this seed"
+        )
+    return path
+
+
+def seed_result(eval_dir: str | Path, seed: int) -> dict:
+    """``metrics.json`` of one seed's evaluation (``eval_dir/seed_<seed>/``)."""
+    return json.loads(seed_file(eval_dir, seed, "metrics.json").read_text())
+
+
+def seed_results(eval_dir: str | Path) -> dict[int, dict]:
+    """``{seed: metrics.json}`` of an evaluation folder (``seed_<s>/`` subfolders)."""
+    eval_dir = Path(eval_dir)
+    found = sorted(eval_dir.glob(SEED_DIR.format("*")), key=lambda p: int(p.name.split("_")[1]))
+    if not found:
+        raise DZADInputError(eval_dir, "no seed_<s>/ evaluation folders: run `dzad stage evaluate`")
+    return {int(p.name.split("_")[1]): json.loads((p / "metrics.json").read_text()) for p in found}
+
+
+def curve_points(eval_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Image-level ROC ``(fpr, tpr)`` and PR ``(recall, precision)`` points of the first seed's
+    image score, pooled over the target's categories (the per-category curves are PNG figures)."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    first = min(seed_results(eval_dir))
+    scores = pd.read_csv(seed_dir(eval_dir, first) / "scores.csv")
+    y, s = scores["label"].to_numpy(), scores["image_score"].to_numpy()
+    if y.min() == y.max():
+        raise DZADInputError(eval_dir, "one class only: no ROC/PR curve")
+    fpr, tpr, _ = roc_curve(y, s)
+    precision, recall, _ = precision_recall_curve(y, s)
+    roc = pd.DataFrame({"fpr": fpr, "tpr": tpr})
+    pr = pd.DataFrame({"recall": recall[::-1], "precision": precision[::-1]})
+    return roc, pr
+
+
+def export_evaluation(
+    target: str, eval_dir: str | Path, metrics_file: str | Path, plots_dir: str | Path
+) -> list[Path]:
+    """``metrics_file`` (the target's summary) and ``plots_dir/{roc,pr}_<target>.csv`` for DVC."""
+    summary = json.loads((Path(eval_dir) / SUMMARY).read_text())
+    roc, pr = curve_points(eval_dir)
+    plots_dir = Path(plots_dir)
+    return [
+        write_json(metrics_file, summary),
+        atomic_write_text(
+            plots_dir / f"roc_{target}.csv", roc.to_csv(index=False, float_format="%.6g")
+        ),
+        atomic_write_text(
+            plots_dir / f"pr_{target}.csv", pr.to_csv(index=False, float_format="%.6g")
+        ),
+    ]

@@ -1,0 +1,71 @@
+"""One checkpoint per seed (``train``): eq. 8 training on the SOURCE normals of the caches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dzad.config import DZADConfig
+from dzad.errors import DZADInputError
+from dzad.study.data import cached
+from dzad.study.layout import seed_dir, source_cache, source_refs, with_seed
+
+
+def source_normals(cfg: DZADConfig) -> list:
+    """SOURCE ``train/good`` samples of every source cache, in cache order (training's order)."""
+    caches = [source_cache(cfg, i) for i in range(len(source_refs(cfg)))]
+    normals = [s for c in caches for s in cached(c, "train", 0)]
+    if not normals:
+        raise DZADInputError(caches[0], "no SOURCE normal training images (train/good)")
+    return normals
+
+
+def source_labelled(cfg: DZADConfig):
+    """The labelled SOURCE split (``test/``: images, labels), for learned weights / prototypes."""
+    from dzad.data.dataset import ImageDataset
+
+    caches = [source_cache(cfg, i) for i in range(len(source_refs(cfg)))]
+    test = [s for c in caches for s in cached(c, "test")]
+    if not test:
+        raise DZADInputError(caches[0], "the labelled SOURCE split (test/) is empty")
+    return ImageDataset(test, cfg.data.image_size, cfg.data), np.array([s.label for s in test])
+
+
+def needs_labelled(cfg: DZADConfig) -> bool:
+    return cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
+
+
+def train_model(
+    cfg: DZADConfig,
+    out_dir: Path,
+    *,
+    seed: int | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[..., Any] | Any] = (),
+    device: str | None = None,
+):
+    """eq. 8 training on the SOURCE normals + source-only calibration -> checkpoint ``out_dir``.
+
+    Reads the caches of :func:`dzad.study.data.preprocess_data`. The learned weighting and the
+    prototype mode also get the labelled SOURCE test split (source data, never the target's).
+    Returns the :class:`dzad.training.TrainResult`.
+    """
+    from dzad.data.dataset import ImageDataset
+    from dzad.training import train
+
+    if seed is not None:
+        cfg = with_seed(cfg, seed)
+    if device is not None:
+        cfg = replace(cfg, train=replace(cfg.train, device=device))
+    images = ImageDataset(source_normals(cfg), cfg.data.image_size, cfg.data)
+    labelled = source_labelled(cfg) if needs_labelled(cfg) else None
+    return train(cfg, images, out_dir, resume, callbacks, labelled=labelled, progress=False)
+
+
+def train_seeds(cfg: DZADConfig, models_dir: str | Path, **kwargs: Any) -> dict[int, Any]:
+    """:func:`train_model` once per ``cfg.seeds`` into ``models_dir/seed_<s>``."""
+    return {s: train_model(cfg, seed_dir(models_dir, s), seed=s, **kwargs) for s in cfg.seeds}

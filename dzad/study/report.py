@@ -1,0 +1,123 @@
+"""The report folder of a study (``report``): AUROC tables in the paper's layout (Markdown + CSV),
+PNG figures and ``index.md`` holding them all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dzad.config import DZADConfig
+from dzad.io_utils import atomic_dir, atomic_write_text
+from dzad.study.ablations import ABLATION_JSON
+from dzad.study.evaluations import seed_results
+from dzad.study.layout import seed_dir
+from dzad.study.summaries import KEY_METRICS
+
+VARIANT_LABELS = {"detection_score": "DZAD (detection score s)", "fusion": "DZAD (rank fusion)"}
+
+
+def _roc_figure(eval_dir: Path, target: str, path: Path) -> Path:
+    from dzad.reports import plot_roc_curves
+
+    first = min(seed_results(eval_dir))
+    scores = pd.read_csv(seed_dir(eval_dir, first) / "scores.csv")
+    curves = {
+        str(c): (g["label"].to_numpy(), g["image_score"].to_numpy())
+        for c, g in scores.groupby("category", sort=False)
+    }
+    return plot_roc_curves(curves, path, title=f"{target}: image-level ROC (seed {first})")
+
+
+def report(
+    cfg: DZADConfig, eval_dirs: dict[str, Path], ablation_dir: Path, out_dir: Path
+) -> list[Path]:
+    """The study's tables in the paper's layout (Markdown + CSV, control columns/rows beside
+    DZAD) and PNG figures in ``out_dir``, plus ``index.md`` holding them all; returns the files.
+
+    Per target: ``<target>_<metric>.*`` (rows = categories + mean, columns = DZAD and controls).
+    ``summary.*`` (issue-9 layout), ``table4_weighting.*``, ``figure4_timesteps.*`` and
+    ``table3_<target>.*`` when those ablations ran.
+    """
+    from dzad import ablation, reports
+
+    sections: list[tuple[str, str, Any]] = []
+    with atomic_dir(out_dir) as tmp:
+        runs_by_target = {}
+        for target, eval_dir in eval_dirs.items():
+            results = list(seed_results(eval_dir).values())
+            runs_by_target[target] = {"DZAD": results}
+            variants = {
+                VARIANT_LABELS.get(v, f"DZAD ({v})"): [r["variants"][v] for r in results]
+                for v in results[0].get("variants", {})
+            }
+            for metric in KEY_METRICS:
+                runs = {"DZAD": results, **(variants if metric.startswith("image") else {})}
+                stem = f"{target}_{metric}"
+                reports.auroc_table(runs, metric).write(tmp, stem)
+                sections.append((f"{target}: {metric} per category", stem, None))
+            figure = _roc_figure(Path(eval_dir), target, tmp / f"{target}_roc.png")
+            sections.append((f"{target}: ROC curves", "", figure.name))
+        reports.summary_table(runs_by_target).write(tmp, "summary")
+        sections.insert(0, ("Summary: macro means over categories", "summary", None))
+        record = json.loads((Path(ablation_dir) / ABLATION_JSON).read_text())
+        if record["weighting"]:
+            table = reports.weighting_table(record["weighting"])
+            order = [w for w in cfg.ablation.weightings if w in record["weighting"]]  # paper rows
+            std = None if table.std is None else table.std.reindex(order)
+            table = reports.Table(table.mean.reindex(order), std)
+            table.write(tmp, "table4_weighting")
+            reports.plot_weighting_bars(
+                table, tmp / "table4_weighting.png", "detection-score image AUROC"
+            )
+            sections.append(
+                (
+                    "Table 4: weight functions (detection score s, image AUROC)",
+                    "table4_weighting",
+                    "table4_weighting.png",
+                )
+            )
+        if record["timesteps"]:
+            table = ablation.timesteps_table(record["timesteps"])
+            table.write(tmp, "figure4_timesteps")
+            ablation.plot_timesteps(table, tmp / "figure4_timesteps.png")
+            sections.append(
+                (
+                    "Figure 4: reconstruction start timestep",
+                    "figure4_timesteps",
+                    "figure4_timesteps.png",
+                )
+            )
+        for target, rows in record["architecture"].items():
+            rows_in = [(row["flags"], row["results"]) for row in rows]
+            reports.ablation_table(rows_in).write(tmp, f"table3_{target}")
+            sections.append(
+                (
+                    f"Table 3: architecture ({target}; cls = image, seg = pixel AUROC)",
+                    f"table3_{target}",
+                    None,
+                )
+            )
+        atomic_write_text(tmp / "index.md", _index(cfg, tmp, sections))
+    return sorted(p for p in Path(out_dir).rglob("*") if p.is_file())
+
+
+def _index(cfg: DZADConfig, folder: Path, sections: list[tuple[str, str, Any]]) -> str:
+    sources = ", ".join(f"{r.root} {list(r.categories) or '(all)'}" for r in cfg.sets.source)
+    lines = [
+        f"# Study `{cfg.study}`",
+        "",
+        f"Source (training normals): {sources}. Targets: {', '.join(cfg.sets.targets)}. "
+        f"Seeds: {list(cfg.seeds)} (cells: mean ± sample std over seeds). "
+        f"Model: {cfg.model.profile} profile, {cfg.model.latent} latent, {cfg.train.steps} steps.",
+        "",
+    ]
+    for title, stem, figure in sections:
+        lines += [f"## {title}", ""]
+        if stem:
+            lines += [(folder / f"{stem}.md").read_text(), f"CSV: `{stem}.csv`", ""]
+        if figure:
+            lines += [f"![{title}]({figure})", ""]
+    return "\n".join(lines)
