@@ -5,7 +5,7 @@ For every category's test split: run :class:`dzad.model.DZAD`, accumulate image 
 controls (issue 9) on the same images with the same metric code, and write to ``out_dir``:
 
 - ``metrics.json``: ``{"categories": {cat: {metric: v}}, "mean": {...}, "variants":
-  {"detection_score" | "fusion": {"categories", "mean"}}, "controls": {name: {"label",
+  {"map_score" | "detection_score" | "fusion": {"categories", "mean"}}, "controls": {name: {"label",
   "categories", "mean"}}, "skipped": {...}, "counts": {...}, "protocol": {...}}`` (the layout
   ``dzad.reports`` reads); NaN is written as null and every null is explained under ``skipped``
   (e.g. pixel metrics of a category whose defect images lack masks: image metrics only);
@@ -64,6 +64,12 @@ SCORE_COLUMNS = (
     "decision",
 )
 METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
+# every image score the forward returns, reported beside the configured one (anomaly_map.fusion)
+VARIANT_SCORES = (
+    ("map_score", "map_score"),
+    ("detection_score", "detection_score"),
+    ("fusion", "fused_score"),
+)
 TRIVIAL_CONTROLS = ("mean_intensity", "laplacian")
 FEATURE_CONTROLS = ("feature_mean", "feature_knn")
 N_EXTREMES = 4  # images per row of the best/worst heat-map grid
@@ -286,7 +292,7 @@ def evaluate(
     data_cfg = replace(model.cfg.data, skip_bad=False)  # unreadable files: _drop_unreadable
     controls = list(controls or [])
     per_cat: dict[str, dict[str, float]] = {}
-    variants: dict[str, dict[str, dict[str, float]]] = {"detection_score": {}, "fusion": {}}
+    variants: dict[str, dict[str, dict[str, float]]] = {name: {} for name, _ in VARIANT_SCORES}
     ctrl: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in controls}
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts: dict[str, dict[str, int]] = {}
@@ -319,7 +325,7 @@ def evaluate(
         final = np.array([r["image_score"] for r in run.rows])
         metrics.update(image_metrics(labels, final))  # the configured image score
         per_cat[cat] = metrics
-        for name, key in (("detection_score", "detection_score"), ("fusion", "fused_score")):
+        for name, key in VARIANT_SCORES:
             variants[name][cat] = image_metrics(labels, np.array([r[key] for r in run.rows]))
         for c in controls:
             ctrl[c.name][cat] = run.controls[c.name].result()

@@ -40,7 +40,8 @@ from dzad.evaluation import build_controls, category_samples
 from dzad.metrics import image_metrics, pixel_metrics
 from dzad.noise_features import NoiseBank, noise_features
 from dzad.reconstruction import image_seeds, reconstruct
-from dzad.study import load_model, source_control_batches, target_cache
+from dzad.study.evaluations import load_model, source_control_batches
+from dzad.study.layout import target_cache
 from dzad.weighting import stage_means
 
 

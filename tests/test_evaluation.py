@@ -86,6 +86,8 @@ def test_metrics_json_equals_recomputation_from_scores_and_maps(evaluated, tiny_
         assert det == pytest.approx(roc_auc_score(y, rows.detection_score), abs=1e-9)
         fus = saved["variants"]["fusion"]["categories"][cat]["image_auroc"]
         assert fus == pytest.approx(roc_auc_score(y, rows.fused_score), abs=1e-9)
+        map_s = saved["variants"]["map_score"]["categories"][cat]["image_auroc"]
+        assert map_s == pytest.approx(roc_auc_score(y, rows.map_score), abs=1e-9)
         # pixel level: saved maps (scores.csv order) against masks read independently
         maps = np.load(out / "maps" / f"{cat}.npy")
         samples = list(iter_samples(synth_root, cat, "test"))

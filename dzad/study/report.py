@@ -16,7 +16,11 @@ from dzad.study.evaluations import seed_results
 from dzad.study.layout import seed_dir
 from dzad.study.summaries import KEY_METRICS
 
-VARIANT_LABELS = {"detection_score": "DZAD (detection score s)", "fusion": "DZAD (rank fusion)"}
+VARIANT_LABELS = {
+    "map_score": "DZAD (map score)",
+    "detection_score": "DZAD (detection score s)",
+    "fusion": "DZAD (rank fusion)",
+}
 
 
 def _roc_figure(eval_dir: Path, target: str, path: Path) -> Path:
