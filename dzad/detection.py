@@ -140,10 +140,10 @@ def excess_map(spatial: Tensor, calib: Calibration) -> Tensor:
 
     ``z_n(p)`` standardises the spatial error of stage n at position p with the SOURCE normals'
     statistics at that stage AND position: the denoiser's error has a positional pattern of its
-    own (borders, padding) that a per-stage z-score (:func:`weighted_map`) leaves in, and that
-    pattern, not the defects, dominated the maps measured in issue 9. Only an error above what
-    SOURCE normals show there counts (the sign eq. 15's gate uses); squared so that a few
-    clearly-exceeding stages outweigh many marginal ones. Weights w_n as eq. 13.
+    own (e.g. higher along the borders) that a per-stage z-score (:func:`weighted_map`) leaves
+    in, and that pattern, not the defects, dominated the maps measured in issue 9. Only an error
+    above what SOURCE normals show there counts (the sign eq. 15's gate uses); squared so that a
+    few clearly-exceeding stages outweigh many marginal ones. Weights w_n as eq. 13.
     """
     if calib.position_mean is None or calib.position_std is None:
         raise ValueError(
