@@ -3,11 +3,12 @@
 ``dzad(stage=...)`` runs one study as far as ``stage``: ``train`` (prepare + preprocess the data,
 train every seed), ``evaluate`` (+ every target) or ``ablation`` (+ the ablation arms as mapped
 tasks, collected into one AUROC table). The three deployments of ``flows/serve.py`` differ only in
-that default. Tasks call :mod:`dzad.study` (the implementation the CLI and the DVC stages share)
-and :mod:`flows.tracking` (every MLflow call); this module only orchestrates.
+that default. Tasks (:mod:`flows.tasks`) call :mod:`dzad.study` (the implementation the CLI and
+the DVC stages share) and :mod:`flows.tracking` (every MLflow call); this module only
+orchestrates: the stage flows and the orchestrator.
 
-- Parameters: ``params_file`` is parsed once per file content (:func:`dzad.config.load`); the other
-  parameters override it (None keeps the file's value).
+- Parameters (:mod:`flows.parameters`): ``params_file`` is parsed once per file content
+  (:func:`dzad.config.load`); the other parameters override it (None keeps the file's value).
 - Retries: only on I/O tasks (downloads, registry) and only for ``OSError`` (network, disk).
 - Caching: training, evaluation and ablation arms are cached on their inputs (resolved config,
   paths, upstream fingerprints), the task's source and the ``dzad`` code version; results persist in
@@ -19,157 +20,38 @@ and :mod:`flows.tracking` (every MLflow call); this module only orchestrates.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import math
 import re
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from prefect import flow, task, unmapped
+from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.runtime import flow_run
-from prefect.states import State
 
-import dzad as dzad_package
-from dzad import config as dzad_config
 from dzad.config import DZADConfig
-from dzad.io_utils import atomic_write_text, sha256_file
-from dzad.study.ablations import ablate
-from dzad.study.data import prepare_data, preprocess_data
-from dzad.study.evaluations import evaluate_target
-from dzad.study.layout import checkpoints, seed_dir, with_seed
-from dzad.study.models import train_model
-from dzad.study.summaries import KEY_METRICS
-from flows.tracking import registry
-from flows.tracking.results import log_evaluation, log_table
-from flows.tracking.runs import log_metrics, log_params, set_tags, start_run
-from flows.tracking.training import log_training, training_callbacks
+from dzad.io_utils import atomic_write_text
+from dzad.study.layout import seed_dir
+from flows.parameters import apply_overrides, flow_run_name, load_params, run_name, stage_run_name
+from flows.tasks import (
+    Models,
+    ablation_arms,
+    arm_task,
+    evaluate_task,
+    prepare_task,
+    preprocess_task,
+    register_task,
+    resolve_task,
+    train_task,
+)
+from flows.tracking.results import log_table
+from flows.tracking.runs import log_params, set_tags, start_run
 
 Stage = Literal["train", "evaluate", "ablation"]
 STAGES: tuple[Stage, ...] = ("train", "evaluate", "ablation")
 RESULTS_DIR = ".prefect-results"
 ABLATION_TABLE = "ablation_auroc"
-Models = dict[int, dict[str, str | None]]  # seed -> checkpoint, fingerprint, MLflow run id
-
-
-# -------------------------------------------------------------------------------- parameters
-@functools.lru_cache(maxsize=16)
-def _parse(path: str, digest: str) -> DZADConfig:
-    return dzad_config.load(path)  # its errors name the file
-
-
-def load_params(params_file: str | Path) -> DZADConfig:
-    """The params YAML as a config, parsed once per (path, content)."""
-    path = Path(params_file)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
-    return _parse(str(path), digest)
-
-
-def apply_overrides(
-    cfg: DZADConfig,
-    *,
-    seed: int | None = None,
-    profile: str | None = None,
-    steps: int | None = None,
-    device: str | None = None,
-    targets: list[str] | None = None,
-    weightings: list[str] | None = None,
-    t_starts: list[int] | None = None,
-    architecture: bool | None = None,
-) -> DZADConfig:
-    """``cfg`` with the flow's ``-p key=value`` overrides (``seed``: a one-seed study)."""
-    if seed is not None:
-        cfg = replace(cfg, seed=seed, seeds=(seed,))
-    model = cfg.model if profile is None else replace(cfg.model, profile=profile)
-    train = cfg.train if steps is None else replace(cfg.train, steps=steps)
-    train = train if device is None else replace(train, device=device)
-    sets = cfg.sets
-    if targets is not None:
-        unknown = sorted(set(targets) - set(sets.targets))
-        if unknown:
-            raise ValueError(f"targets {unknown} are not in sets.targets {sorted(sets.targets)}")
-        sets = replace(sets, targets={t: sets.targets[t] for t in targets})
-    abl = cfg.ablation
-    if weightings is not None:
-        abl = replace(abl, weightings=tuple(weightings))
-    if t_starts is not None:
-        abl = replace(abl, t_starts=tuple(t_starts))
-    if architecture is not None:
-        abl = replace(abl, architecture=architecture)
-    return replace(cfg, model=model, train=train, sets=sets, ablation=abl)
-
-
-OVERRIDES = (
-    "seed",
-    "profile",
-    "steps",
-    "device",
-    "targets",
-    "weightings",
-    "t_starts",
-    "architecture",
-)
-
-
-def run_name(stage: str, cfg: DZADConfig) -> str:
-    """``ablation-demo-seed0`` (``-seeds0-1-2`` for several): flow-run and MLflow run name."""
-    seeds = "-".join(str(s) for s in cfg.seeds)
-    return f"{stage}-{cfg.study}-seed{'s' if len(cfg.seeds) > 1 else ''}{seeds}"
-
-
-def _flow_run_name() -> str:
-    """The orchestrator's run name; a bad params file still gets one (the flow logs why)."""
-    p = flow_run.parameters
-    try:
-        cfg = load_params(p["params_file"])
-        cfg = apply_overrides(cfg, **{k: p.get(k) for k in OVERRIDES})
-    except Exception:  # the flow body raises the same error into the run's logs and state
-        return f"{p['stage']}-{Path(p['params_file']).stem}-invalid"
-    return run_name(p["stage"], cfg)
-
-
-def _stage_name(stage: str) -> Callable[[], str]:
-    return lambda: run_name(stage, flow_run.parameters["cfg"])
-
-
-# ----------------------------------------------------------------------- retries and caching
-def _transient(task: Any, task_run: Any, state: State) -> bool:
-    """Retry what can heal (network, disk: ``OSError``), never a bad input or a bug."""
-    return isinstance(state.result(raise_on_failure=False), OSError)
-
-
-@functools.cache
-def code_version() -> str:
-    """sha256 of the ``dzad`` library's sources (the command line excluded): a library change
-    invalidates cached results, as a changed code dependency reruns a DVC stage."""
-    root = Path(dzad_package.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if rel.parts[0] != "cli" and rel.name != "__main__.py":
-            h.update(rel.as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
-def _code_key(context: Any, parameters: dict[str, Any]) -> str:
-    return code_version()
-
-
-# The parent MLflow run differs per flow run and resuming yields the same checkpoint: neither
-# may defeat the cache.
-EXPENSIVE = (
-    (INPUTS - "parent_run_id" - "resume") + TASK_SOURCE + CachePolicy.from_cache_key_fn(_code_key)
-)
-# Tasks that run a model carry MODEL_TAG: `prefect concurrency-limit create dzad-model 1` keeps
-# them to one at a time on a small GPU.
-MODEL_TAG = "dzad-model"
-CACHED = {"cache_policy": EXPENSIVE, "persist_result": True, "tags": [MODEL_TAG]}
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120], "retry_condition_fn": _transient}
 
 
 def _missing(paths: list[Path]) -> bool:
@@ -177,141 +59,8 @@ def _missing(paths: list[Path]) -> bool:
     return any(not p.exists() for p in paths)
 
 
-# ------------------------------------------------------------------------------------- tasks
-@task(name="prepare-data", **IO_RETRIES)
-def prepare_task(cfg: DZADConfig) -> dict[str, Path]:
-    """Synthesise, download + convert (resumable) or check every dataset root."""
-    return prepare_data(cfg)
-
-
-@task(name="preprocess-data")
-def preprocess_task(cfg: DZADConfig) -> dict[str, str]:
-    """Resized caches (unchanged ones are kept); returns ``{name: manifest sha256}``."""
-    from dzad.data.preprocess import MANIFEST
-
-    roots = preprocess_data(cfg)
-    return {name: sha256_file(root / MANIFEST) for name, root in roots.items()}
-
-
-def _model(ckpt: Path, run_id: str | None) -> dict[str, str | None]:
-    fingerprint = sha256_file(Path(ckpt) / "dzad.json")
-    return {"checkpoint": str(ckpt), "fingerprint": fingerprint, "run_id": run_id}
-
-
-@task(name="resolve-model", **IO_RETRIES)
-def resolve_task(cfg: DZADConfig, checkpoint: str) -> Models:
-    """A checkpoint, a models folder (``seed_<s>/``) or a registry URI -> ``{seed: model}``."""
-    if checkpoint.startswith("models:/"):
-        return {cfg.seeds[0]: _model(registry.resolve_model(checkpoint, cfg=cfg), None)}
-    return {s: _model(p, None) for s, p in checkpoints(checkpoint, cfg.seeds).items()}
-
-
-@task(name="train", task_run_name="train-seed{seed}", **CACHED)
-def train_task(
-    cfg: DZADConfig,
-    ckpt_dir: Path,
-    seed: int,
-    manifests: dict[str, str],
-    device: str,
-    resume: bool,
-    parent_run_id: str,
-) -> dict[str, str | None]:
-    """eq. 8 training + source-only calibration on ``device`` (``auto``, ``cpu``, ``cuda:0``...);
-    ``resume`` continues the checkpoint a crashed run left in ``ckpt_dir`` (same config only)."""
-    name = f"train-seed{seed}"
-    with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        result = train_model(
-            cfg,
-            ckpt_dir,
-            seed=seed,
-            resume=resume,
-            callbacks=training_callbacks(run, cfg),
-            device=device,
-        )
-        seeded = with_seed(cfg, seed)
-        log_training(run, seeded, result.checkpoint, manifests, result=result)
-    return _model(result.checkpoint, run.info.run_id)
-
-
-@task(name="register-model", **IO_RETRIES)
-def register_task(cfg: DZADConfig, model: dict[str, str | None]) -> str:
-    """Register a checkpoint as the ``candidate`` version of ``tracking.model_name``."""
-    return str(registry.register(Path(model["checkpoint"]), model["run_id"], cfg).version)
-
-
-@task(name="evaluate", task_run_name="evaluate-{target}-seed{seed}", **CACHED)
-def evaluate_task(
-    cfg: DZADConfig,
-    model: dict[str, str | None],
-    target: str,
-    seed: int,
-    eval_dir: Path,
-    parent_run_id: str,
-) -> dict[str, Any]:
-    """The paper's protocol on one target with one seed's checkpoint; stores F for Table 4."""
-    cfg = with_seed(cfg, seed)
-    name = f"evaluate-{target}-seed{seed}"
-    with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        metrics = evaluate_target(Path(model["checkpoint"]), cfg, target, eval_dir)
-        log_evaluation(run, target, metrics, eval_dir, cfg=cfg)
-    return {"target": target, "seed": seed, "fingerprint": sha256_file(eval_dir / "metrics.json")}
-
-
-def ablation_arms(cfg: DZADConfig) -> list[dict[str, Any]]:
-    """Table 4 weight functions, Figure 4 ``t_start`` settings, Table 3 (when asked)."""
-    a = cfg.ablation
-    arms = [{"kind": "weighting", "value": w} for w in a.weightings]
-    arms += [{"kind": "timesteps", "value": int(t)} for t in a.t_starts]
-    return arms + ([{"kind": "architecture", "value": "table3"}] if a.architecture else [])
-
-
-def arm_config(cfg: DZADConfig, arm: dict[str, Any]) -> DZADConfig:
-    """``cfg`` whose ablation section holds this one arm."""
-    kind, value = arm["kind"], arm["value"]
-    abl = replace(
-        cfg.ablation,
-        weightings=(value,) if kind == "weighting" else (),
-        t_starts=(value,) if kind == "timesteps" else (),
-        architecture=kind == "architecture",
-    )
-    return replace(cfg, ablation=abl)
-
-
-def _arm_metrics(frame: pd.DataFrame) -> dict[str, float]:
-    """``<target>/<metric>``: mean over seeds of the arm's macro means (undefined ones left out)."""
-    means = frame.groupby("target")[list(KEY_METRICS)].mean()
-    return {
-        f"{t}/{m}": float(v)
-        for t, row in means.iterrows()
-        for m, v in row.items()
-        if not math.isnan(v)
-    }
-
-
-@task(name="ablation-arm", task_run_name="arm-{arm[kind]}={arm[value]}", **CACHED)
-def arm_task(
-    cfg: DZADConfig,
-    arm: dict[str, Any],
-    models_dir: Path,
-    eval_dirs: dict[str, Path],
-    upstream: list[str],
-    arm_dir: Path,
-    parent_run_id: str,
-) -> list[dict[str, Any]]:
-    """One arm: weight functions rescore the stored F (no model run); ``t_start`` reruns the
-    evaluation; Table 3 trains its SD model. ``upstream``: fingerprints of models and evaluations
-    (a retrained model or a new evaluation invalidates the cached arm)."""
-    name = f"arm-{arm['kind']}={arm['value']}"
-    with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        set_tags(run, cfg, {"dzad.ablation": arm["kind"], "dzad.setting": arm["value"]})
-        frame = ablate(arm_config(cfg, arm), models_dir, eval_dirs, arm_dir)
-        log_metrics(run, cfg, _arm_metrics(frame))
-        log_table(run, "ablation", frame, cfg=cfg)
-    return frame.to_dict("records")
-
-
 # ------------------------------------------------------------------------------- stage flows
-@flow(name="dzad-train", flow_run_name=_stage_name("train"), validate_parameters=False)
+@flow(name="dzad-train", flow_run_name=stage_run_name("train"), validate_parameters=False)
 def train_flow(
     cfg: DZADConfig,
     out: Path,
@@ -337,7 +86,7 @@ def train_flow(
     return models
 
 
-@flow(name="dzad-evaluate", flow_run_name=_stage_name("evaluate"), validate_parameters=False)
+@flow(name="dzad-evaluate", flow_run_name=stage_run_name("evaluate"), validate_parameters=False)
 def evaluate_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str) -> list[dict]:
     """Every (target, seed) pair as one mapped task."""
     if not cfg.sets.targets:
@@ -356,7 +105,7 @@ def evaluate_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str
     ).result()
 
 
-@flow(name="dzad-ablation", flow_run_name=_stage_name("ablation"), validate_parameters=False)
+@flow(name="dzad-ablation", flow_run_name=stage_run_name("ablation"), validate_parameters=False)
 def ablation_flow(
     cfg: DZADConfig, models: Models, evals: list[dict], out: Path, parent_run_id: str
 ) -> pd.DataFrame:
@@ -413,7 +162,7 @@ def task_runner(dask_address: str | None) -> Any:
 
 
 # ----------------------------------------------------------------------------- orchestrator
-@flow(name="dzad", flow_run_name=_flow_run_name)
+@flow(name="dzad", flow_run_name=flow_run_name)
 def dzad(
     stage: Stage = "ablation",
     params_file: str = "params.yaml",

@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows import pipeline, serve
+from flows import parameters, pipeline, serve
+from flows import tasks as flow_tasks
 
 TINY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
 # -p overrides that keep the tiny study to seconds: one target, two Table-4 weight functions and one
@@ -115,14 +116,14 @@ def _subflow_task_runs(flow_run_id) -> dict[str, str]:
 def test_overrides_make_a_one_seed_study_and_name_it(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({**yaml.safe_load(TINY.read_text()), "seeds": [0, 1, 2]}))
-    cfg = pipeline.load_params(path)
-    assert pipeline.run_name("evaluate", cfg) == "evaluate-tiny-seeds0-1-2"
-    one = pipeline.apply_overrides(cfg, seed=3, device="cuda:1", weightings=["snr"], t_starts=[])
+    cfg = parameters.load_params(path)
+    assert parameters.run_name("evaluate", cfg) == "evaluate-tiny-seeds0-1-2"
+    one = parameters.apply_overrides(cfg, seed=3, device="cuda:1", weightings=["snr"], t_starts=[])
     assert (one.seed, one.seeds, one.train.device) == (3, (3,), "cuda:1")
     assert (one.ablation.weightings, one.ablation.t_starts) == (("snr",), ())
-    assert pipeline.run_name("ablation", one) == "ablation-tiny-seed3"
+    assert parameters.run_name("ablation", one) == "ablation-tiny-seed3"
     with pytest.raises(ValueError, match=r"\['nope'\] are not in sets.targets"):
-        pipeline.apply_overrides(cfg, targets=["nope"])
+        parameters.apply_overrides(cfg, targets=["nope"])
 
 
 def test_params_are_parsed_once_per_content(tmp_path, monkeypatch):
@@ -130,12 +131,12 @@ def test_params_are_parsed_once_per_content(tmp_path, monkeypatch):
     raw = yaml.safe_load(TINY.read_text())
     path.write_text(yaml.safe_dump(raw))
     calls = []
-    real = pipeline.dzad_config.load
-    monkeypatch.setattr(pipeline.dzad_config, "load", lambda p: calls.append(p) or real(p))
-    pipeline._parse.cache_clear()
-    assert pipeline.load_params(path) is pipeline.load_params(path)
+    real = parameters.dzad_config.load
+    monkeypatch.setattr(parameters.dzad_config, "load", lambda p: calls.append(p) or real(p))
+    parameters._parse.cache_clear()
+    assert parameters.load_params(path) is parameters.load_params(path)
     path.write_text(yaml.safe_dump({**raw, "seed": 5}))
-    assert pipeline.load_params(path).seed == 5
+    assert parameters.load_params(path).seed == 5
     assert len(calls) == 2
 
 
@@ -227,7 +228,7 @@ def test_seed_override_retrains_and_names_the_run(study, workdir):
 
 def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
     calls = []
-    real = pipeline.prepare_data
+    real = flow_tasks.prepare_data
 
     def flaky(cfg):
         calls.append(cfg)
@@ -235,7 +236,7 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
             raise ConnectionResetError("download interrupted")
         return real(cfg)
 
-    monkeypatch.setattr(pipeline, "prepare_data", flaky)
+    monkeypatch.setattr(flow_tasks, "prepare_data", flaky)
     monkeypatch.setattr(
         pipeline, "prepare_task", pipeline.prepare_task.with_options(retry_delay_seconds=0)
     )
@@ -247,7 +248,7 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
         calls.append(cfg)
         raise ValueError("sets.fetch: unknown dataset 'x'")
 
-    monkeypatch.setattr(pipeline, "prepare_data", bad)
+    monkeypatch.setattr(flow_tasks, "prepare_data", bad)
     calls.clear()
     state = _run(stage="train")
     assert state.is_failed()

@@ -1,0 +1,95 @@
+"""What ``dzad score`` and ``dzad evaluate`` show: heat-map overlays and the summary tables.
+
+:func:`write_image_outputs` writes one image's overlay PNG (and raw map) atomically;
+:func:`print_scores` and :func:`print_metrics` print the commands' tables (Rich).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dzad.cli.score_inputs import ScoreInput
+
+_TABLE_ROWS = 30
+
+
+def write_image_outputs(item: ScoreInput, out: Path, score_map, save_maps: bool) -> str:
+    """Overlay PNG (and raw map) for one image; returns the overlay's path relative to ``out``."""
+    import numpy as np
+    from PIL import Image
+
+    from dzad.data.images import load_image
+    from dzad.io_utils import atomic_path
+    from dzad.reports import overlay
+
+    shown = load_image(item.path, max_side=512).permute(1, 2, 0).numpy()
+    rel = Path("heatmaps") / item.rel.with_name(item.rel.name + ".heatmap.png")
+    with atomic_path(out / rel) as tmp:
+        Image.fromarray(overlay(shown, score_map)).save(tmp, format="PNG")
+    if save_maps:
+        with atomic_path(out / "maps" / item.rel.with_name(item.rel.name + ".npy")) as tmp:
+            np.save(tmp, score_map.astype(np.float32))
+    return str(rel)
+
+
+def print_scores(rows: list[dict[str, Any]], out: Path, threshold: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    scored = sorted(
+        (r for r in rows if r["decision"] != "skipped"), key=lambda r: -r["image_score"]
+    )
+    shown = scored[:_TABLE_ROWS] + [r for r in rows if r["decision"] == "skipped"]
+    caption = f"{len(scored)} scored, {len(rows) - len(scored)} skipped; threshold {threshold}"
+    if len(scored) > _TABLE_ROWS:
+        caption += f"; top {_TABLE_ROWS} by image score shown, all rows in scores.csv"
+    table = Table(title="DZAD scores", caption=caption)
+    for col in ("path", "image score", "detection score", "decision"):
+        if col == "path":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right")
+    for r in shown:
+        if r["decision"] == "skipped":
+            table.add_row(r["path"], "-", "-", f"[yellow]skipped[/]: {r['error']}")
+            continue
+        colour = "red" if r["decision"] == "anomalous" else "green"
+        table.add_row(
+            r["path"],
+            f"{r['image_score']:.4f}",
+            f"{r['detection_score']:.4f}",
+            f"[{colour}]{r['decision']}[/]",
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"scores: {out / 'scores.csv'}  heat maps: {out / 'heatmaps'}")
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def print_metrics(result: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="DZAD evaluation (controls labelled)", caption="all metrics: metrics.json")
+    metrics = ("image_auroc", "pixel_auroc", "aupro")
+    table.add_column("method", overflow="fold", max_width=26)
+    table.add_column("category", overflow="fold", max_width=18)
+    for m in metrics:
+        table.add_column(m.replace("_", " "), justify="right", min_width=6)
+    blocks = [("DZAD", result)] + [(v["label"], v) for v in result["controls"].values()]
+    for label, block in blocks:
+        for cat, vals in [*block["categories"].items(), ("mean", block["mean"])]:
+            table.add_row(label, cat, *(_fmt(vals.get(m)) for m in metrics))
+    console = Console()
+    console.print(table)
+    for cat, why in result["skipped"]["categories"].items():
+        console.print(f"[yellow]skipped[/] {cat}: {why}")
+    for cat, reasons in result["skipped"]["metrics"].items():
+        for why in sorted(set(reasons.values())):
+            names = ", ".join(m for m, r in reasons.items() if r == why)
+            console.print(f"[yellow]undefined[/] {cat} {names}: {why}")
+    console.print(f"metrics: {out / 'metrics.json'}")
