@@ -8,6 +8,7 @@ come from the images, not from the draw. All B*N*M evaluations run as a few larg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,41 @@ class NoiseFeatures:
 Residuals = tuple[list[Tensor], Tensor]
 
 
+@dataclass
+class NoisedPairs:
+    """One chunk of (image, bank entry) pairs: pair ``p`` = ``img * N*M + j``, ``j = n*M + m``.
+
+    ``p``, ``img``, ``j`` ``(P,)`` long; ``t`` ``(P,)`` timesteps; ``eps`` ``(P,C,h,w)`` the bank's
+    noise; ``z_t`` ``(P,C,h,w)`` = ``sqrt(ab_t) z0[img] + sqrt(1-ab_t) eps`` (eq. 7 with alpha-bar).
+    """
+
+    p: Tensor
+    img: Tensor
+    j: Tensor
+    t: Tensor
+    eps: Tensor
+    z_t: Tensor
+
+
+def noised_pairs(
+    z0: Tensor, bank: NoiseBank, alphas_cumprod: Tensor, max_batch: int
+) -> Iterator[NoisedPairs]:
+    """Every (image, bank entry) pair of ``z0`` ``(B,C,h,w)``, noised, in chunks of ``max_batch``
+    (``ceil(B*N*M/max_batch)`` chunks): the batching shared by every multi-timestep pass."""
+    b_, c_, h_, w_ = z0.shape
+    nm = bank.n_stages * bank.m_samples
+    device = z0.device
+    t_flat = bank.timesteps.reshape(nm).to(device)
+    eps_flat = bank.noise.reshape(nm, c_, h_, w_).to(device, z0.dtype)
+    ab = alphas_cumprod.to(device, torch.float32)[t_flat].to(z0.dtype)
+    for start in range(0, b_ * nm, max_batch):
+        p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
+        img, j = p // nm, p % nm
+        a = ab[j].view(-1, 1, 1, 1)
+        eps = eps_flat[j]
+        yield NoisedPairs(p, img, j, t_flat[j], eps, a.sqrt() * z0[img] + (1 - a).sqrt() * eps)
+
+
 def noise_features(
     net: DZADNetwork,
     z0: Tensor,
@@ -83,34 +119,24 @@ def noise_features(
 ) -> NoiseFeatures:
     """eq. 11-12 for a batch: ``z0`` ``(B,C,h,w)``, ``hint`` ``(B,3,H,W)`` or None (null hint).
 
-    Pair p = b*N*M + j (j = n*M + m) uses image b and bank entry j: ``z_t = sqrt(ab_t) z0 +
-    sqrt(1-ab_t) eps_j`` (eq. 7 with alpha-bar). Pairs run in chunks of ``max_batch``, i.e.
-    ``ceil(B*N*M/max_batch)`` forwards. The SG hint embedding ``(B,C_0,H',W')`` is computed once
-    and its row b reused by every pair of image b. ``residuals`` (prototype mode): SG residuals per
-    bank entry, each tensor ``(N*M, ...)``, used instead of SG(x0).
+    Pairs of images and bank entries as :func:`noised_pairs`. The SG hint embedding
+    ``(B,C_0,H',W')`` is computed once and its row b reused by every pair of image b.
+    ``residuals`` (prototype mode): SG residuals per bank entry, each tensor ``(N*M, ...)``, used
+    instead of SG(x0).
     """
-    b_, c_, h_, w_ = z0.shape
+    b_, _, h_, w_ = z0.shape
     n_, m_ = bank.n_stages, bank.m_samples
-    nm = n_ * m_
     device = z0.device
-    t_flat = bank.timesteps.reshape(nm).to(device)
-    eps_flat = bank.noise.reshape(nm, c_, h_, w_).to(device, z0.dtype)
-    ab = alphas_cumprod.to(device, torch.float32)[t_flat].to(z0.dtype)
-    err = torch.empty(b_ * nm, h_, w_, device=device)
+    err = torch.empty(b_ * n_ * m_, h_, w_, device=device)
     with torch.inference_mode():
         embedded = net.embed_hint(hint, z0) if residuals is None else None
-        for start in range(0, b_ * nm, max_batch):
-            p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
-            img, j = p // nm, p % nm
-            a = ab[j].view(-1, 1, 1, 1)
-            eps = eps_flat[j]
-            z_t = a.sqrt() * z0[img] + (1 - a).sqrt() * eps
+        for c in noised_pairs(z0, bank, alphas_cumprod, max_batch):
             res = None
             if residuals is not None:
-                res = ([r.to(device)[j] for r in residuals[0]], residuals[1].to(device)[j])
-            emb = None if embedded is None else embedded[img]
-            pred = net.predict_noise(z_t, t_flat[j], None, residuals=res, hint_embedding=emb)
-            err[p] = (eps - pred).float().pow(2).mean(1)  # eq. 12, mean over C
+                res = ([r.to(device)[c.j] for r in residuals[0]], residuals[1].to(device)[c.j])
+            emb = None if embedded is None else embedded[c.img]
+            pred = net.predict_noise(c.z_t, c.t, None, residuals=res, hint_embedding=emb)
+            err[c.p] = (c.eps - pred).float().pow(2).mean(1)  # eq. 12, mean over C
     err = err.view(b_, n_, m_, h_, w_)
     return NoiseFeatures(F=err.mean((3, 4)), spatial=err.mean(2))
 
@@ -129,27 +155,19 @@ def sg_residual_means(
     the prototype conditions of method-notes 4 (per-timestep mean SG residuals of a class of
     images).
     """
-    b_, c_, h_, w_ = z0.shape
     nm = bank.n_stages * bank.m_samples
     device = z0.device
-    t_flat = bank.timesteps.reshape(nm).to(device)
-    eps_flat = bank.noise.reshape(nm, c_, h_, w_).to(device, z0.dtype)
-    ab = alphas_cumprod.to(device, torch.float32)[t_flat].to(z0.dtype)
     down_sum: list[Tensor] | None = None
     mid_sum: Tensor | None = None
     with torch.inference_mode():
         embedded = net.embed_hint(hint, z0)  # (B, C_0, H', W'), reused by every pair of image b
-        for start in range(0, b_ * nm, max_batch):
-            p = torch.arange(start, min(start + max_batch, b_ * nm), device=device)
-            img, j = p // nm, p % nm
-            a = ab[j].view(-1, 1, 1, 1)
-            z_t = a.sqrt() * z0[img] + (1 - a).sqrt() * eps_flat[j]
-            down, mid = net.residuals(z_t, t_flat[j], None, hint_embedding=embedded[img])
+        for c in noised_pairs(z0, bank, alphas_cumprod, max_batch):
+            down, mid = net.residuals(c.z_t, c.t, None, hint_embedding=embedded[c.img])
             if down_sum is None or mid_sum is None:
                 down_sum = [torch.zeros(nm, *r.shape[1:], device=device) for r in down]
                 mid_sum = torch.zeros(nm, *mid.shape[1:], device=device)
             for acc, r in zip(down_sum, down, strict=True):
-                acc.index_add_(0, j, r.float())
-            mid_sum.index_add_(0, j, mid.float())
+                acc.index_add_(0, c.j, r.float())
+            mid_sum.index_add_(0, c.j, mid.float())
     assert down_sum is not None and mid_sum is not None
     return [d.clone() for d in down_sum], mid_sum.clone()  # normal tensors, outside inference mode
