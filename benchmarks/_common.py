@@ -93,6 +93,14 @@ def write_pngs(folder: Path, n: int, size: int, seed: int = 0, chunk: int = 256)
     return paths
 
 
+def link_images(paths: list[Path], folder: Path) -> Path:
+    """``folder`` holding symlinks to ``paths`` (same names); returns ``folder``."""
+    folder.mkdir(parents=True)
+    for p in paths:
+        (folder / p.name).symlink_to(p)
+    return folder
+
+
 def write_mvtec(root: Path, category: str, n: int, size: int, seed: int = 0) -> Path:
     """An MVTec-layout category with ``n`` test images (half ``good``, half ``defect`` with a square
     mask each) under ``root/category``; returns ``root``."""

@@ -27,6 +27,7 @@ from benchmarks._common import (
     build_model,
     demo_config,
     emit,
+    link_images,
     setup,
     stopwatch,
     write_mvtec,
@@ -79,10 +80,7 @@ def prepare(work: Path, sizes: list[int], quick: bool) -> None:
     build_model(cfg, n_source=4 if quick else 16).save(work / "ckpt")
     pngs = write_pngs(work / "images", max(sizes), cfg.data.image_size)
     for n in sizes:
-        folder = work / f"images_{n}"
-        folder.mkdir()
-        for p in pngs[:n]:
-            (folder / p.name).symlink_to(p)
+        link_images(pngs[:n], work / f"images_{n}")
         write_mvtec(work / f"mvtec_{n}", CATEGORY, n, cfg.data.image_size)
 
 

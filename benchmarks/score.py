@@ -42,6 +42,7 @@ from benchmarks._common import (
     emit,
     forwards_per_image,
     latent_shape,
+    link_images,
     matmul_peak_gflops,
     median_span,
     setup,
@@ -184,7 +185,7 @@ def main() -> None:
         load_s = time.perf_counter() - start
         flops_image = flops_per_image(model)
         n_max = max(max(2 * b, 6) for b in sizes)
-        write_pngs(tmp_path / "images", n_max, cfg.data.image_size)
+        pngs = write_pngs(tmp_path / "images", n_max, cfg.data.image_size)
         figures: dict[str, object] = {
             "bench": "score",
             "latent": cfg.model.latent,
@@ -196,10 +197,7 @@ def main() -> None:
         }
         for b in sizes:
             n = max(2 * b, 6)
-            folder = tmp_path / f"in_{b}"
-            folder.mkdir()
-            for p in sorted((tmp_path / "images").glob("*.png"))[:n]:
-                (folder / p.name).symlink_to(p)
+            folder = link_images(pngs[:n], tmp_path / f"in_{b}")
             score_command(model, tmp_path / "ckpt", folder, tmp_path / f"warm_{b}", b)  # warm-up
             fulls, bares = [], []
             for r in range(args.repeats):  # interleaved: load drifts affect both alike

@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 
 from dzad.config import DZADConfig
-from dzad.metrics import image_metrics, macro_mean
+from dzad.evaluation_outputs import mean_without_skipped
+from dzad.metrics import image_metrics
 from dzad.study.evaluations import evaluate_model, load_model, seed_file, seed_result
 from dzad.study.layout import seed_dir, target_ref, with_seed
 from dzad.study.models import needs_labelled, source_labelled, source_normals, train_model
@@ -51,6 +52,7 @@ TABLE3_ROWS: tuple[dict[str, bool], ...] = (
     {"SD": True, "SGSD": True, "M_t": True, "w_t": True},
     {"SD": True, "SGSD": True, "M_t": True, "F_b": True, "w_t": True},
 )
+TABLE3_KEYS = ("SD", "SGSD", "M_t", "F_b", "w_t")  # column order of the row names
 RESULT_KEYS = ("categories", "mean")
 
 
@@ -72,9 +74,7 @@ def image_result(labels: np.ndarray, categories: np.ndarray, scores: np.ndarray)
         str(c): image_metrics(labels[categories == c], scores[categories == c])
         for c in dict.fromkeys(categories.tolist())
     }
-    mean = macro_mean(per_cat)
-    mean.pop("skipped", None)
-    return {"categories": per_cat, "mean": mean}
+    return {"categories": per_cat, "mean": mean_without_skipped(per_cat)}
 
 
 # ---------------------------------------------------------------------------------------- Table 4
@@ -152,6 +152,7 @@ def timestep_results(
     ``t_start`` is reused, not rerun."""
     out: dict[str, dict[str, list[Result]]] = {str(t): {} for t in cfg.ablation.t_starts}
     base = _eval_cfg(cfg)
+    targets = ablation_targets(cfg)
     for seed, ckpt in ckpts.items():
         model = load_model(ckpt, with_seed(base, seed))
         trained = model.cfg
@@ -161,7 +162,7 @@ def timestep_results(
                     f"ablation.t_starts: {t} is outside (0, T={trained.model.num_train_timesteps})"
                 )
             model.cfg = replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
-            for target in ablation_targets(cfg):
+            for target in targets:
                 if t == cfg.reconstruction.t_start and _reusable(cfg):
                     result = seed_result(eval_dirs[target], seed)
                 else:
@@ -190,11 +191,29 @@ def row_config(cfg: DZADConfig, flags: Mapping[str, bool]) -> DZADConfig:
     return out
 
 
-def recalibrated(model, row_cfg: DZADConfig):
-    """``model`` with the row's noise bank, weighting and gate, calibrated on the same held-out
-    SOURCE normals as training (:func:`dzad.calibration.split_holdout`, training seed)."""
-    from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
+def source_sets(cfg: DZADConfig, image_size: int):
+    """The SOURCE images a Table-3 recalibration needs, loaded once for every row and seed:
+    normals (an ``ImageSource``) and, when ``cfg`` needs it, the labelled split (images, labels)."""
+    from dzad.calibration import ImageSource
     from dzad.data.dataset import ImageDataset
+
+    mb = cfg.train.preload_max_mb
+    normals = ImageSource(ImageDataset(source_normals(cfg), image_size, cfg.data), mb)
+    labelled = None
+    if needs_labelled(cfg):
+        images, labels = source_labelled(cfg)
+        labelled = (ImageSource(images, mb), torch.as_tensor(labels))
+    return normals, labelled
+
+
+def recalibrated(model, row_cfg: DZADConfig, normals, labelled=None):
+    """``model`` with the row's noise bank, weighting and gate, calibrated on the same held-out
+    SOURCE normals as training (:func:`dzad.calibration.split_holdout`, training seed).
+
+    ``normals`` / ``labelled``: :func:`source_sets` of the study; the labelled split is used only
+    when the row's calibration needs it.
+    """
+    from dzad.calibration import calibrate_on_source, split_holdout
     from dzad.model import DZAD
     from dzad.noise_features import NoiseBank
 
@@ -215,21 +234,13 @@ def recalibrated(model, row_cfg: DZADConfig):
     if not same_bank:
         latent_shape = tuple(model.bank.noise.shape[2:])
         bank = NoiseBank.create(cfg.noise, cfg.model.num_train_timesteps, latent_shape)
-    normals = ImageSource(
-        ImageDataset(source_normals(row_cfg), model.image_size, row_cfg.data),
-        row_cfg.train.preload_max_mb,
-    )
     d = cfg.detection
     _, cal_idx = split_holdout(
         len(normals), d.calibration_holdout, d.calibration_max_images, trained.seed
     )
-    labelled = None
-    if needs_labelled(cfg):
-        images, labels = source_labelled(row_cfg)
-        labelled = (ImageSource(images, row_cfg.train.preload_max_mb), torch.as_tensor(labels))
     calib = calibrate_on_source(
         cfg, model.net, model.encoder, bank, model.alphas_cumprod, normals, cal_idx,
-        model.device, labelled, backbone=model.backbone,
+        model.device, labelled if needs_labelled(cfg) else None, backbone=model.backbone,
     )  # fmt: skip
     return DZAD(cfg, model.encoder, model.net, bank, calib, model.backbone)
 
@@ -250,20 +261,21 @@ def architecture_results(
     rows: dict[str, list[dict[str, Any]]] = {
         t: [{"flags": dict(flags), "results": []} for flags in TABLE3_ROWS] for t in targets
     }
-    full = {"SD", "SGSD", "M_t", "F_b", "w_t"}
+    sources = None  # SOURCE images for recalibration, loaded once for all rows and seeds
     for seed, ckpt in ckpts.items():
         main = load_model(ckpt, with_seed(base, seed))
+        sources = sources or source_sets(base, main.image_size)
         for i, flags in enumerate(TABLE3_ROWS):
             row_cfg = with_seed(row_config(base, flags), seed)
-            name = "+".join(k for k in ("SD", "SGSD", "M_t", "F_b", "w_t") if flags.get(k))
+            name = "+".join(k for k in TABLE3_KEYS if flags.get(k))
             if not flags.get("SGSD"):
                 sd_ckpt = seed_dir(out_dir / "sd_model", seed)
                 train_model(row_cfg, sd_ckpt, seed=seed)
                 model = load_model(sd_ckpt, row_cfg)
             else:
-                model = recalibrated(main, row_cfg)
+                model = recalibrated(main, row_cfg, *sources)
             for target in targets:
-                if set(k for k, v in flags.items() if v) == full and _reusable(cfg):
+                if all(flags.get(k) for k in TABLE3_KEYS) and _reusable(cfg):
                     result = seed_result(eval_dirs[target], seed)
                 else:
                     folder = seed_dir(out_dir / name / target, seed)

@@ -45,6 +45,11 @@ def _weight(pixel_weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
     return pixel_weight.view(-1, 1, 1, 1) if pixel_weight.ndim == 1 else pixel_weight.to(like)
 
 
+def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of ``(B, 1, h, w)`` to ``(B, 1, *size)`` (sigma_n of eq. 14/15)."""
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+
 def base_map(
     f_x: Sequence[torch.Tensor],
     f_xhat: Sequence[torch.Tensor],
@@ -67,7 +72,7 @@ def base_map(
             sim = (a - b).pow(2).mean(1, keepdim=True)
         else:
             raise ValueError(f"unknown distance {distance!r}")
-        sim = F.interpolate(sim, size=size, mode="bilinear", align_corners=False)
+        sim = upsample(sim, size)
         w = _weight(pixel_weight, sim)
         term = (1 - w * sim).clamp_min(0) if distance == "cosine" else sim / w
         total = term if total is None else total + term
@@ -84,7 +89,7 @@ def excess_term(
     is scaled down by ``w_pn`` (eq. 14) and positions whose error exceeds the nearest SOURCE
     normal's are raised by ``1 / w_pa`` (eq. 15).
     """
-    up = F.interpolate(excess.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    up = upsample(excess.unsqueeze(1), size)
     return up / pixel_weight.to(up)
 
 
@@ -114,8 +119,7 @@ def anomalous_gate(
     falling as it exceeds it; ``spatial=False`` compares the map means (one value per image).
     """
     if spatial:
-        excess = (err - ref).clamp_min(0).unsqueeze(1)
-        excess = F.interpolate(excess, size=size, mode="bilinear", align_corners=False)
+        excess = upsample((err - ref).clamp_min(0).unsqueeze(1), size)
     else:
         excess = (err.mean(dim=(1, 2)) - ref.mean(dim=(1, 2))).clamp_min(0)
         excess = excess.view(-1, 1, 1, 1).expand(-1, 1, *size)

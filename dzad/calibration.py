@@ -151,12 +151,16 @@ def calibrate_on_source(
         src, labels = labelled
         all_idx = torch.arange(len(src))
         kwargs["labels"] = labels
-        kwargs["features_labelled"] = feats(src, all_idx)
-        if cfg.detection.mode == "prototype":
+        if cfg.detection.mode != "prototype":
+            kwargs["features_labelled"] = feats(src, all_idx)
+        else:  # the labelled images are encoded once, for their features and the prototypes
             batches = []
             for s in range(0, len(src), bs):
                 x = src.get(all_idx[s : s + bs]).to(device)
                 batches.append((encoder.encode(x), x, labels[s : s + bs]))
+            kwargs["features_labelled"] = NoiseFeatures.cat(
+                [noise_features(net, z0, x, bank, alphas_cumprod, mb) for z0, x, _ in batches]
+            )
             protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
             kwargs["prototypes"] = protos
             kwargs["features_labelled_prototypes"] = [

@@ -84,6 +84,13 @@ def run_category(
         if maps_out is not None:
             maps_out[start : start + len(items)] = maps[:, 0].numpy()
         run.F.append(out.F.float().cpu().numpy())
+        # one device->host copy per score and batch (not one sync per image and score)
+        image_s, map_s, det_s, fused_s, decision = (
+            t.cpu().tolist()
+            for t in (
+                out.image_score, out.map_score, out.detection_score, out.fused_score, out.decision
+            )
+        )  # fmt: skip
         for i, it in enumerate(items):
             run.rows.append(
                 {
@@ -91,15 +98,15 @@ def run_category(
                     "category": it["category"],
                     "label": int(it["label"]),
                     "defect": it["defect"],
-                    "image_score": float(out.image_score[i]),
-                    "map_score": float(out.map_score[i]),
-                    "detection_score": float(out.detection_score[i]),
-                    "fused_score": float(out.fused_score[i]),
-                    "decision": "anomalous" if bool(out.decision[i]) else "normal",
+                    "image_score": float(image_s[i]),
+                    "map_score": float(map_s[i]),
+                    "detection_score": float(det_s[i]),
+                    "fused_score": float(fused_s[i]),
+                    "decision": "anomalous" if bool(decision[i]) else "normal",
                 }
             )
             run.extremes.add(
-                float(out.map_score[i]),
+                float(map_s[i]),
                 images[i].permute(1, 2, 0).numpy(),
                 maps[i, 0].numpy(),
                 masks[i, 0].numpy() > 0,

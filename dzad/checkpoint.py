@@ -26,7 +26,7 @@ from dzad.detection import Calibration
 from dzad.errors import CheckpointError, DZADInputError
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.latents import Encoder, VAEEncoder, build_encoder
-from dzad.networks import SFF, DZADNetwork, freezes_unet_encoder, skip_layout
+from dzad.networks import DZADNetwork, assemble_network
 from dzad.noise_features import NoiseBank
 
 FORMAT, VERSION = "dzad-checkpoint", 1
@@ -59,7 +59,7 @@ def save_checkpoint(
     ``train_state`` = (tensors, JSON scalars) for exact resume.
     """
     folder = Path(folder)
-    tensors: dict[str, Tensor] = {"net.context": net.context.detach().cpu().contiguous()}
+    tensors = _prefixed("net", {"context": net.context})
     if net.sff is not None:
         tensors.update(_prefixed("sff", net.sff.state_dict()))
     tensors.update(_prefixed("encoder", encoder.extra_state()))
@@ -122,25 +122,20 @@ def _load_net(
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-    sg = sff = None
+    sg = None
     if cfg.model.use_sg:
         if not (folder / "sg").is_dir():
             raise CheckpointError(folder, "model.use_sg is true but the sg/ folder is missing")
         sg = ControlNetModel.from_pretrained(folder / "sg", use_safetensors=True)
-        if len(unet.config.block_out_channels) > 1:
-            sff = SFF(skip_layout(unet), cfg.model.sff_norm)
-            sff.load_state_dict(_section(tensors, "sff"))
-    net = DZADNetwork(
+    net = assemble_network(
+        cfg.model,
         unet,
         sg,
-        sff,
-        only_mid_control=cfg.model.only_mid_control,
-        hint_channels=cfg.model.hint_channels,
         image_size=int(meta["model"]["image_size"]),
         context=tensors["net.context"],
     )
-    if freezes_unet_encoder(cfg.model):
-        net.freeze_unet_encoder()
+    if net.sff is not None:
+        net.sff.load_state_dict(_section(tensors, "sff"))
     return net.eval()
 
 

@@ -29,7 +29,13 @@ from dzad.noise_features import (
     noise_features,
     sg_residual_means,
 )
-from dzad.weighting import fit_learned_weights, parse_name, stage_means, weights_by_name
+from dzad.weighting import (
+    fit_learned_weights,
+    parse_name,
+    stage_means,
+    weighted_score,
+    weights_by_name,
+)
 
 
 @dataclass
@@ -159,15 +165,14 @@ def excess_map(spatial: Tensor, calib: Calibration) -> Tensor:
 
 def self_score(F: Tensor, calib: Calibration) -> Tensor:
     """``(B,N,M)`` -> ``(B,)`` weighted (standardised) noise error, + the learned bias (eq. 13)."""
-    mean, std = calib.stats()
-    return stage_means(F, mean, std) @ calib.weights.to(F.device, torch.float32) + calib.bias
+    return weighted_score(F, calib.weights, *calib.stats()) + calib.bias
 
 
 def contrast_score(F: Tensor, F_null: Tensor, calib: Calibration) -> Tensor:
     """``s(x0 hint) - s(null hint)``, standardised with that difference's statistics -> ``(B,)``."""
     if calib.contrast_mean is None or calib.contrast_std is None:
         raise ValueError("contrast mode: the calibration has no null-hint statistics")
-    diff = F.float().mean(2) - F_null.float().mean(2)
+    diff = stage_means(F) - stage_means(F_null)
     if calib.standardise:
         diff = (diff - calib.contrast_mean.to(diff)) / calib.contrast_std.to(diff)
     return diff @ calib.weights.to(diff)
@@ -175,9 +180,8 @@ def contrast_score(F: Tensor, F_null: Tensor, calib: Calibration) -> Tensor:
 
 def prototype_logits(features_prototypes: list[NoiseFeatures], calib: Calibration) -> Tensor:
     """``(B,K)`` weighted errors under each prototype condition (lower = better explained)."""
-    mean, std = calib.stats()
-    w = calib.weights
-    return torch.stack([stage_means(f.F, mean, std) @ w.to(f.F) for f in features_prototypes], 1)
+    stats = calib.stats()
+    return torch.stack([weighted_score(f.F, calib.weights, *stats) for f in features_prototypes], 1)
 
 
 def _quantile(x: Tensor, q: float) -> float:
@@ -226,7 +230,8 @@ def calibrate(
     b_, n_ = F.shape[:2]
     if b_ < 2:
         raise ValueError("calibration needs at least 2 SOURCE-normal images")
-    mean, std = _mean_std(F.float().mean(2))
+    normal_means = stage_means(F)  # (B,N)
+    mean, std = _mean_std(normal_means)
     use_mean, use_std = (mean, std) if detection.standardise else (None, None)
     bias = 0.0
     if parse_name(weighting.name, weighting.k)[0] == "learned":
@@ -263,7 +268,7 @@ def calibrate(
             raise ValueError("per-position statistics need at least 2 SOURCE-normal images")
         calib.position_mean, calib.position_std = _mean_std(sp)
     if features_normal_null is not None:
-        diff = F.float().mean(2) - features_normal_null.F.float().mean(2)
+        diff = normal_means - stage_means(features_normal_null.F)
         calib.contrast_mean, calib.contrast_std = _mean_std(diff)
         calib.tau_contrast = _quantile(
             contrast_score(F, features_normal_null.F, calib), detection.threshold_quantile

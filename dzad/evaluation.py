@@ -43,7 +43,13 @@ from dzad.backbones import Backbone, build_backbone
 from dzad.category_run import finish_scores, run_category, why_undefined
 from dzad.config import DatasetRef, EvalConfig
 from dzad.controls import Control, build_control
-from dzad.data.dataset import ImageDataset, Sample, iter_samples, list_categories
+from dzad.data.dataset import (
+    ImageDataset,
+    Sample,
+    collect_samples,
+    iter_samples,
+    list_categories,
+)
 from dzad.errors import DZADInputError
 from dzad.evaluation_outputs import assemble, category_figures, write_outputs
 from dzad.io_utils import atomic_path
@@ -78,10 +84,12 @@ def source_batches(
     refs: Sequence[DatasetRef], image_size: int, data_cfg, batch_size: int
 ) -> Iterator[torch.Tensor]:
     """SOURCE-normal images (``train/good`` of each ref's categories) as ``(B,3,S,S)`` batches."""
-    samples: list[Sample] = []
-    for ref in refs:
-        for cat in ref.categories or list_categories(ref.root):
-            samples += list(iter_samples(ref.root, cat, "train", skip_bad=data_cfg.skip_bad))
+    skip_bad = data_cfg.skip_bad
+    samples = [
+        s
+        for ref in refs
+        for s in collect_samples(ref.root, ref.categories, ("train",), skip_bad=skip_bad)
+    ]
     if not samples:
         raise DZADInputError(refs[0].root if refs else ".", "no SOURCE train/good images")
     ds = ImageDataset(samples, image_size, data_cfg)

@@ -46,7 +46,8 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def _mean_without_skipped(per_cat: dict[str, dict[str, float]]) -> dict[str, float]:
+def mean_without_skipped(per_cat: dict[str, dict[str, float]]) -> dict[str, float]:
+    """:func:`dzad.metrics.macro_mean` without its ``skipped`` entry (explained elsewhere)."""
     mean = macro_mean(per_cat)
     mean.pop("skipped", None)
     return mean
@@ -57,14 +58,14 @@ def assemble(per_cat, variants, ctrl, controls, skipped, counts) -> dict:
     return _nan_to_none(
         {
             "categories": per_cat,
-            "mean": _mean_without_skipped(per_cat),
+            "mean": mean_without_skipped(per_cat),
             "variants": {
-                name: {"categories": v, "mean": _mean_without_skipped(v)}
+                name: {"categories": v, "mean": mean_without_skipped(v)}
                 for name, v in variants.items()
                 if v
             },
             "controls": {
-                name: {"label": labels[name], "categories": v, "mean": _mean_without_skipped(v)}
+                name: {"label": labels[name], "categories": v, "mean": mean_without_skipped(v)}
                 for name, v in ctrl.items()
                 if v
             },

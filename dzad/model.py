@@ -26,7 +26,7 @@ from dzad.detection import Calibration, detect, excess_map, mode_features, weigh
 from dzad.errors import CheckpointError
 from dzad.latents import Encoder
 from dzad.networks import DZADNetwork, make_scheduler
-from dzad.noise_features import NoiseBank, NoiseFeatures
+from dzad.noise_features import NoiseBank
 from dzad.reconstruction import image_seeds, reconstruct
 from dzad.scoring import image_score, pool_size, rank_fusion
 from dzad.weighting import stage_means
@@ -170,9 +170,9 @@ class DZAD(nn.Module):
         """Steps 1-4 of :meth:`forward` for ``images`` ``(B,3,H,W)`` in [0,1]."""
         x0 = images.to(self.device, torch.float32)
         z0 = self.encoder.encode(x0)
-        return self._detect(x0, z0)[0]
+        return self._detect(x0, z0)
 
-    def _detect(self, x0: Tensor, z0: Tensor) -> tuple[Detection, NoiseFeatures]:
+    def _detect(self, x0: Tensor, z0: Tensor) -> Detection:
         cfg = self.cfg
         # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 (eq. 9)
         feats, extra = mode_features(
@@ -187,7 +187,7 @@ class DZAD(nn.Module):
         )
         # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
         score, decision = detect(feats, self.calibration, cfg.detection, **extra)
-        return Detection(feats.F, feats.spatial, score, decision), feats
+        return Detection(feats.F, feats.spatial, score, decision)
 
     def _references(self) -> tuple[Tensor | None, Tensor | None]:
         refs = self.fusion_references()
@@ -195,6 +195,16 @@ class DZAD(nn.Module):
             log.warning("rank fusion within the batch: %s", self.reference_problem())
             self._warned_reference = True
         return refs or (None, None)
+
+    def gate(self, det: Detection, size: tuple[int, int]) -> Tensor:
+        """Eq. 14-15's gate ``(B,1,H,W)`` for the images of ``det`` (steps 1-4) at ``size``."""
+        calib = self.calibration
+        err = weighted_map(det.spatial, calib)  # (B,h,w), same weighting as normal_spatial
+        keys = stage_means(det.F, *calib.stats())  # (B,N), same keys as normal_keys
+        return gate_weights(
+            det.decision, err, keys, self.cfg.anomaly_map, size,
+            calib.normal_keys, calib.normal_spatial,
+        )  # fmt: skip
 
     def _reconstruction_map(self, x0: Tensor, z0: Tensor, gate: Tensor) -> Tensor:
         """Eq. 14-15's base map ``(B,1,H,W)``: x0 ``(B,3,H,W)`` against its DDIM reconstruction
@@ -230,18 +240,14 @@ class DZAD(nn.Module):
         # 1. encode: z0 = E(x0)                                   (B,C,h,w)
         z0 = self.encoder.encode(x0)
         # 2-4. noise features, weighted score, decision          F (B,N,M); s, decision (B,)
-        det, feats = self._detect(x0, z0)
+        det = self._detect(x0, z0)
 
-        # 5. two-branch gate (eq. 14-15) on the spatial noise error
-        err = weighted_map(feats.spatial, calib)  # (B,h,w), same weighting as normal_spatial
-        keys = stage_means(feats.F, *calib.stats())  # (B,N), same keys as normal_keys
-        gate = gate_weights(
-            det.decision, err, keys, cfg.anomaly_map, size, calib.normal_keys, calib.normal_spatial
-        )  # (B,1,H,W)
+        # 5. two-branch gate (eq. 14-15) on the spatial noise error      (B,1,H,W)
+        gate = self.gate(det, size)
         # 6. gated base map: distance to the DDIM reconstruction (the paper's eq. 14-15) or the
         # noise error's excess over SOURCE normals at each position (anomaly_map.base)
         if cfg.anomaly_map.base == "noise_excess":
-            raw = excess_term(excess_map(feats.spatial, calib), size, gate)  # (B,1,H,W)
+            raw = excess_term(excess_map(det.spatial, calib), size, gate)  # (B,1,H,W)
         else:
             raw = self._reconstruction_map(x0, z0, gate)  # (B,1,H,W)
 

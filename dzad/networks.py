@@ -12,7 +12,7 @@ context.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
@@ -63,14 +63,12 @@ def resolve_profile(cfg: ModelConfig) -> Profile:
     groups = p.norm_num_groups
     while any(w % groups for w in widths):  # overridden widths must stay divisible
         groups //= 2
-    return Profile(
-        widths,
-        cfg.layers_per_block or p.layers_per_block,
-        groups,
-        tuple(cfg.sg_embedding_channels) or p.sg_embedding_channels,
-        p.cross_attention_dim,
-        p.attention_head_dim,
-        p.freeze_encoder_when_pretrained,
+    return replace(
+        p,
+        block_out_channels=widths,
+        layers_per_block=cfg.layers_per_block or p.layers_per_block,
+        norm_num_groups=groups,
+        sg_embedding_channels=tuple(cfg.sg_embedding_channels) or p.sg_embedding_channels,
     )
 
 
@@ -134,7 +132,7 @@ class SFF(nn.Module):
         for k in self.upper:
             for c in sorted(set(self.low_channels.values())):
                 nrm = (
-                    nn.GroupNorm(_groups(c), c)
+                    nn.GroupNorm(math.gcd(c, 8), c)
                     if norm == "group"
                     else nn.InstanceNorm2d(c, affine=True)
                 )
@@ -151,10 +149,6 @@ class SFF(nn.Module):
         for j in self.low:
             out[j] = nn.functional.silu(skips[j] + fused[self.low_channels[j]])
         return out
-
-
-def _groups(channels: int, preferred: int = 8) -> int:
-    return math.gcd(channels, preferred)
 
 
 class DZADNetwork(nn.Module):
@@ -340,18 +334,30 @@ def build_network(
             )
     else:
         unet = _unet(p, latent_channels, latent_size)
-    sg = sff = None
+    sg = None
     if cfg.use_sg:
         sg = ControlNetModel.from_unet(
             unet,
             conditioning_channels=cfg.hint_channels,
             conditioning_embedding_out_channels=sg_embedding_channels(p, image_size, latent_size),
         )
-        sff = (
-            SFF(skip_layout(unet), cfg.sff_norm)
-            if len(unet.config.block_out_channels) > 1
-            else None
-        )
+    return assemble_network(cfg, unet, sg, image_size=image_size, context=_context(cfg, p))
+
+
+def assemble_network(
+    cfg: ModelConfig,
+    unet: UNet2DConditionModel,
+    sg: ControlNetModel | None,
+    *,
+    image_size: int,
+    context: Tensor | None,
+) -> DZADNetwork:
+    """:class:`DZADNetwork` of ``unet`` and ``sg`` (+ SFF when SG is on and the UNet has more
+    than one level), frozen per :func:`freezes_unet_encoder`; shared by :func:`build_network` and
+    the checkpoint loader (which then loads the SFF weights)."""
+    sff = None
+    if sg is not None and len(unet.config.block_out_channels) > 1:
+        sff = SFF(skip_layout(unet), cfg.sff_norm)
     net = DZADNetwork(
         unet,
         sg,
@@ -359,7 +365,7 @@ def build_network(
         only_mid_control=cfg.only_mid_control,
         hint_channels=cfg.hint_channels,
         image_size=image_size,
-        context=_context(cfg, p),
+        context=context,
     )
     if freezes_unet_encoder(cfg):
         net.freeze_unet_encoder()

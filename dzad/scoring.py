@@ -49,12 +49,12 @@ def reference_rank(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     n = ref.numel()
     if n == 0:
         raise ValueError("reference_rank needs at least one reference score")
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     span = float(ref[-1] - ref[0])
     slope = 1.0 / span if span > 0 else 1.0
-    idx = torch.searchsorted(ref, x).clamp(1, max(n - 1, 1))
     if n == 1:
         return 0.5 + (x - ref[0]) * slope
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    idx = torch.searchsorted(ref, x).clamp(1, n - 1)
     x0, x1, q0, q1 = ref[idx - 1], ref[idx], q[idx - 1], q[idx]
     inside = q0 + (q1 - q0) * (x - x0) / (x1 - x0).clamp_min(1e-300)
     below = q[0] + (x - ref[0]) * slope

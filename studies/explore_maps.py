@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dzad import config
-from dzad.anomaly_map import base_map, excess_term, gate_weights
+from dzad.anomaly_map import base_map, excess_term, upsample
 from dzad.calibration import position_subset
 from dzad.data.dataset import ImageDataset
 from dzad.detection import excess_map, weighted_map
@@ -42,7 +41,6 @@ from dzad.noise_features import NoiseBank, noise_features
 from dzad.reconstruction import image_seeds, reconstruct
 from dzad.study.evaluations import load_model, source_control_batches
 from dzad.study.layout import target_cache
-from dzad.weighting import stage_means
 
 
 def _args() -> argparse.Namespace:
@@ -75,12 +73,13 @@ def main() -> None:
     ds = ImageDataset(
         category_samples(root, a.target, cfg_eval, 0, False), model.image_size, cfg.data
     )
-    controls = build_controls(model, cfg.evaluate, source_control_batches(cfg, model.image_size))
-    src = torch.cat(list(source_control_batches(cfg, model.image_size)()))
+    # SOURCE normals read once: the controls refit on the same batches source_batches yields
+    source = torch.cat(list(source_control_batches(cfg, model.image_size)()))
+    controls = build_controls(model, cfg.evaluate, lambda: source.split(cfg.evaluate.batch_size))
     pos_cfg = dataclasses.replace(
         cfg, detection=dataclasses.replace(cfg.detection, position_images=a.position_images)
     )
-    src = src[position_subset(len(src), pos_cfg)]
+    src = source[position_subset(len(source), pos_cfg)]
     shape = tuple(model.bank.noise.shape[2:])
     with torch.inference_mode():
         z_src = model.encoder.encode(src)
@@ -108,27 +107,18 @@ def main() -> None:
         size = tuple(x.shape[-2:])
 
         def up(e: torch.Tensor, size: tuple[int, int] = size) -> torch.Tensor:
-            return F.interpolate(e.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+            return upsample(e.unsqueeze(1), size)
 
         with torch.inference_mode():
             out = model(x)
             add("configured", out.anomaly_map, out.image_score)
             scores.setdefault("detection_s", []).append(out.detection_score)
             z0 = model.encoder.encode(x)
-            det, feats = model._detect(x, z0)
+            det = model._detect(x, z0)
             calib = model.calibration
-            err = weighted_map(feats.spatial, calib)
+            err = weighted_map(det.spatial, calib)
             add("stage_z", up(err))
-            keys = stage_means(feats.F, *calib.stats())
-            gate = gate_weights(
-                det.decision,
-                err,
-                keys,
-                cfg.anomaly_map,
-                size,
-                calib.normal_keys,
-                calib.normal_spatial,
-            )
+            gate = model.gate(det, size)
             for m, bank in banks.items():
                 sp = noise_features(model.net, z0, x, bank, model.alphas_cumprod, 256).spatial
                 c = calibs[m]

@@ -40,8 +40,8 @@ def clean_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def load_config(params: Path) -> Any:
-    """Parse the params YAML once, at the edge."""
+def load_config(params: Path | None) -> Any:
+    """Parse the params YAML once, at the edge; ``None``: the defaults."""
     from dzad import config
 
-    return config.load(params)
+    return config.DZADConfig() if params is None else config.load(params)

@@ -34,6 +34,7 @@ def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
 
     from dzad.data.dataset import ImageDataset, iter_samples, list_categories
     from dzad.errors import DZADInputError
+    from dzad.study.models import needs_labelled
 
     cats = categories or list_categories(data)
     normals = [s for c in cats for s in iter_samples(data, c, "train") if s.label == 0]
@@ -41,7 +42,7 @@ def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
         raise DZADInputError(data, f"no normal training images in categories {cats}")
     train_set = ImageDataset(normals, cfg.data.image_size, cfg.data)
     labelled = None
-    if cfg.weighting.name == "learned" or cfg.detection.mode == "prototype":
+    if needs_labelled(cfg):
         test = [s for c in cats for s in iter_samples(data, c, "test", allow_missing_masks=True)]
         labels = torch.tensor([s.label for s in test])
         labelled = (ImageDataset(test, cfg.data.image_size, cfg.data), labels)
@@ -63,7 +64,7 @@ def train_cmd(
     """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint."""
     from dzad.training import train
 
-    cfg = load_config(params) if params is not None else DZADConfig()
+    cfg = load_config(params)
     cfg = _with_overrides(cfg, profile, steps, device)
     cats = [c.strip() for c in source_categories.split(",") if c.strip()]
     images, labelled = _source_sets(cfg, data, cats)
@@ -88,7 +89,7 @@ def profiles_cmd(
     from dzad.latents import latent_downsample
     from dzad.networks import build_network, model_stats
 
-    cfg = load_config(params) if params is not None else DZADConfig()
+    cfg = load_config(params)
     for name in profile:
         model = dataclasses.replace(cfg.model, profile=name, pretrained=None)
         size = cfg.data.image_size // latent_downsample(model)

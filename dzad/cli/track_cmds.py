@@ -16,11 +16,9 @@ _PARAMS_HELP = "Study params (tracking section, targets); default ./params.yaml 
 
 
 def _config(params: Path | None):
-    from dzad.config import DZADConfig
-
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
-    return DZADConfig() if params is None else load_config(params)
+    return load_config(params)
 
 
 def _number(value: float | None) -> str:

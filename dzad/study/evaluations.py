@@ -19,8 +19,7 @@ from dzad.study.layout import (
     SEED_DIR,
     checkpoints,
     seed_dir,
-    source_cache,
-    source_refs,
+    source_caches,
     target_cache,
     with_seed,
 )
@@ -75,7 +74,7 @@ def source_control_batches(cfg: DZADConfig, image_size: int) -> Callable[[], Any
     """``source()`` for :func:`dzad.evaluation.build_controls`: SOURCE normals from the caches."""
     from dzad.evaluation import source_batches
 
-    refs = [DatasetRef(str(source_cache(cfg, i))) for i in range(len(source_refs(cfg)))]
+    refs = [DatasetRef(str(c)) for c in source_caches(cfg)]
     return lambda: source_batches(refs, image_size, cfg.data, cfg.evaluate.batch_size)
 
 
@@ -141,13 +140,26 @@ def seed_result(eval_dir: str | Path, seed: int) -> dict:
     return json.loads(seed_file(eval_dir, seed, "metrics.json").read_text())
 
 
-def seed_results(eval_dir: str | Path) -> dict[int, dict]:
-    """``{seed: metrics.json}`` of an evaluation folder (``seed_<s>/`` subfolders)."""
+def _seed_dirs(eval_dir: str | Path) -> dict[int, Path]:
+    """``{seed: eval_dir/seed_<s>}`` in seed order; nothing is read."""
     eval_dir = Path(eval_dir)
-    found = sorted(eval_dir.glob(SEED_DIR.format("*")), key=lambda p: int(p.name.split("_")[1]))
+    found = {int(p.name.split("_")[1]): p for p in eval_dir.glob(SEED_DIR.format("*"))}
     if not found:
         raise DZADInputError(eval_dir, "no seed_<s>/ evaluation folders: run `dzad stage evaluate`")
-    return {int(p.name.split("_")[1]): json.loads((p / "metrics.json").read_text()) for p in found}
+    return dict(sorted(found.items()))
+
+
+def seed_results(eval_dir: str | Path) -> dict[int, dict]:
+    """``{seed: metrics.json}`` of an evaluation folder (``seed_<s>/`` subfolders)."""
+    return {
+        s: json.loads((p / "metrics.json").read_text()) for s, p in _seed_dirs(eval_dir).items()
+    }
+
+
+def first_seed_scores(eval_dir: str | Path) -> tuple[int, pd.DataFrame]:
+    """The lowest seed of an evaluation folder and its ``scores.csv`` (per-image rows)."""
+    first, folder = next(iter(_seed_dirs(eval_dir).items()))
+    return first, pd.read_csv(folder / "scores.csv")
 
 
 def curve_points(eval_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -155,8 +167,7 @@ def curve_points(eval_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     image score, pooled over the target's categories (the per-category curves are PNG figures)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    first = min(seed_results(eval_dir))
-    scores = pd.read_csv(seed_dir(eval_dir, first) / "scores.csv")
+    _, scores = first_seed_scores(eval_dir)
     y, s = scores["label"].to_numpy(), scores["image_score"].to_numpy()
     if y.min() == y.max():
         raise DZADInputError(eval_dir, "one class only: no ROC/PR curve")

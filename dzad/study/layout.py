@@ -34,6 +34,11 @@ def source_cache(cfg: DZADConfig, index: int) -> Path:
     return Path(cfg.data.cache_dir) / "source" / str(index)
 
 
+def source_caches(cfg: DZADConfig) -> list[Path]:
+    """Resized caches of every SOURCE dataset, in ``sets.source`` order."""
+    return [source_cache(cfg, i) for i in range(len(source_refs(cfg)))]
+
+
 def target_cache(cfg: DZADConfig, target: str) -> Path:
     """Resized cache of one target dataset."""
     target_ref(cfg, target)

@@ -12,12 +12,12 @@ import numpy as np
 from dzad.config import DZADConfig
 from dzad.errors import DZADInputError
 from dzad.study.data import cached
-from dzad.study.layout import seed_dir, source_cache, source_refs, with_seed
+from dzad.study.layout import seed_dir, source_caches, with_seed
 
 
 def source_normals(cfg: DZADConfig) -> list:
     """SOURCE ``train/good`` samples of every source cache, in cache order (training's order)."""
-    caches = [source_cache(cfg, i) for i in range(len(source_refs(cfg)))]
+    caches = source_caches(cfg)
     normals = [s for c in caches for s in cached(c, "train", 0)]
     if not normals:
         raise DZADInputError(caches[0], "no SOURCE normal training images (train/good)")
@@ -28,7 +28,7 @@ def source_labelled(cfg: DZADConfig):
     """The labelled SOURCE split (``test/``: images, labels), for learned weights / prototypes."""
     from dzad.data.dataset import ImageDataset
 
-    caches = [source_cache(cfg, i) for i in range(len(source_refs(cfg)))]
+    caches = source_caches(cfg)
     test = [s for c in caches for s in cached(c, "test")]
     if not test:
         raise DZADInputError(caches[0], "the labelled SOURCE split (test/) is empty")

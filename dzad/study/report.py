@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.study.ablations import ABLATION_JSON
-from dzad.study.evaluations import seed_results
-from dzad.study.layout import seed_dir
+from dzad.study.evaluations import first_seed_scores, seed_results
 from dzad.study.summaries import KEY_METRICS
 
 VARIANT_LABELS = {
@@ -26,8 +23,7 @@ VARIANT_LABELS = {
 def _roc_figure(eval_dir: Path, target: str, path: Path) -> Path:
     from dzad.reports import plot_roc_curves
 
-    first = min(seed_results(eval_dir))
-    scores = pd.read_csv(seed_dir(eval_dir, first) / "scores.csv")
+    first, scores = first_seed_scores(eval_dir)
     curves = {
         str(c): (g["label"].to_numpy(), g["image_score"].to_numpy())
         for c, g in scores.groupby("category", sort=False)

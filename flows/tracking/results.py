@@ -101,11 +101,12 @@ def log_evaluation(
     """
     from dzad.reports import auroc_table
 
+    eval_dir = Path(eval_dir)
     log_metrics(run, cfg, evaluation_metrics(target, metrics))
-    seeds = _seed_results(metrics, Path(eval_dir))
+    seeds = _seed_results(metrics, eval_dir)
     for metric in ("image_auroc", "pixel_auroc"):
         log_table(run, f"{target}/{metric}", auroc_table({"DZAD": seeds}, metric), cfg=cfg)
-    c, rid, eval_dir = client(cfg), run_id(run), Path(eval_dir)
+    c, rid = client(cfg), run_id(run)
     for path in sorted(p for p in eval_dir.rglob("*") if p.is_file()):
         if path.suffix not in _NOT_LOGGED and not path.name.startswith("."):
             where = path.parent.relative_to(eval_dir).as_posix()

@@ -12,7 +12,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from dzad.config import DZADConfig, TrackingConfig, flatten
@@ -142,9 +142,11 @@ def log_params(run: Any, cfg: DZADConfig) -> None:
 
 
 def set_tags(run: Any, cfg: DZADConfig | TrackingConfig | None, tags: Mapping[str, Any]) -> None:
+    """Tags as strings, written in batches (one call per :data:`_BATCH`, not one per tag)."""
     c, rid = client(cfg), run_id(run)
-    for key, value in tags.items():
-        c.set_tag(rid, key, str(value))
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for chunk in batched(items):
+        c.log_batch(rid, tags=list(chunk))
 
 
 def log_metrics(
