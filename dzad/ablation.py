@@ -228,7 +228,10 @@ def recalibrated(model, row_cfg: DZADConfig, normals, labelled=None):
     same_bank = (cfg.noise.n_stages, cfg.noise.m_samples, cfg.noise.seed) == (
         trained.noise.n_stages, trained.noise.m_samples, trained.noise.seed
     )  # fmt: skip
-    if same_bank and (cfg.weighting, cfg.detection) == (trained.weighting, trained.detection):
+    same_calibration = (cfg.weighting, cfg.detection, cfg.noise.views) == (
+        trained.weighting, trained.detection, trained.noise.views
+    )  # fmt: skip
+    if same_bank and same_calibration:
         return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
     bank = model.bank
     if not same_bank:

@@ -18,11 +18,11 @@ from torch.utils.data import Dataset
 
 from dzad.backbones import Backbone
 from dzad.config import DZADConfig
-from dzad.detection import Calibration, build_prototypes, calibrate
+from dzad.detection import Calibration, build_prototypes, calibrate, mode_features
 from dzad.latents import Encoder
 from dzad.model import DZAD, map_settings
 from dzad.networks import DZADNetwork
-from dzad.noise_features import NoiseBank, NoiseFeatures, noise_features
+from dzad.noise_features import NoiseBank, NoiseFeatures, view_features
 
 
 class ImageSource:
@@ -87,17 +87,22 @@ def source_features(
     alphas_cumprod: Tensor,
     max_batch: int,
     device: torch.device,
+    views: tuple[str, ...] = ("identity",),
     *,
     null_hint: bool = False,
 ) -> NoiseFeatures:
-    """Noise features (eq. 11-12) of image batches ``(B,3,H,W)``; hint None when ``null_hint``."""
+    """Noise features (eq. 11-12) of image batches ``(B,3,H,W)``, averaged over the test-time
+    ``views`` as at scoring (:func:`dzad.noise_features.view_features`); hint None when
+    ``null_hint``."""
     parts = []
     for x in images:
         x = x.to(device)
-        z0 = encoder.encode(x)
         parts.append(
-            noise_features(net, z0, None if null_hint else x, bank, alphas_cumprod, max_batch)
-        )
+            view_features(
+                net, encoder.encode, x, encoder.encode(x), bank, alphas_cumprod, max_batch,
+                views, null_hint=null_hint,
+            )
+        )  # fmt: skip
     return NoiseFeatures.cat(parts)
 
 
@@ -127,13 +132,14 @@ def calibrate_on_source(
     Then the pipeline itself (:class:`dzad.model.DZAD`; ``backbone``: ``dzad.model.map_backbone``)
     scores the same normals: their map and detection scores are the rank-fusion references.
     """
-    mb, bs = cfg.noise.max_batch, cfg.evaluate.batch_size
+    mb, bs, views = cfg.noise.max_batch, cfg.evaluate.batch_size, cfg.noise.views
     net.eval()
 
     def feats(src: ImageSource, idx: Tensor, null: bool = False) -> NoiseFeatures:
         return source_features(
-            net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, null_hint=null
-        )
+            net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, views,
+            null_hint=null,
+        )  # fmt: skip
 
     kwargs: dict[str, Any] = {"seed": cfg.seed}
     normal = feats(normals, normal_idx)
@@ -158,19 +164,20 @@ def calibrate_on_source(
             for s in range(0, len(src), bs):
                 x = src.get(all_idx[s : s + bs]).to(device)
                 batches.append((encoder.encode(x), x, labels[s : s + bs]))
-            kwargs["features_labelled"] = NoiseFeatures.cat(
-                [noise_features(net, z0, x, bank, alphas_cumprod, mb) for z0, x, _ in batches]
-            )
             protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
+            per_batch = []
+            for z0, x, _ in batches:
+                per_batch.append(
+                    mode_features(
+                        net, encoder.encode, x, z0, bank, alphas_cumprod, mb, protos,
+                        cfg.detection, views,
+                    )
+                )  # fmt: skip
+            kwargs["features_labelled"] = NoiseFeatures.cat([f for f, _ in per_batch])
             kwargs["prototypes"] = protos
             kwargs["features_labelled_prototypes"] = [
-                NoiseFeatures.cat(
-                    [
-                        noise_features(net, z0, None, bank, alphas_cumprod, mb, residuals=p)
-                        for z0, _, _ in batches
-                    ]
-                )
-                for p in protos
+                NoiseFeatures.cat([extra["features_prototypes"][k] for _, extra in per_batch])
+                for k in range(len(protos))
             ]
     calib = calibrate(normal, cfg.weighting, cfg.detection, alphas_cumprod, **kwargs)
     return reference_scores(

@@ -113,6 +113,9 @@ class NoiseConfig:
     m_samples: int = 1
     seed: int = 1234
     max_batch: int = 256  # most (image, timestep) pairs per batched forward
+    # test-time views (dzad.noise_features.VIEWS): F and the spatial error are averaged over the
+    # image and these flips of it (calibration and scoring alike); ("identity",) = the paper
+    views: tuple[str, ...] = ("identity",)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
   quantile of SOURCE-normal scores.
 - ``contrast``: c = SG(x0) versus the null hint; ``s = s(x0 hint) - s(null hint)``: a hint that
   explains an image's noise no better than no hint marks it anomalous (the sign is fixed by this
-  reading, never chosen on data). The caller runs :func:`noise_features` twice (hint, None).
+  reading, never chosen on data). :func:`mode_features` runs the noise features twice (hint, None).
 - ``prototype``: K = 2 prototype conditions (per-timestep mean SG residuals over SOURCE normals and
   SOURCE anomalies, :func:`build_prototypes`); the class with the lower weighted error wins, and
   ``P(anomalous) = softmax(-e_k / T)`` with T fitted on the labelled SOURCE split.
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -26,8 +27,8 @@ from dzad.noise_features import (
     NoiseBank,
     NoiseFeatures,
     Residuals,
-    noise_features,
     sg_residual_means,
+    view_features,
 )
 from dzad.weighting import (
     fit_learned_weights,
@@ -359,25 +360,30 @@ def build_prototypes(
 
 def mode_features(
     net: DZADNetwork,
+    encode: Callable[[Tensor], Tensor],
+    x0: Tensor,
     z0: Tensor,
-    hint: Tensor,
     bank: NoiseBank,
     alphas_cumprod: Tensor,
     max_batch: int,
-    calib: Calibration,
+    prototypes: list[Residuals],
     cfg: DetectionConfig,
+    views: tuple[str, ...] = ("identity",),
 ) -> tuple[NoiseFeatures, dict[str, Any]]:
     """The noise features ``cfg.mode`` needs: ``features`` (hint = x0) and :func:`detect`'s kwargs.
 
-    ``contrast`` adds a null-hint pass, ``prototype`` one pass per prototype condition.
+    ``x0`` ``(B,3,H,W)``, ``z0 = encode(x0)`` ``(B,C,h,w)``; every pass is averaged over the
+    test-time ``views`` (:func:`view_features`). ``contrast`` adds a null-hint pass,
+    ``prototype`` one pass per prototype condition in ``prototypes``.
     """
-    features = noise_features(net, z0, hint, bank, alphas_cumprod, max_batch)
+
+    def feats(**kw: Any) -> NoiseFeatures:
+        return view_features(net, encode, x0, z0, bank, alphas_cumprod, max_batch, views, **kw)
+
+    features = feats()
     extra: dict[str, Any] = {}
     if cfg.mode == "contrast":
-        extra["features_null"] = noise_features(net, z0, None, bank, alphas_cumprod, max_batch)
+        extra["features_null"] = feats(null_hint=True)
     elif cfg.mode == "prototype":
-        extra["features_prototypes"] = [
-            noise_features(net, z0, None, bank, alphas_cumprod, max_batch, residuals=p)
-            for p in calib.prototypes
-        ]
+        extra["features_prototypes"] = [feats(null_hint=True, residuals=p) for p in prototypes]
     return features, extra

@@ -175,15 +175,18 @@ class DZAD(nn.Module):
     def _detect(self, x0: Tensor, z0: Tensor) -> Detection:
         cfg = self.cfg
         # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 (eq. 9)
+        # (averaged over the test-time views of noise.views, each flipped back)
         feats, extra = mode_features(
             self.net,
-            z0,
+            self.encoder.encode,
             x0,
+            z0,
             self.bank,
             self.alphas_cumprod,
             cfg.noise.max_batch,
-            self.calibration,
+            self.calibration.prototypes,
             cfg.detection,
+            cfg.noise.views,
         )
         # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
         score, decision = detect(feats, self.calibration, cfg.detection, **extra)

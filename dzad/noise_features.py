@@ -8,7 +8,7 @@ come from the images, not from the draw. All B*N*M evaluations run as a few larg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +70,34 @@ class NoiseFeatures:
 
 
 Residuals = tuple[list[Tensor], Tensor]
+
+# test-time views (``noise.views``): the image dimensions each flips; a flip is its own inverse
+VIEWS: dict[str, tuple[int, ...]] = {
+    "identity": (),
+    "hflip": (-1,),
+    "vflip": (-2,),
+    "hvflip": (-2, -1),
+}
+
+
+def flip_view(x: Tensor, view: str) -> Tensor:
+    """``x`` ``(..., H, W)`` (images or error maps) seen in ``view``; twice = the identity."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; noise.views takes {sorted(VIEWS)}")
+    return x.flip(VIEWS[view]) if VIEWS[view] else x
+
+
+def average_views(parts: list[NoiseFeatures], views: tuple[str, ...]) -> NoiseFeatures:
+    """Mean of the features of each view ``(B,N,M)`` / ``(B,N,h,w)``, every spatial error flipped
+    back to the image's own positions first (test-time augmentation: more noise draws per stage,
+    each seeing the image differently oriented)."""
+    if len(parts) != len(views) or not parts:
+        raise ValueError("average_views needs one NoiseFeatures per view")
+    if len(parts) == 1:
+        return NoiseFeatures(parts[0].F, flip_view(parts[0].spatial, views[0]))
+    F = torch.stack([p.F for p in parts]).mean(0)
+    spatial = torch.stack([flip_view(p.spatial, v) for p, v in zip(parts, views, strict=True)])
+    return NoiseFeatures(F, spatial.mean(0))
 
 
 @dataclass
@@ -139,6 +167,34 @@ def noise_features(
             err[c.p] = (c.eps - pred).float().pow(2).mean(1)  # eq. 12, mean over C
     err = err.view(b_, n_, m_, h_, w_)
     return NoiseFeatures(F=err.mean((3, 4)), spatial=err.mean(2))
+
+
+def view_features(
+    net: DZADNetwork,
+    encode: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    z0: Tensor,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    max_batch: int,
+    views: tuple[str, ...] = ("identity",),
+    *,
+    null_hint: bool = False,
+    residuals: Residuals | None = None,
+) -> NoiseFeatures:
+    """:func:`noise_features` of images ``x0`` ``(B,3,H,W)`` averaged over test-time ``views``
+    (:func:`average_views`). ``z0 = encode(x0)`` ``(B,C,h,w)`` serves the identity view; every
+    other view is flipped and encoded again (the hint is the flipped image, or None when
+    ``null_hint``)."""
+    parts = []
+    for v in views:
+        x = flip_view(x0, v)
+        z = z0 if v == "identity" else encode(x)
+        hint = None if null_hint else x
+        parts.append(
+            noise_features(net, z, hint, bank, alphas_cumprod, max_batch, residuals=residuals)
+        )
+    return average_views(parts, views)
 
 
 def sg_residual_means(

@@ -196,11 +196,15 @@ def test_prototypes_and_mode_features_on_a_network():
         AB,
         prototypes=protos,
     )
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return 2 * images - 1
+
     feats, extra = mode_features(
-        net, 2 * x - 1, x, bank, AB, 16, calib, DetectionConfig(mode="prototype")
+        net, encode, x, encode(x), bank, AB, 16, calib.prototypes, DetectionConfig(mode="prototype")
     )
     assert feats.F.shape == (4, N, M) and len(extra["features_prototypes"]) == 2
     _, extra = mode_features(
-        net, 2 * x - 1, x, bank, AB, 16, calib, DetectionConfig(mode="contrast")
+        net, encode, x, encode(x), bank, AB, 16, [], DetectionConfig(mode="contrast")
     )
     assert not torch.allclose(extra["features_null"].F, feats.F)
