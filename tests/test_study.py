@@ -332,3 +332,10 @@ def test_study_files_parse_and_name_existing_data(path):
 
 def test_params_yaml_is_the_demo_study():
     assert config.load(REPO / "params.yaml") == config.load(REPO / "studies" / "demo.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_study_files_keep_synthetic_data_inside_the_prepare_output(path):
+    """`prepare` writes only under data/raw: a study whose synth.dest lies elsewhere fails as soon
+    as synth.families is switched on (e.g. to train on a union with the synthetic families)."""
+    assert Path(config.load(path).synth.dest).parts[:2] == ("data", "raw")
