@@ -50,6 +50,7 @@ from benchmarks._common import (
     timed,
     write_pngs,
 )
+from dzad.networks import forward_flops
 
 
 def forward_sizes(cfg, batch: int) -> list[int]:
@@ -62,20 +63,9 @@ def forward_sizes(cfg, batch: int) -> list[int]:
 def flops_per_image(model) -> int:
     """FLOPs of the network scoring one image (torch's FlopCounterMode): ``forwards_per_image``
     forwards reusing the SG hint embedding, plus the two embeddings (noise features, DDIM)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    c, h, w = latent_shape(model)
-    z = torch.zeros((1, c, h, w), device=model.device)
-    hint = torch.zeros((1, 3, model.image_size, model.image_size), device=model.device)
-    t = torch.tensor([500], device=model.device)
-    embed, forward = FlopCounterMode(display=False), FlopCounterMode(display=False)
-    with torch.no_grad():
-        with embed:
-            embedded = model.net.embed_hint(hint, z)
-        with forward:
-            model.net.predict_noise(z, t, None, hint_embedding=embedded)
-    per_forward, per_embedding = forward.get_total_flops(), embed.get_total_flops()
-    return int(per_forward * forwards_per_image(model.cfg) + 2 * per_embedding)
+    c, h, _ = latent_shape(model)
+    per_forward, per_embedding = forward_flops(model.net, c, h)
+    return per_forward * forwards_per_image(model.cfg) + 2 * per_embedding
 
 
 def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> Callable[[], None]:

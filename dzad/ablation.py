@@ -31,12 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dzad.calibration import needs_labelled
 from dzad.config import DZADConfig
 from dzad.evaluation_outputs import mean_without_skipped
 from dzad.metrics import image_metrics
+from dzad.reports import TABLE3_MARKS
 from dzad.study.evaluations import evaluate_model, load_model, seed_file, seed_result
 from dzad.study.layout import seed_dir, target_ref, with_seed
-from dzad.study.models import needs_labelled, source_labelled, source_normals, train_model
+from dzad.study.models import source_labelled, source_normals, train_model
 from dzad.study.summaries import KEY_METRICS, mean_std
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ TABLE3_ROWS: tuple[dict[str, bool], ...] = (
     {"SD": True, "SGSD": True, "M_t": True, "w_t": True},
     {"SD": True, "SGSD": True, "M_t": True, "F_b": True, "w_t": True},
 )
-TABLE3_KEYS = ("SD", "SGSD", "M_t", "F_b", "w_t")  # column order of the row names
 RESULT_KEYS = ("categories", "mean")
 
 
@@ -243,7 +244,7 @@ def recalibrated(model, row_cfg: DZADConfig, normals, labelled=None):
     )
     calib = calibrate_on_source(
         cfg, model.net, model.encoder, bank, model.alphas_cumprod, normals, cal_idx,
-        model.device, labelled if needs_labelled(cfg) else None, backbone=model.backbone,
+        model.device, labelled, backbone=model.backbone,
     )  # fmt: skip
     return DZAD(cfg, model.encoder, model.net, bank, calib, model.backbone)
 
@@ -267,10 +268,11 @@ def architecture_results(
     sources = None  # SOURCE images for recalibration, loaded once for all rows and seeds
     for seed, ckpt in ckpts.items():
         main = load_model(ckpt, with_seed(base, seed))
-        sources = sources or source_sets(base, main.image_size)
+        if sources is None:
+            sources = source_sets(base, main.image_size)
         for i, flags in enumerate(TABLE3_ROWS):
             row_cfg = with_seed(row_config(base, flags), seed)
-            name = "+".join(k for k in TABLE3_KEYS if flags.get(k))
+            name = "+".join(k for k in TABLE3_MARKS if flags.get(k))
             if not flags.get("SGSD"):
                 sd_ckpt = seed_dir(out_dir / "sd_model", seed)
                 train_model(row_cfg, sd_ckpt, seed=seed)
@@ -278,7 +280,7 @@ def architecture_results(
             else:
                 model = recalibrated(main, row_cfg, *sources)
             for target in targets:
-                if all(flags.get(k) for k in TABLE3_KEYS) and _reusable(cfg):
+                if flags == TABLE3_ROWS[-1] and _reusable(cfg):
                     result = seed_result(eval_dirs[target], seed)
                 else:
                     folder = seed_dir(out_dir / name / target, seed)

@@ -90,7 +90,7 @@ def excess_term(
     normal's are raised by ``1 / w_pa`` (eq. 15).
     """
     up = upsample(excess.unsqueeze(1), size)
-    return up / pixel_weight.to(up)
+    return up / _weight(pixel_weight, up)
 
 
 def nearest_reference(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from dzad.detection import Calibration, build_prototypes, calibrate, mode_featur
 from dzad.latents import Encoder
 from dzad.model import DZAD, map_settings
 from dzad.networks import DZADNetwork
-from dzad.noise_features import NoiseBank, NoiseFeatures, view_features
+from dzad.noise_features import NoiseBank, NoiseFeatures, encode_views, view_features
 
 
 class ImageSource:
@@ -97,13 +98,16 @@ def source_features(
     parts = []
     for x in images:
         x = x.to(device)
+        viewed = encode_views(encoder.encode, x, views)
         parts.append(
-            view_features(
-                net, encoder.encode, x, encoder.encode(x), bank, alphas_cumprod, max_batch,
-                views, null_hint=null_hint,
-            )
-        )  # fmt: skip
+            view_features(net, viewed, bank, alphas_cumprod, max_batch, null_hint=null_hint)
+        )
     return NoiseFeatures.cat(parts)
+
+
+def needs_labelled(cfg: DZADConfig) -> bool:
+    """Whether calibrating ``cfg`` needs a labelled SOURCE split (normals + anomalies)."""
+    return cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
 
 
 def position_subset(n: int, cfg: DZADConfig) -> Tensor:
@@ -147,8 +151,7 @@ def calibrate_on_source(
         kwargs["features_position"] = feats(normals, position_subset(len(normals), cfg))
     if cfg.detection.mode == "contrast":
         kwargs["features_normal_null"] = feats(normals, normal_idx, null=True)
-    need_labels = cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
-    if need_labels:
+    if needs_labelled(cfg):
         if labelled is None:
             raise ValueError(
                 "weighting 'learned' / detection 'prototype' need a labelled SOURCE split "
@@ -165,14 +168,14 @@ def calibrate_on_source(
                 x = src.get(all_idx[s : s + bs]).to(device)
                 batches.append((encoder.encode(x), x, labels[s : s + bs]))
             protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
-            per_batch = []
-            for z0, x, _ in batches:
-                per_batch.append(
-                    mode_features(
-                        net, encoder.encode, x, z0, bank, alphas_cumprod, mb, protos,
-                        cfg.detection, views,
-                    )
-                )  # fmt: skip
+            per_batch = [
+                mode_features(
+                    partial(view_features, net, encode_views(encoder.encode, x, views, z0), bank,
+                            alphas_cumprod, mb),
+                    protos, cfg.detection,
+                )
+                for z0, x, _ in batches
+            ]  # fmt: skip
             kwargs["features_labelled"] = NoiseFeatures.cat([f for f, _ in per_batch])
             kwargs["prototypes"] = protos
             kwargs["features_labelled_prototypes"] = [

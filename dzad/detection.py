@@ -28,7 +28,6 @@ from dzad.noise_features import (
     NoiseFeatures,
     Residuals,
     sg_residual_means,
-    view_features,
 )
 from dzad.weighting import (
     fit_learned_weights,
@@ -359,31 +358,22 @@ def build_prototypes(
 
 
 def mode_features(
-    net: DZADNetwork,
-    encode: Callable[[Tensor], Tensor],
-    x0: Tensor,
-    z0: Tensor,
-    bank: NoiseBank,
-    alphas_cumprod: Tensor,
-    max_batch: int,
+    features_of: Callable[..., NoiseFeatures],
     prototypes: list[Residuals],
     cfg: DetectionConfig,
-    views: tuple[str, ...] = ("identity",),
 ) -> tuple[NoiseFeatures, dict[str, Any]]:
     """The noise features ``cfg.mode`` needs: ``features`` (hint = x0) and :func:`detect`'s kwargs.
 
-    ``x0`` ``(B,3,H,W)``, ``z0 = encode(x0)`` ``(B,C,h,w)``; every pass is averaged over the
-    test-time ``views`` (:func:`view_features`). ``contrast`` adds a null-hint pass,
-    ``prototype`` one pass per prototype condition in ``prototypes``.
+    ``features_of(**kw)``: the images' noise features (``dzad.noise_features.view_features`` bound
+    to the network, the encoded views and the bank; ``null_hint`` / ``residuals`` as there).
+    ``contrast`` adds a null-hint pass, ``prototype`` one pass per condition in ``prototypes``.
     """
-
-    def feats(**kw: Any) -> NoiseFeatures:
-        return view_features(net, encode, x0, z0, bank, alphas_cumprod, max_batch, views, **kw)
-
-    features = feats()
+    features = features_of()
     extra: dict[str, Any] = {}
     if cfg.mode == "contrast":
-        extra["features_null"] = feats(null_hint=True)
+        extra["features_null"] = features_of(null_hint=True)
     elif cfg.mode == "prototype":
-        extra["features_prototypes"] = [feats(null_hint=True, residuals=p) for p in prototypes]
+        extra["features_prototypes"] = [
+            features_of(null_hint=True, residuals=p) for p in prototypes
+        ]
     return features, extra

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from dzad.detection import Calibration, detect, excess_map, mode_features, weigh
 from dzad.errors import CheckpointError
 from dzad.latents import Encoder
 from dzad.networks import DZADNetwork, make_scheduler
-from dzad.noise_features import NoiseBank
+from dzad.noise_features import NoiseBank, encode_views, view_features
 from dzad.reconstruction import image_seeds, reconstruct
 from dzad.scoring import image_score, pool_size, rank_fusion
 from dzad.weighting import stage_means
@@ -176,18 +177,11 @@ class DZAD(nn.Module):
         cfg = self.cfg
         # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 (eq. 9)
         # (averaged over the test-time views of noise.views, each flipped back)
-        feats, extra = mode_features(
-            self.net,
-            self.encoder.encode,
-            x0,
-            z0,
-            self.bank,
-            self.alphas_cumprod,
-            cfg.noise.max_batch,
-            self.calibration.prototypes,
-            cfg.detection,
-            cfg.noise.views,
+        viewed = encode_views(self.encoder.encode, x0, cfg.noise.views, z0)
+        features_of = partial(
+            view_features, self.net, viewed, self.bank, self.alphas_cumprod, cfg.noise.max_batch
         )
+        feats, extra = mode_features(features_of, self.calibration.prototypes, cfg.detection)
         # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
         score, decision = detect(feats, self.calibration, cfg.detection, **extra)
         return Detection(feats.F, feats.spatial, score, decision)

@@ -394,16 +394,27 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def flops_per_forward(net: DZADNetwork, latent_channels: int, latent_size: int) -> int:
-    """FLOPs of one ``predict_noise`` on one image (torch's FlopCounterMode; 2 per multiply-add)."""
+def forward_flops(net: DZADNetwork, latent_channels: int, latent_size: int) -> tuple[int, int]:
+    """FLOPs on one image (torch's FlopCounterMode; 2 per multiply-add) of ``(one predict_noise
+    reusing a precomputed SG hint embedding, one hint embedding)``: scoring embeds each image's
+    hint once and reuses it in every forward (:meth:`DZADNetwork.embed_hint`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    z = torch.zeros(1, latent_channels, latent_size, latent_size)
-    hint = torch.zeros(1, net.hint_channels, net.image_size, net.image_size)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net.predict_noise(z, torch.tensor([500]), hint)
-    return int(counter.get_total_flops())
+    device = next(net.parameters()).device
+    z = torch.zeros(1, latent_channels, latent_size, latent_size, device=device)
+    hint = torch.zeros(1, net.hint_channels, net.image_size, net.image_size, device=device)
+    embed, forward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with torch.no_grad():
+        with embed:
+            embedded = net.embed_hint(hint, z)
+        with forward:
+            net.predict_noise(z, torch.tensor([500], device=device), None, hint_embedding=embedded)
+    return int(forward.get_total_flops()), int(embed.get_total_flops())
+
+
+def flops_per_forward(net: DZADNetwork, latent_channels: int, latent_size: int) -> int:
+    """FLOPs of one ``predict_noise`` on one image, its SG hint embedding included."""
+    return sum(forward_flops(net, latent_channels, latent_size))
 
 
 def model_stats(net: DZADNetwork, latent_channels: int, latent_size: int) -> dict[str, int]:

@@ -8,7 +8,7 @@ come from the images, not from the draw. All B*N*M evaluations run as a few larg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,17 +87,33 @@ def flip_view(x: Tensor, view: str) -> Tensor:
     return x.flip(VIEWS[view]) if VIEWS[view] else x
 
 
-def average_views(parts: list[NoiseFeatures], views: tuple[str, ...]) -> NoiseFeatures:
+def average_views(parts: list[NoiseFeatures], views: Sequence[str]) -> NoiseFeatures:
     """Mean of the features of each view ``(B,N,M)`` / ``(B,N,h,w)``, every spatial error flipped
     back to the image's own positions first (test-time augmentation: more noise draws per stage,
     each seeing the image differently oriented)."""
     if len(parts) != len(views) or not parts:
         raise ValueError("average_views needs one NoiseFeatures per view")
-    if len(parts) == 1:
-        return NoiseFeatures(parts[0].F, flip_view(parts[0].spatial, views[0]))
     F = torch.stack([p.F for p in parts]).mean(0)
     spatial = torch.stack([flip_view(p.spatial, v) for p, v in zip(parts, views, strict=True)])
     return NoiseFeatures(F, spatial.mean(0))
+
+
+ViewedImages = list[tuple[str, Tensor, Tensor]]  # (view, image (B,3,H,W), its latent (B,C,h,w))
+
+
+def encode_views(
+    encode: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    views: tuple[str, ...],
+    z0: Tensor | None = None,
+) -> ViewedImages:
+    """Images ``x0`` ``(B,3,H,W)`` in each of ``views``, each encoded once; ``z0 = encode(x0)``,
+    when given, serves the identity view."""
+    out = []
+    for v in views:
+        x = flip_view(x0, v)
+        out.append((v, x, z0 if v == "identity" and z0 is not None else encode(x)))
+    return out
 
 
 @dataclass
@@ -158,10 +174,12 @@ def noise_features(
     err = torch.empty(b_ * n_ * m_, h_, w_, device=device)
     with torch.inference_mode():
         embedded = net.embed_hint(hint, z0) if residuals is None else None
+        if residuals is not None:  # on the device once, not once per chunk
+            residuals = ([r.to(device) for r in residuals[0]], residuals[1].to(device))
         for c in noised_pairs(z0, bank, alphas_cumprod, max_batch):
             res = None
             if residuals is not None:
-                res = ([r.to(device)[c.j] for r in residuals[0]], residuals[1].to(device)[c.j])
+                res = ([r[c.j] for r in residuals[0]], residuals[1][c.j])
             emb = None if embedded is None else embedded[c.img]
             pred = net.predict_noise(c.z_t, c.t, None, residuals=res, hint_embedding=emb)
             err[c.p] = (c.eps - pred).float().pow(2).mean(1)  # eq. 12, mean over C
@@ -171,30 +189,23 @@ def noise_features(
 
 def view_features(
     net: DZADNetwork,
-    encode: Callable[[Tensor], Tensor],
-    x0: Tensor,
-    z0: Tensor,
+    viewed: ViewedImages,
     bank: NoiseBank,
     alphas_cumprod: Tensor,
     max_batch: int,
-    views: tuple[str, ...] = ("identity",),
     *,
     null_hint: bool = False,
     residuals: Residuals | None = None,
 ) -> NoiseFeatures:
-    """:func:`noise_features` of images ``x0`` ``(B,3,H,W)`` averaged over test-time ``views``
-    (:func:`average_views`). ``z0 = encode(x0)`` ``(B,C,h,w)`` serves the identity view; every
-    other view is flipped and encoded again (the hint is the flipped image, or None when
-    ``null_hint``)."""
-    parts = []
-    for v in views:
-        x = flip_view(x0, v)
-        z = z0 if v == "identity" else encode(x)
-        hint = None if null_hint else x
-        parts.append(
-            noise_features(net, z, hint, bank, alphas_cumprod, max_batch, residuals=residuals)
+    """:func:`noise_features` of every view of :func:`encode_views` (the hint is that view's
+    image, or None when ``null_hint``), averaged by :func:`average_views`."""
+    parts = [
+        noise_features(
+            net, z, None if null_hint else x, bank, alphas_cumprod, max_batch, residuals=residuals
         )
-    return average_views(parts, views)
+        for _, x, z in viewed
+    ]
+    return average_views(parts, [v for v, _, _ in viewed])
 
 
 def sg_residual_means(

@@ -37,17 +37,11 @@ from dzad.data.dataset import ImageDataset
 from dzad.detection import excess_map, self_score
 from dzad.evaluation import category_samples
 from dzad.metrics import image_metrics, pixel_metrics
+from dzad.noise_features import VIEWS, flip_view
 from dzad.scoring import image_score, pool_size
 from dzad.study.evaluations import load_model
 from dzad.study.layout import source_caches, target_cache
 from dzad.weighting import fit_learned_weights, stage_means
-
-VIEWS = {
-    "id": lambda x: x,
-    "h": lambda x: x.flip(-1),
-    "v": lambda x: x.flip(-2),
-    "hv": lambda x: x.flip(-1, -2),
-}
 
 
 def _args() -> argparse.Namespace:
@@ -76,7 +70,8 @@ def _view_scores(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     sp = det.spatial.float()  # (B,N,h,w)
     z = (sp - calib.position_mean) / calib.position_std
     w = calib.weights.to(z)
-    ex = excess_map(sp, calib).flatten(1)  # (B,h*w)
+    ex_map = excess_map(sp, calib)  # (B,h,w)
+    ex = ex_map.flatten(1)  # (B,h*w)
     zw = torch.einsum("bnhw,n->bhw", z, w).flatten(1)  # (B,h*w)
     out = {
         "s": self_score(det.F, calib),
@@ -89,7 +84,7 @@ def _view_scores(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
         "_stage": stage_means(det.F, *calib.stats()),
     }
     size = (x.shape[-2], x.shape[-1])
-    raw = excess_term(excess_map(sp, calib), size, model.gate(det, size))
+    raw = excess_term(ex_map, size, model.gate(det, size))
     m = smooth(raw, scaled(model.cfg.anomaly_map.sigma, size[0]))
     k = pool_size(model.cfg.anomaly_map.pool_k, size[0])
     out["map"] = image_score(m, k, model.cfg.anomaly_map.pool_rounds)
@@ -104,15 +99,14 @@ def _scores(model, ds: ImageDataset, tta: bool) -> tuple[np.ndarray, dict[str, t
         x = torch.stack([it["image"] for it in items])
         labels += [it["label"] for it in items]
         parts.setdefault("_masks", []).append(torch.stack([it["mask"] for it in items])[:, 0])
-        views = VIEWS if tta else {"id": VIEWS["id"]}
-        per = {v: _view_scores(model, f(x)) for v, f in views.items()}
-        for k, s in per["id"].items():
+        per = {v: _view_scores(model, flip_view(x, v)) for v in (VIEWS if tta else ["identity"])}
+        for k, s in per["identity"].items():
             parts.setdefault(k, []).append(s)
         if tta:
-            for v in ("h", "v", "hv"):
+            for v in ("hflip", "vflip", "hvflip"):
                 for k in ("s", "map"):
                     parts.setdefault(f"{v}_{k}", []).append(per[v][k])
-            for k in per["id"]:
+            for k in per["identity"]:
                 parts.setdefault(f"tta_{k}", []).append(
                     torch.stack([p[k] for p in per.values()]).mean(0)
                 )
@@ -136,42 +130,35 @@ def main() -> None:
     os.chdir(a.study_dir)
     cfg = config.load("params.yaml")
     cfg_eval = dataclasses.replace(cfg.evaluate, max_images=a.max_images)
+    size = cfg.data.image_size
+    samples = category_samples(target_cache(cfg, a.target), a.target, cfg_eval, 0, False)
+    tgt = ImageDataset(samples, size, cfg.data)
+    if not a.no_source:  # the SOURCE test split (in-domain), read once for every seed
+        src_cat = cfg.sets.source[0].categories[0]
+        samples = category_samples(source_caches(cfg)[0], src_cat, cfg_eval, 0, False)
+        src = ImageDataset(samples, size, cfg.data)
+    sources = source_sets(cfg, size) if a.m_samples or a.views else None  # to recalibrate
     res: dict[str, dict] = {}
-    if a.m_samples or a.views:
-        normals, _ = source_sets(cfg, cfg.data.image_size)
     for seed in a.seeds:
         model = load_model(f"models/seed_{seed}", cfg, "cpu")
-        if a.m_samples or a.views:
+        if sources is not None:
             noise = dataclasses.replace(
                 model.cfg.noise,
                 m_samples=a.m_samples or model.cfg.noise.m_samples,
                 views=tuple(a.views or model.cfg.noise.views),
             )
-            model = recalibrated(model, dataclasses.replace(model.cfg, noise=noise), normals)
-        root = target_cache(cfg, a.target)
-        tgt = ImageDataset(
-            category_samples(root, a.target, cfg_eval, 0, False), model.image_size, cfg.data
-        )
+            model = recalibrated(model, dataclasses.replace(model.cfg, noise=noise), *sources)
         y_t, s_t = _scores(model, tgt, not a.no_tta)
         row = {"target": _aurocs(y_t, s_t)}
-        src_root = source_caches(cfg)[0]
-        src_cat = cfg.sets.source[0].categories[0]
         if not a.no_source:
-            src = ImageDataset(
-                category_samples(src_root, src_cat, cfg_eval, 0, False), model.image_size, cfg.data
-            )
             y_s, s_s = _scores(model, src, False)
             row["source_test"] = _aurocs(y_s, s_s)
-            for key in ("_stage", "tta__stage") if not a.no_tta else ("_stage",):
-                if key not in s_t:
-                    continue
-                w, b = fit_learned_weights(
-                    s_s["_stage"], torch.as_tensor(y_s), cfg.weighting.learned_c
-                )
-                learned = s_t[key] @ w + b
-                name = "learned" if key == "_stage" else "tta_learned"
-                row["target"][name] = round(image_metrics(y_t, learned.numpy())["image_auroc"], 4)
-                row.setdefault("learned_weights", {})[name] = [round(float(v), 3) for v in w]
+            w, b = fit_learned_weights(s_s["_stage"], torch.as_tensor(y_s), cfg.weighting.learned_c)
+            row["learned_weights"] = [round(float(v), 3) for v in w]
+            for name, key in (("learned", "_stage"), ("tta_learned", "tta__stage")):
+                if key in s_t:
+                    learned = (s_t[key] @ w + b).numpy()
+                    row["target"][name] = round(image_metrics(y_t, learned)["image_auroc"], 4)
         res[str(seed)] = row
         print(json.dumps({"seed": seed, **row}), flush=True)
     keys = res[str(a.seeds[0])]["target"].keys()

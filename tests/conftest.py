@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dzad.config import ModelConfig
 from flows import TELEMETRY_OFF
 
 os.environ.update(TELEMETRY_OFF)  # also before collection, for modules reading them on import
@@ -20,6 +21,7 @@ torch.set_num_threads(1)
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 TINY_SIZE = 32
+PIXEL_MODEL = ModelConfig(profile="tiny", latent="pixel", num_train_timesteps=100)  # `net` fixture
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,3 +102,25 @@ def tiny_model(tiny_checkpoint):
     from dzad.model import DZAD
 
     return DZAD.from_checkpoint(tiny_checkpoint, random_backbone=True)
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A `tiny` pixel-latent network on 8x8 images whose SG is "trained" (non-zero residuals, so
+    the hint matters); schedule of 100 timesteps (``alphas``)."""
+    from dzad.networks import build_network
+
+    torch.manual_seed(0)
+    n = build_network(PIXEL_MODEL, 3, 8).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in [*n.sg.parameters(), *n.sff.parameters()]:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return n
+
+
+@pytest.fixture(scope="module")
+def alphas():
+    from dzad.networks import make_scheduler
+
+    return make_scheduler(PIXEL_MODEL).alphas_cumprod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from dzad.detection import (
     weighted_map,
 )
 from dzad.networks import build_network, make_scheduler
-from dzad.noise_features import NoiseBank, NoiseFeatures
+from dzad.noise_features import NoiseBank, NoiseFeatures, view_features
 from dzad.weighting import weights_by_name
 
 AB = make_scheduler(ModelConfig(num_train_timesteps=100)).alphas_cumprod
@@ -197,14 +198,8 @@ def test_prototypes_and_mode_features_on_a_network():
         prototypes=protos,
     )
 
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        return 2 * images - 1
-
-    feats, extra = mode_features(
-        net, encode, x, encode(x), bank, AB, 16, calib.prototypes, DetectionConfig(mode="prototype")
-    )
+    features_of = partial(view_features, net, [("identity", x, 2 * x - 1)], bank, AB, 16)
+    feats, extra = mode_features(features_of, calib.prototypes, DetectionConfig(mode="prototype"))
     assert feats.F.shape == (4, N, M) and len(extra["features_prototypes"]) == 2
-    _, extra = mode_features(
-        net, encode, x, encode(x), bank, AB, 16, [], DetectionConfig(mode="contrast")
-    )
+    _, extra = mode_features(features_of, [], DetectionConfig(mode="contrast"))
     assert not torch.allclose(extra["features_null"].F, feats.F)

@@ -13,15 +13,7 @@ from dzad.errors import CheckpointError
 from dzad.model import DZAD
 from dzad.reconstruction import image_seeds, reconstruct
 from dzad.scoring import rank_fusion
-
-
-def _with_map(model: DZAD, tau: float | None = None, **changes) -> DZAD:
-    """Same parts, other map options (and optionally another threshold tau)."""
-    cfg = dataclasses.replace(
-        model.cfg, anomaly_map=dataclasses.replace(model.cfg.anomaly_map, **changes)
-    )
-    calib = model.calibration if tau is None else dataclasses.replace(model.calibration, tau=tau)
-    return DZAD(cfg, model.encoder, model.net, model.bank, calib, model.backbone)
+from tests.helpers import with_map
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +58,22 @@ def test_batch_composition_does_not_change_results(tiny_model, test_images, outp
 
 def test_two_branch_gate_in_the_pipeline(tiny_model, test_images, output):
     tau = float(output.detection_score.median())  # both branches present, whatever the training
-    none = _with_map(tiny_model, tau, gating="none")(test_images)
-    gated = _with_map(tiny_model, tau, gating="spatial", w_pn=3.0, w_pa_floor=0.01)(test_images)
+    none = with_map(tiny_model, tau, gating="none")(test_images)
+    gated = with_map(tiny_model, tau, gating="spatial", w_pn=3.0, w_pa_floor=0.01)(test_images)
     normal, anomalous = ~gated.decision, gated.decision
     assert normal.any() and anomalous.any()
     diff = gated.anomaly_map - none.anomaly_map
     # eq. 14 pulls detected-normal maps down; eq. 15 raises detected-anomalous maps, never lowers
     assert (diff[normal] <= 1e-6).all() and diff[normal].min() < 0
     assert (diff[anomalous] >= -1e-6).all() and diff[anomalous].max() > 0
-    scalar = _with_map(tiny_model, tau, gating="scalar", w_pn=3.0)(test_images)
+    scalar = with_map(tiny_model, tau, gating="scalar", w_pn=3.0)(test_images)
     torch.testing.assert_close(scalar.anomaly_map[normal], gated.anomaly_map[normal])
 
 
 def test_fusion_option_selects_the_image_score(tiny_model, test_images, output):
-    det = _with_map(tiny_model, fusion="detection")(test_images)
+    det = with_map(tiny_model, fusion="detection")(test_images)
     torch.testing.assert_close(det.image_score, output.detection_score)
-    rank = _with_map(tiny_model, fusion="rank")(test_images)
+    rank = with_map(tiny_model, fusion="rank")(test_images)
     torch.testing.assert_close(rank.image_score, rank.fused_score)
     assert ((rank.fused_score > 0) & (rank.fused_score < 1)).all()
 
@@ -109,7 +101,7 @@ def test_fusion_ranks_against_the_held_out_source_normals(tiny_checkpoint, tiny_
     one = model(test[2:3])
     torch.testing.assert_close(one.fused_score[0], batch.fused_score[2], atol=1e-4, rtol=1e-4)
     # other map settings than at calibration: the references are not used, and that is said
-    other = _with_map(model, sigma=1.0)
+    other = with_map(model, sigma=1.0)
     assert "differ" in other.reference_problem() and other.fusion_references() is None
 
 
@@ -174,5 +166,5 @@ def test_latent_without_decoder_uses_latent_distances(tmp_path, caplog):
         assert inside == clamp
     cosine = model(images[:3])
     assert cosine.anomaly_map.shape == (3, 1, 32, 32) and torch.isfinite(cosine.anomaly_map).all()
-    l2 = _with_map(model, latent_distance="l2")(images[:3])
+    l2 = with_map(model, latent_distance="l2")(images[:3])
     assert not torch.allclose(l2.anomaly_map, cosine.anomaly_map)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import dzad.model
-from dzad.anomaly_map import excess_term, gate_weights, scaled, smooth
+from dzad.anomaly_map import excess_term, scaled, smooth
 from dzad.calibration import ImageSource, position_subset
 from dzad.data.dataset import ImageDataset, iter_samples
-from dzad.detection import Calibration, calibrate, excess_map, weighted_map
+from dzad.detection import Calibration, calibrate, excess_map
 from dzad.model import DZAD
 from dzad.noise_features import NoiseFeatures
-from dzad.weighting import stage_means
+from tests.helpers import with_map
 
 
 def _calibration(n: int = 3, h: int = 4) -> Calibration:
@@ -93,13 +93,6 @@ def images(synth_root, tiny_config):
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
 
 
-def _excess_model(model: DZAD) -> DZAD:
-    cfg = dataclasses.replace(
-        model.cfg, anomaly_map=dataclasses.replace(model.cfg.anomaly_map, base="noise_excess")
-    )
-    return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
-
-
 def test_session_checkpoint_has_position_statistics(tiny_model):
     calib = tiny_model.calibration
     n, h = tiny_model.bank.n_stages, tiny_model.bank.noise.shape[-1]
@@ -110,7 +103,7 @@ def test_session_checkpoint_has_position_statistics(tiny_model):
 def test_noise_excess_forward_is_the_gated_excess_without_reconstruction(
     tiny_model, images, monkeypatch
 ):
-    model = _excess_model(tiny_model)
+    model = with_map(tiny_model, base="noise_excess")
 
     def no_reconstruction(*args, **kwargs):
         raise AssertionError("the noise-excess map must not reconstruct")
@@ -120,18 +113,7 @@ def test_noise_excess_forward_is_the_gated_excess_without_reconstruction(
     # the same map by hand from the features: excess / gate, smoothed
     det = model.features(images)
     calib, size = model.calibration, tuple(images.shape[-2:])
-    keys = stage_means(det.F, *calib.stats())
-    err = weighted_map(det.spatial, calib)
-    gate = gate_weights(
-        det.decision,
-        err,
-        keys,
-        model.cfg.anomaly_map,
-        size,
-        calib.normal_keys,
-        calib.normal_spatial,
-    )
-    raw = excess_term(excess_map(det.spatial, calib), size, gate)
+    raw = excess_term(excess_map(det.spatial, calib), size, model.gate(det, size))
     expected = smooth(raw, scaled(model.cfg.anomaly_map.sigma, size[0]))
     torch.testing.assert_close(out.anomaly_map, expected)
     assert (out.anomaly_map >= 0).all() and out.anomaly_map.amax() > 0
@@ -163,4 +145,4 @@ def test_calibration_without_position_images_has_no_statistics(tiny_model, image
         cfg, tiny_model.encoder, tiny_model.net, tiny_model.bank, calib, tiny_model.backbone
     )
     with pytest.raises(ValueError, match="per-position SOURCE statistics"):
-        _excess_model(bare)(images[:1])
+        with_map(bare, base="noise_excess")(images[:1])

@@ -7,28 +7,10 @@ import math
 import pytest
 import torch
 
-from dzad.config import ModelConfig, NoiseConfig
-from dzad.networks import build_network, make_scheduler
+from dzad.config import NoiseConfig
 from dzad.noise_features import NoiseBank, noise_features, sg_residual_means
 
-MODEL = ModelConfig(profile="tiny", latent="pixel", num_train_timesteps=100)
 NOISE = NoiseConfig(n_stages=4, m_samples=2, seed=7, max_batch=64)
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    n = build_network(MODEL, 3, 8).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a "trained" SG: non-zero residuals so the hint matters
-        for p in [*n.sg.parameters(), *n.sff.parameters()]:
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return n
-
-
-@pytest.fixture(scope="module")
-def alphas():
-    return make_scheduler(MODEL).alphas_cumprod
 
 
 def _data(b: int = 3, seed: int = 2):

@@ -9,38 +9,30 @@ import pytest
 import torch
 
 from dzad.calibration import ImageSource, calibrate_on_source
-from dzad.config import ModelConfig, NoiseConfig
+from dzad.config import NoiseConfig
 from dzad.data.dataset import ImageDataset, iter_samples
+from dzad.latents import PixelEncoder
 from dzad.model import DZAD
-from dzad.networks import build_network, make_scheduler
 from dzad.noise_features import (
     NoiseBank,
     NoiseFeatures,
     average_views,
+    encode_views,
     flip_view,
     noise_features,
     view_features,
 )
 
-MODEL = ModelConfig(profile="tiny", latent="pixel", num_train_timesteps=100)
 FOUR = ("identity", "hflip", "vflip", "hvflip")
-
-
-def _encode(x: torch.Tensor) -> torch.Tensor:
-    return 2 * x - 1
+_encode = PixelEncoder().encode  # x -> 2x - 1
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    net = build_network(MODEL, 3, 8).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a "trained" SG so that the hint (and its orientation) matters
-        for p in [*net.sg.parameters(), *net.sff.parameters()]:
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+def setup(net, alphas):
+    """conftest's `net` (its SG "trained", so the hint and its orientation matter)."""
     bank = NoiseBank.create(NoiseConfig(n_stages=3, m_samples=2, seed=5), 100, (3, 8, 8))
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    return net, bank, make_scheduler(MODEL).alphas_cumprod, x
+    return net, bank, alphas, x
 
 
 def test_flips_are_their_own_inverse_and_unknown_views_are_named():
@@ -72,21 +64,22 @@ def test_average_flips_each_spatial_error_back_before_averaging():
 def test_identity_view_is_the_plain_noise_features(setup):
     net, bank, ab, x = setup
     plain = noise_features(net, _encode(x), x, bank, ab, 64)
-    one = view_features(net, _encode, x, _encode(x), bank, ab, 64)
+    one = view_features(net, encode_views(_encode, x, ("identity",)), bank, ab, 64)
     assert torch.equal(one.F, plain.F) and torch.equal(one.spatial, plain.spatial)
 
 
 def test_views_average_the_flipped_images_features(setup):
     net, bank, ab, x = setup
     views = ("identity", "hflip")
-    out = view_features(net, _encode, x, _encode(x), bank, ab, 64, views)
+    viewed = encode_views(_encode, x, views)
+    out = view_features(net, viewed, bank, ab, 64)
     a = noise_features(net, _encode(x), x, bank, ab, 64)
     xf = x.flip(-1)
     b = noise_features(net, _encode(xf), xf, bank, ab, 64)
     torch.testing.assert_close(out.F, (a.F + b.F) / 2)
     torch.testing.assert_close(out.spatial, (a.spatial + b.spatial.flip(-1)) / 2)
     assert not torch.allclose(out.F, a.F)  # the flipped view is not a copy of the identity
-    null = view_features(net, _encode, x, _encode(x), bank, ab, 64, views, null_hint=True)
+    null = view_features(net, viewed, bank, ab, 64, null_hint=True)
     assert not torch.allclose(null.F, out.F)  # the hint is still given (flipped) per view
 
 
@@ -112,10 +105,8 @@ def test_calibration_and_scoring_use_the_same_views(tiny_model, images):
         backbone=m.backbone,
     )  # fmt: skip
     model = DZAD(cfg, m.encoder, m.net, m.bank, calib, m.backbone)
-    feats = view_features(
-        m.net, m.encoder.encode, images, m.encoder.encode(images), m.bank, m.alphas_cumprod,
-        cfg.noise.max_batch, FOUR,
-    )  # fmt: skip
+    viewed = encode_views(m.encoder.encode, images, FOUR)
+    feats = view_features(m.net, viewed, m.bank, m.alphas_cumprod, cfg.noise.max_batch)
     stage = feats.F.mean(2)
     torch.testing.assert_close(calib.stage_mean, stage.mean(0))
     torch.testing.assert_close(calib.position_mean, feats.spatial.mean(0))  # all 6 normals

@@ -32,9 +32,9 @@ def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
     """SOURCE normals (train split) and, if the config needs it, the labelled SOURCE test split."""
     import torch
 
+    from dzad.calibration import needs_labelled
     from dzad.data.dataset import ImageDataset, iter_samples, list_categories
     from dzad.errors import DZADInputError
-    from dzad.study.models import needs_labelled
 
     cats = categories or list_categories(data)
     normals = [s for c in cats for s in iter_samples(data, c, "train") if s.label == 0]

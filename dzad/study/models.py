@@ -35,10 +35,6 @@ def source_labelled(cfg: DZADConfig):
     return ImageDataset(test, cfg.data.image_size, cfg.data), np.array([s.label for s in test])
 
 
-def needs_labelled(cfg: DZADConfig) -> bool:
-    return cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
-
-
 def train_model(
     cfg: DZADConfig,
     out_dir: Path,
@@ -54,6 +50,7 @@ def train_model(
     prototype mode also get the labelled SOURCE test split (source data, never the target's).
     Returns the :class:`dzad.training.TrainResult`.
     """
+    from dzad.calibration import needs_labelled
     from dzad.data.dataset import ImageDataset
     from dzad.training import train
 

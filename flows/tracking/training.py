@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
 from dzad.config import DZADConfig, TrackingConfig
 from flows.tracking.runs import (
@@ -48,8 +48,11 @@ class TrainingLogger:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.flush()
-        self.client.set_tag(self.run_id, "dzad.checkpoint_step", str(step))
-        self.client.set_tag(self.run_id, "dzad.checkpoint_path", str(path))
+        tags = [
+            RunTag("dzad.checkpoint_step", str(step)),
+            RunTag("dzad.checkpoint_path", str(path)),
+        ]
+        self.client.log_batch(self.run_id, tags=tags)
 
     def flush(self) -> None:
         for chunk in batched(self.buffer, 1000):
