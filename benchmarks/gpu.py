@@ -111,7 +111,7 @@ def train_steps(cfg, encoder, net, batch: int, checkpointing: bool, steps: int) 
             ab = alphas[t].view(-1, 1, 1, 1)
             z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps  # eq. 7
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                pred = net(z_t, t, x)
+                pred = net(z_t, t, net.hint(x, z0))
             nn.functional.mse_loss(pred.float(), eps).backward()  # eq. 8
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             opt.step()

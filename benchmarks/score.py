@@ -93,7 +93,7 @@ def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> C
         embedded, z_batch = None, inputs[-1][0]  # a (B, C, h, w) DDIM latent
         for i, (z, t, r) in enumerate(inputs):
             if i in (0, len(chunks)):  # noise features, then reconstruction
-                embedded = model.net.embed_hint(hint, z_batch)
+                embedded = model.net.embed_hint(model.net.hint(hint, z_batch), z_batch)
             emb = None if embedded is None else embedded[r]
             model.net.predict_noise(z, t, None, hint_embedding=emb)
 

@@ -49,7 +49,7 @@ def bare_step(cfg, net, batch: int):
 
     def run() -> None:
         net.zero_grad(set_to_none=True)
-        nn.functional.mse_loss(net(z_t, t, x0).float(), eps).backward()
+        nn.functional.mse_loss(net(z_t, t, net.hint(x0, z_t)).float(), eps).backward()
 
     return run
 

@@ -69,7 +69,10 @@ class ModelConfig:
     use_sg: bool = True  # False = the paper's "SD" ablation row (no SG network at all)
     only_mid_control: bool = True  # DiAD default: control reaches only middle + SFF-fused skips
     sff_norm: Literal["instance", "group"] = "group"  # method-notes 1: allowed deviation from DiAD
-    hint_channels: int = 3
+    hint_channels: int = 3  # channels of the image hint (sg_hint: image)
+    # SG's hint c of eq. 9: the image x0 (the paper) or its latent z0, i.e. the frozen backbone's
+    # features for the backbone_features latent (issue 9: "SG hints made of backbone features")
+    sg_hint: Literal["image", "latent"] = "image"
     pretrained: str | None = None  # local diffusers folder or hub id (paper profile)
     freeze_unet_encoder: bool = False
     num_train_timesteps: int = 1000

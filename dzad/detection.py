@@ -327,12 +327,13 @@ def build_prototypes(
 ) -> list[Residuals]:
     """Per-timestep mean SG residuals of SOURCE normals (k=0) and SOURCE anomalies (k=1).
 
-    ``batches``: ``(z0 (B,C,h,w), hint (B,3,H,W), labels (B,))`` of a labelled SOURCE split (its
+    ``batches``: ``(z0 (B,C,h,w), x0 (B,3,H,W), labels (B,))`` of a labelled SOURCE split (its
     test split or synthetic pseudo-anomalies). Raises when either class is missing.
     """
     sums: list[Residuals | None] = [None, None]
     counts = [0, 0]
-    for z0, hint, labels in batches:
+    for z0, x0, labels in batches:
+        hint = net.hint(x0, z0)
         for k in (0, 1):
             sel = labels.to(torch.long) == k
             if not bool(sel.any()):

@@ -175,7 +175,7 @@ class DZAD(nn.Module):
 
     def _detect(self, x0: Tensor, z0: Tensor) -> Detection:
         cfg = self.cfg
-        # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 (eq. 9)
+        # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 or z0 (eq. 9)
         # (averaged over the test-time views of noise.views, each flipped back)
         viewed = encode_views(self.encoder.encode, x0, cfg.noise.views, z0)
         features_of = partial(
@@ -211,7 +211,7 @@ class DZAD(nn.Module):
         z0_hat = reconstruct(
             self.net,
             z0,
-            x0,
+            self.net.hint(x0, z0),
             cfg.reconstruction,
             cfg.model.num_train_timesteps,
             clamp_range=self.clamp_range,

@@ -164,19 +164,25 @@ class DZADNetwork(nn.Module):
         hint_channels: int,
         image_size: int,
         context: Tensor | None,
+        sg_hint: str = "image",
     ) -> None:
         super().__init__()
         self.unet, self.sg, self.sff = unet, sg, sff
         self.only_mid_control = only_mid_control
-        self.hint_channels, self.image_size = hint_channels, image_size
+        self.hint_channels, self.image_size, self.sg_hint = hint_channels, image_size, sg_hint
         self.register_buffer("context", context if context is not None else torch.zeros(0))
 
     def _context(self, batch: int) -> Tensor | None:
         return self.context.expand(batch, -1, -1) if self.context.numel() else None
 
+    def hint(self, x0: Tensor, z0: Tensor) -> Tensor:
+        """The SG hint c of eq. 9 for images x0 ``(B,3,H,W)`` encoded as z0 ``(B,C,h,w)``: x0
+        (``model.sg_hint: image``, the paper) or z0 (``latent``)."""
+        return z0 if self.sg_hint == "latent" else x0
+
     def embed_hint(self, hint: Tensor | None, z: Tensor) -> Tensor | None:
-        """SG hint embedding ``(B,C_0,h,w)`` of ``hint`` ``(B,hint_channels,H,W)``, or of the null
-        hint (zeros) for the ``B`` latents of ``z`` ``(B,C,h,w)`` when ``hint`` is None.
+        """SG hint embedding ``(B,C_0,h,w)`` of ``hint`` (:meth:`hint`), or of the null hint
+        (zeros shaped like it) for the ``B`` latents of ``z`` ``(B,C,h,w)`` when ``hint`` is None.
 
         It depends on the image only: compute it once per image batch and pass it (rows indexed
         like the latents) as ``hint_embedding`` to every forward on those images. None when the
@@ -184,7 +190,9 @@ class DZADNetwork(nn.Module):
         """
         if self.sg is None:
             return None
-        if hint is None:
+        if hint is None and self.sg_hint == "latent":
+            hint = torch.zeros_like(z)
+        elif hint is None:
             shape = (z.shape[0], self.hint_channels, self.image_size, self.image_size)
             hint = torch.zeros(shape, device=z.device, dtype=z.dtype)
         return self.sg.controlnet_cond_embedding(hint)
@@ -336,10 +344,13 @@ def build_network(
         unet = _unet(p, latent_channels, latent_size)
     sg = None
     if cfg.use_sg:
+        latent_hint = cfg.sg_hint == "latent"  # z0's embedding needs no downsampling
         sg = ControlNetModel.from_unet(
             unet,
-            conditioning_channels=cfg.hint_channels,
-            conditioning_embedding_out_channels=sg_embedding_channels(p, image_size, latent_size),
+            conditioning_channels=latent_channels if latent_hint else cfg.hint_channels,
+            conditioning_embedding_out_channels=sg_embedding_channels(
+                p, latent_size if latent_hint else image_size, latent_size
+            ),
         )
     return assemble_network(cfg, unet, sg, image_size=image_size, context=_context(cfg, p))
 
@@ -366,6 +377,7 @@ def assemble_network(
         hint_channels=cfg.hint_channels,
         image_size=image_size,
         context=context,
+        sg_hint=cfg.sg_hint,
     )
     if freezes_unet_encoder(cfg):
         net.freeze_unet_encoder()
@@ -402,11 +414,10 @@ def forward_flops(net: DZADNetwork, latent_channels: int, latent_size: int) -> t
 
     device = next(net.parameters()).device
     z = torch.zeros(1, latent_channels, latent_size, latent_size, device=device)
-    hint = torch.zeros(1, net.hint_channels, net.image_size, net.image_size, device=device)
     embed, forward = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with torch.no_grad():
         with embed:
-            embedded = net.embed_hint(hint, z)
+            embedded = net.embed_hint(None, z)  # the null hint: a real hint's shape and cost
         with forward:
             net.predict_noise(z, torch.tensor([500], device=device), None, hint_embedding=embedded)
     return int(forward.get_total_flops()), int(embed.get_total_flops())

@@ -198,13 +198,13 @@ def view_features(
     residuals: Residuals | None = None,
 ) -> NoiseFeatures:
     """:func:`noise_features` of every view of :func:`encode_views` (the hint is that view's
-    image, or None when ``null_hint``), averaged by :func:`average_views`."""
-    parts = [
-        noise_features(
-            net, z, None if null_hint else x, bank, alphas_cumprod, max_batch, residuals=residuals
+    :meth:`DZADNetwork.hint`, or None when ``null_hint``), averaged by :func:`average_views`."""
+    parts = []
+    for _, x, z in viewed:
+        hint = None if null_hint else net.hint(x, z)
+        parts.append(
+            noise_features(net, z, hint, bank, alphas_cumprod, max_batch, residuals=residuals)
         )
-        for _, x, z in viewed
-    ]
     return average_views(parts, [v for v, _, _ in viewed])
 
 

@@ -115,7 +115,7 @@ def reconstruct(
     """x0_hat latent ``(B, C, h, w)`` from z0 ``(B, C, h, w)``; decode it once, outside.
 
     ``net.predict_noise(z_t, t, hint)`` is the SG-conditioned denoiser (eq. 9), conditioned on the
-    same hint ``(B, 3, H, W)`` (x0) at every step: its embedding ``net.embed_hint(hint, z0)`` is
+    same hint (``net.hint(x0, z0)``) at every step: its embedding ``net.embed_hint(hint, z0)`` is
     computed once and passed as ``hint_embedding``. ``alphas_cumprod`` ``(T,)`` is the training
     schedule.
     Noise: per-image ``seeds`` when given (batch-invariant; see :func:`image_seeds`), else drawn

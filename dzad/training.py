@@ -299,7 +299,7 @@ def train(
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps  # eq. 7 with alpha-bar
         with acc.autocast():
-            pred = net(z_t, t, x)
+            pred = net(z_t, t, core.hint(x, z0))
         loss = nn.functional.mse_loss(pred.float(), eps)  # eq. 8
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(net.parameters(), tc.grad_clip) if tc.grad_clip else None

@@ -56,7 +56,9 @@ def _args() -> argparse.Namespace:
 
 def _position_stats(model, bank, src: torch.Tensor, z_src: torch.Tensor):
     """Calibration copy whose per-position statistics come from ``bank``'s errors on ``src``."""
-    sp = noise_features(model.net, z_src, src, bank, model.alphas_cumprod, 256).spatial
+    sp = noise_features(
+        model.net, z_src, model.net.hint(src, z_src), bank, model.alphas_cumprod, 256
+    ).spatial
     return dataclasses.replace(
         model.calibration, position_mean=sp.mean(0), position_std=sp.std(0).clamp_min(1e-12)
     )
@@ -120,7 +122,9 @@ def main() -> None:
             add("stage_z", up(err))
             gate = model.gate(det, size)
             for m, bank in banks.items():
-                sp = noise_features(model.net, z0, x, bank, model.alphas_cumprod, 256).spatial
+                sp = noise_features(
+                    model.net, z0, model.net.hint(x, z0), bank, model.alphas_cumprod, 256
+                ).spatial
                 c = calibs[m]
                 z_pos = (sp - c.position_mean) / c.position_std
                 if m == 1:

@@ -13,6 +13,8 @@ per-position standardisation of :func:`dzad.detection.excess_map`:
 - ``z_mean``: mean over positions of ``sum_n w_n z_n`` (s with per-position statistics);
   ``z_peak``: its top-5% mean minus its median (a local rise over the image's own level);
 - ``tta_*``: the same averaged over 4 views (identity, h-flip, v-flip, both);
+- ``detection``: with ``--mode prototype|contrast``, the recalibrated model's detection score in
+  that mode (method-notes 4; prototype conditions from the SOURCE test split);
 - ``learned``: s with weights fitted (logistic regression, eq. 13's learned w) on the SOURCE test
   split's labels: source data only, so it is a legitimate zero-shot choice.
 
@@ -54,6 +56,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--no-tta", action="store_true")
     p.add_argument("--m-samples", type=int, help="recalibrate with this M (noise.m_samples)")
     p.add_argument("--views", nargs="+", help="recalibrate with these noise.views")
+    p.add_argument("--mode", choices=["prototype", "contrast"], help="recalibrate: detection.mode")
     return p.parse_args()
 
 
@@ -83,6 +86,8 @@ def _view_scores(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
         "z_peak": _top(zw, 0.05) - zw.median(1).values,
         "_stage": stage_means(det.F, *calib.stats()),
     }
+    if model.cfg.detection.mode != "self":
+        out["detection"] = det.detection_score
     size = (x.shape[-2], x.shape[-1])
     raw = excess_term(ex_map, size, model.gate(det, size))
     m = smooth(raw, scaled(model.cfg.anomaly_map.sigma, size[0]))
@@ -137,17 +142,21 @@ def main() -> None:
         src_cat = cfg.sets.source[0].categories[0]
         samples = category_samples(source_caches(cfg)[0], src_cat, cfg_eval, 0, False)
         src = ImageDataset(samples, size, cfg.data)
-    sources = source_sets(cfg, size) if a.m_samples or a.views else None  # to recalibrate
+    row_cfg = dataclasses.replace(
+        cfg,
+        noise=dataclasses.replace(
+            cfg.noise,
+            m_samples=a.m_samples or cfg.noise.m_samples,
+            views=tuple(a.views or cfg.noise.views),
+        ),
+        detection=dataclasses.replace(cfg.detection, mode=a.mode or cfg.detection.mode),
+    )
+    sources = source_sets(row_cfg, size) if row_cfg != cfg else None  # to recalibrate
     res: dict[str, dict] = {}
     for seed in a.seeds:
         model = load_model(f"models/seed_{seed}", cfg, "cpu")
         if sources is not None:
-            noise = dataclasses.replace(
-                model.cfg.noise,
-                m_samples=a.m_samples or model.cfg.noise.m_samples,
-                views=tuple(a.views or model.cfg.noise.views),
-            )
-            model = recalibrated(model, dataclasses.replace(model.cfg, noise=noise), *sources)
+            model = recalibrated(model, row_cfg, *sources)
         y_t, s_t = _scores(model, tgt, not a.no_tta)
         row = {"target": _aurocs(y_t, s_t)}
         if not a.no_source:

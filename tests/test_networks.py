@@ -134,6 +134,23 @@ def test_sg_embedding_downsamples_hint_to_latent():
         sg_embedding_channels(p, 48, 16)
 
 
+def test_latent_sg_hint_embeds_z0_without_downsampling():
+    cfg = dataclasses.replace(CFG, latent="pixel_unshuffle", sg_hint="latent")
+    net = _net(cfg, channels=12, size=8)
+    assert net.sg.config.conditioning_channels == 12  # the latent's channels, not RGB
+    z, t, image = _inputs(channels=12, size=8, image=16)
+    assert net.hint(image, z) is z and _net().hint(image, z) is image
+    embedded = net.embed_hint(z, z)
+    assert embedded.shape[-2:] == z.shape[-2:]  # already on the latent grid
+    assert torch.equal(net.embed_hint(None, z), net.embed_hint(torch.zeros_like(z), z))
+    _perturb(net.sg)  # a trained SG: the latent hint now moves the prediction
+    eps = net.predict_noise(z, t, z)
+    assert not torch.allclose(eps, net.predict_noise(z, t, None))
+    assert not torch.allclose(eps, net.predict_noise(z, t, z.roll(1, dims=0)))
+    with pytest.raises(RuntimeError):  # an image is not a latent hint
+        net.predict_noise(z, t, image)
+
+
 def test_scheduler_is_scaled_linear_with_alpha_bar():
     cfg = ModelConfig(num_train_timesteps=100)
     s = make_scheduler(cfg)

@@ -28,14 +28,16 @@ TOL_OTHER_HINT = 5e-5  # same, real hint -> another training image's hint
 TOL_FEATURES = 5e-5  # mean relative change of F (B,N,M) and of the detection score
 
 
-@pytest.fixture(scope="module")
-def sg_model(tmp_path_factory, synth_root, tiny_config) -> tuple[DZAD, Tensor]:
-    """A `tiny` model trained 40 steps on weave normals (lr 1e-2, no EMA) and 8 of its images."""
+@pytest.fixture(scope="module", params=["image", "latent"])
+def sg_model(request, tmp_path_factory, synth_root, tiny_config) -> tuple[DZAD, Tensor]:
+    """A `tiny` model trained 40 steps on weave normals (lr 1e-2, no EMA) and 8 of its images;
+    its SG hint is the image or the latent (``model.sg_hint``)."""
     from dzad.data.dataset import ImageDataset, iter_samples
     from dzad.training import train
 
     cfg = dataclasses.replace(
         tiny_config,
+        model=dataclasses.replace(tiny_config.model, sg_hint=request.param),
         train=dataclasses.replace(tiny_config.train, steps=40, lr=1e-2, warmup_steps=2, ema=False),
     )
     assert cfg.model.use_sg
@@ -62,11 +64,13 @@ def test_trained_sg_prediction_depends_on_the_hint(sg_model):
     model, x = sg_model
     net = model.net.eval()
     z0 = model.encoder.encode(x)
-    other = x.roll(1, dims=0)  # every image gets another training image's hint
+    hint = net.hint(x, z0)
+    assert hint is (z0 if model.cfg.model.sg_hint == "latent" else x)
+    other = hint.roll(1, dims=0)  # every image gets another training image's hint
     for t in T_PROBE:
         z_t, tt = _noisy(model, z0, t)
-        eps = net.predict_noise(z_t, tt, x)
-        assert torch.equal(eps, net.predict_noise(z_t, tt, x))  # deterministic
+        eps = net.predict_noise(z_t, tt, hint)
+        assert torch.equal(eps, net.predict_noise(z_t, tt, hint))  # deterministic
         assert _rel(eps, net.predict_noise(z_t, tt, None)) > TOL_ZERO_HINT, t
         assert _rel(eps, net.predict_noise(z_t, tt, other)) > TOL_OTHER_HINT, t
 
@@ -76,7 +80,7 @@ def test_trained_sg_hint_changes_noise_features_and_detection_scores(sg_model):
     model, x = sg_model
     z0 = model.encoder.encode(x)
     args = (model.bank, model.alphas_cumprod, model.cfg.noise.max_batch)
-    own = noise_features(model.net, z0, x, *args)
+    own = noise_features(model.net, z0, model.net.hint(x, z0), *args)
     null = noise_features(model.net, z0, None, *args)
     assert ((own.F - null.F).abs() / own.F.abs()).mean().item() > TOL_FEATURES
     s_own, _ = detect(own, model.calibration, model.cfg.detection)
