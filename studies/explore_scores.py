@@ -8,6 +8,7 @@ features (M noise draws per stage, as configured), weights w_n of eq. 13, z the 
 per-position standardisation of :func:`dzad.detection.excess_map`:
 
 - ``s``: detection s (eq. 13, the study's image score); ``map``: the pooled max of the gated map;
+  ``rank``: their rank fusion against the SOURCE reference scores (``anomaly_map.fusion: rank``);
 - ``excess_mean`` / ``excess_max`` / ``excess_top{q}``: mean, max and mean of the top q% positions
   of the noise-excess map ``sum_n w_n max(z_n, 0)^2`` (latent grid, before gating);
 - ``z_mean``: mean over positions of ``sum_n w_n z_n`` (s with per-position statistics);
@@ -40,7 +41,7 @@ from dzad.detection import excess_map, self_score
 from dzad.evaluation import category_samples
 from dzad.metrics import image_metrics, pixel_metrics
 from dzad.noise_features import VIEWS, flip_view
-from dzad.scoring import image_score, pool_size
+from dzad.scoring import image_score, pool_size, rank_fusion
 from dzad.study.evaluations import load_model
 from dzad.study.layout import source_caches, target_cache
 from dzad.weighting import fit_learned_weights, stage_means
@@ -93,6 +94,8 @@ def _view_scores(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     m = smooth(raw, scaled(model.cfg.anomaly_map.sigma, size[0]))
     k = pool_size(model.cfg.anomaly_map.pool_k, size[0])
     out["map"] = image_score(m, k, model.cfg.anomaly_map.pool_rounds)
+    refs = model.fusion_references() or (None, None)
+    out["rank"] = rank_fusion(out["map"], det.detection_score, *refs)
     out["_map_pixels"] = m[:, 0]
     return out
 
