@@ -49,7 +49,8 @@ def bare_step(cfg, net, batch: int):
 
     def run() -> None:
         net.zero_grad(set_to_none=True)
-        nn.functional.mse_loss(net(z_t, t, net.hint(x0, z_t)).float(), eps).backward()
+        hint = net.hint(x0, z_t)  # a latent hint has z0's shape, so z_t stands in for it
+        nn.functional.mse_loss(net(z_t, t, hint).float(), eps).backward()
 
     return run
 

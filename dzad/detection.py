@@ -363,7 +363,8 @@ def mode_features(
     prototypes: list[Residuals],
     cfg: DetectionConfig,
 ) -> tuple[NoiseFeatures, dict[str, Any]]:
-    """The noise features ``cfg.mode`` needs: ``features`` (hint = x0) and :func:`detect`'s kwargs.
+    """The noise features ``cfg.mode`` needs: ``features`` (the SG hint of each image) and
+    :func:`detect`'s kwargs.
 
     ``features_of(**kw)``: the images' noise features (``dzad.noise_features.view_features`` bound
     to the network, the encoded views and the bank; ``null_hint`` / ``residuals`` as there).

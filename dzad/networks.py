@@ -164,7 +164,7 @@ class DZADNetwork(nn.Module):
         hint_channels: int,
         image_size: int,
         context: Tensor | None,
-        sg_hint: str = "image",
+        sg_hint: str,
     ) -> None:
         super().__init__()
         self.unet, self.sg, self.sff = unet, sg, sff
@@ -190,11 +190,9 @@ class DZADNetwork(nn.Module):
         """
         if self.sg is None:
             return None
-        if hint is None and self.sg_hint == "latent":
-            hint = torch.zeros_like(z)
-        elif hint is None:
-            shape = (z.shape[0], self.hint_channels, self.image_size, self.image_size)
-            hint = torch.zeros(shape, device=z.device, dtype=z.dtype)
+        if hint is None:  # zeros in place of the image or the latent, as :meth:`hint` picks
+            blank = z.new_zeros(z.shape[0], self.hint_channels, self.image_size, self.image_size)
+            hint = self.hint(blank, torch.zeros_like(z))
         return self.sg.controlnet_cond_embedding(hint)
 
     def residuals(
@@ -343,14 +341,16 @@ def build_network(
     else:
         unet = _unet(p, latent_channels, latent_size)
     sg = None
-    if cfg.use_sg:
-        latent_hint = cfg.sg_hint == "latent"  # z0's embedding needs no downsampling
+    if cfg.use_sg:  # a latent hint is already on the latent grid: no downsampling
+        hint_channels, hint_size = (
+            (latent_channels, latent_size)
+            if cfg.sg_hint == "latent"
+            else (cfg.hint_channels, image_size)
+        )
         sg = ControlNetModel.from_unet(
             unet,
-            conditioning_channels=latent_channels if latent_hint else cfg.hint_channels,
-            conditioning_embedding_out_channels=sg_embedding_channels(
-                p, latent_size if latent_hint else image_size, latent_size
-            ),
+            conditioning_channels=hint_channels,
+            conditioning_embedding_out_channels=sg_embedding_channels(p, hint_size, latent_size),
         )
     return assemble_network(cfg, unet, sg, image_size=image_size, context=_context(cfg, p))
 
