@@ -235,46 +235,100 @@ def test_mvtec_layout_archive(tmp_path):
     assert result.dest == tmp_path / "d/mvtec" and result.counts == {"bottle": SplitCounts(1, 1, 1)}
 
 
+def _zip_links(files: dict[str, bytes], links: dict[str, str]) -> bytes:
+    """A zip with Unix symlink members (mode S_IFLNK, the target as the member's data)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, target in links.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tar_special(kind: bytes, name: str, target: str = "") -> bytes:
+    """A tar holding ``ok.txt`` and one member of type ``kind`` (hardlink, fifo, ...)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("ok.txt")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"1"))
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, target
+        tf.addfile(info)
+    return buf.getvalue()
+
+
+def _tar_long_chain() -> bytes:
+    """CVE-2025-4517's shape: a symlink chain whose resolved path passes PATH_MAX, then an escape."""
+    step = "d" * 247
+    links = {}
+    path = ""
+    for letter in "abcdefghijklmnop":
+        links[f"{path}{letter}"] = step  # relative link to a long folder name
+        path += f"{letter}/"
+    links["escape"] = path + "../" * len(path.split("/"))
+    return _tar({"ok.txt": b"1"}, links)
+
+
+# every case is an archive that must be refused before anything is written outside (or inside)
 UNSAFE = {
     "tar-dotdot": lambda: _tar({"ok.txt": b"1", "../evil.txt": b"x"}),
     "tar-absolute": lambda: _tar({"/tmp/evil.txt": b"x"}),
     "tar-link-out": lambda: _tar({"ok.txt": b"1"}, {"link": "../../evil.txt"}),
+    "tar-link-inside": lambda: _tar({"d/b.txt": b"1"}, {"d/link": "b.txt"}),
+    "tar-hardlink": lambda: _tar_special(tarfile.LNKTYPE, "hard", "ok.txt"),
+    "tar-fifo": lambda: _tar_special(tarfile.FIFOTYPE, "pipe"),
+    "tar-long-symlink-chain": _tar_long_chain,
     "zip-dotdot": lambda: _zip({"ok.txt": b"1", "a/../../evil.txt": b"x"}),
     "zip-absolute": lambda: _zip({"/evil.txt": b"x"}),
+    "zip-link-out": lambda: _zip_links({"d/b.txt": b"1"}, {"d/link": "../../evil"}),
+    "zip-link-inside": lambda: _zip_links({"d/b.txt": b"1"}, {"d/link": "b.txt"}),
+    # issue 16: each link passes a per-link lexical check, but they chain three levels outward
+    "zip-chained-symlinks": lambda: _zip_links(
+        {"x/evil.txt": b"x"}, {"p/q/r/s/a": "../../../..", "x": "p/q/r/s/a/../../.."}
+    ),
 }
 
 
 @pytest.mark.parametrize("make", UNSAFE.values(), ids=UNSAFE.keys())
 def test_unsafe_archives_rejected(tmp_path, make):
-    path = tmp_path / "bad.archive"
+    path = tmp_path / "x" / "y" / "z" / "bad.archive"
+    path.parent.mkdir(parents=True)
     path.write_bytes(make())
+    before = sorted(tmp_path.rglob("*"))
     with pytest.raises(DZADInputError, match=r"unsafe|outside"):
-        safe_extract(path, tmp_path / "x" / "out")
-    assert not (tmp_path / "x" / "out").exists() and not (tmp_path / "x" / "evil.txt").exists()
-    assert not (tmp_path / "evil.txt").exists()
+        safe_extract(path, tmp_path / "x" / "y" / "z" / "out")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere, no partial folder
+    assert not (tmp_path.parent / "evil.txt").exists()
 
 
-def test_zip_links(tmp_path):
-    def with_link(target: str) -> bytes:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("d/b.txt", b"data")
-            info = zipfile.ZipInfo("d/link")
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
-        return buf.getvalue()
-
-    (tmp_path / "out.zip").write_bytes(with_link("../../evil"))
-    with pytest.raises(DZADInputError, match="points outside"):
-        safe_extract(tmp_path / "out.zip", tmp_path / "o1")
-    (tmp_path / "in.zip").write_bytes(with_link("b.txt"))
-    safe_extract(tmp_path / "in.zip", tmp_path / "o2")
-    assert (tmp_path / "o2/d/link").is_symlink() and (
-        tmp_path / "o2/d/link"
-    ).read_bytes() == b"data"
+def test_zip_without_unix_modes_and_junk(tmp_path):
+    (tmp_path / "ok.zip").write_bytes(_zip({"d/b.txt": b"data", "d/e/": b""}))
+    safe_extract(tmp_path / "ok.zip", tmp_path / "o2")
+    assert (tmp_path / "o2/d/b.txt").read_bytes() == b"data"
     (tmp_path / "junk.zip").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(DZADInputError):
         safe_extract(tmp_path / "junk.zip", tmp_path / "o3")
+    assert not (tmp_path / "o3").exists()
+
+
+def test_truncated_download_is_not_reused(server, tmp_path):
+    """--no-verify checks nothing: a truncated archive already in place is removed when it fails to
+    extract, so the next run downloads it again instead of failing the same way forever."""
+    data = _zip(_btad_files())
+    server.files["/btad.zip"] = data
+    spec = _spec(server.base + "/btad.zip", None)
+    kept = tmp_path / "d/archives/btad.zip"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DZADInputError, match="removed, run again"):
+        fetch(spec, tmp_path / "d", no_verify=True, check_counts=False)
+    assert not kept.exists() and not (tmp_path / "d/btad-raw").exists()
+    result = fetch(spec, tmp_path / "d", no_verify=True, check_counts=False)
+    assert kept.read_bytes() == data and result.counts == SMALL
 
 
 def test_table_and_cli(tmp_path):

@@ -7,8 +7,9 @@ never trusted silently: :func:`fetch` prints the computed SHA-256 and needs ``no
 
 Downloads go to ``<file>.part`` and resume with an HTTP ``Range`` request; the file gets its final
 name only after the checksum matches (a mismatch removes the ``.part``). Extraction refuses absolute
-paths, ``..`` and links that point outside the destination (tar: ``filter="data"``; zip: checked
-member by member) and builds the folder under a temporary name.
+paths, ``..``, every symlink and hardlink and special files before writing anything (dataset
+archives need no links), checks the extracted tree again and builds the folder under a temporary
+name, so a failure leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import posixpath
 import re
 import shutil
 import stat
@@ -84,6 +84,10 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
 }
 _DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
+
+
+class CorruptArchive(DZADInputError):
+    """The archive cannot be read (truncated or damaged), as opposed to one with unsafe members."""
 
 
 def _interrupted(dest: Path, part: Path, why: str, hint: str) -> DZADInputError:
@@ -159,49 +163,85 @@ def _check_name(name: str, archive: Path) -> str:
     return norm
 
 
-def _zip_member_safe(info: zipfile.ZipInfo, zf: zipfile.ZipFile, archive: Path) -> str | None:
-    """Raise on an unsafe member; return the link target for a (safe) symlink, else ``None``."""
-    name = _check_name(info.filename, archive)
-    if stat.S_ISLNK(info.external_attr >> 16):
-        target = zf.read(info).decode("utf-8", "replace")
-        joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-        if target.startswith("/") or joined == ".." or joined.startswith("../"):
-            raise DZADInputError(archive, f"link {info.filename!r} points outside ({target!r})")
-        return target
-    return None
+def _refuse_link(name: str, kind: str, archive: Path) -> DZADInputError:
+    return DZADInputError(
+        archive, f"unsafe archive member refused: {name!r} is a {kind} (dataset archives hold none)"
+    )
 
 
-def _extract_zip(archive: Path, out: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        members = [(info, _zip_member_safe(info, zf, archive)) for info in zf.infolist()]
-        for info, link in members:
-            if link is None:
-                zf.extract(info, out)
-            else:
-                path = out / info.filename
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(link, path)
+def _check_zip(zf: zipfile.ZipFile, archive: Path) -> None:
+    """Every member a plain file or folder with a safe name; checked before anything is written."""
+    for info in zf.infolist():
+        _check_name(info.filename, archive)
+        ftype = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix mode recorded (a plain file)
+        if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = "symlink" if ftype == stat.S_IFLNK else "special file"
+            raise _refuse_link(info.filename, kind, archive)
+
+
+def _check_tar(tf: tarfile.TarFile, archive: Path) -> None:
+    """Every member a plain file or folder with a safe name; checked before anything is written.
+
+    Links are refused here, so safety never rests on ``filter="data"`` alone (Python 3.11.7's
+    filter is bypassed by a symlink chain longer than PATH_MAX, CVE-2025-4517).
+    """
+    for member in tf.getmembers():
+        _check_name(member.name, archive)
+        if member.issym() or member.islnk():
+            raise _refuse_link(member.name, "symlink" if member.issym() else "hardlink", archive)
+        if not (member.isfile() or member.isdir()):
+            raise _refuse_link(member.name, "special file", archive)
+
+
+def _check_tree(root: Path, archive: Path) -> None:
+    """After extraction: no link anywhere and every path resolves inside ``root``."""
+    top = root.resolve()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink() or not path.resolve().is_relative_to(top):
+                raise DZADInputError(archive, f"unsafe archive member refused: {name!r}")
 
 
 def safe_extract(archive: str | Path, dest: str | Path) -> Path:
-    """Extract a tar (any compression) or zip ``archive`` into ``dest``, refusing unsafe members."""
+    """Extract a tar (any compression) or zip ``archive`` into ``dest``, refusing unsafe members.
+
+    Absolute names, ``..``, symlinks, hardlinks and special files are refused before anything is
+    written; the tree is checked again after extraction; a failure leaves no partial folder.
+    """
     archive, dest = Path(archive), Path(dest)
     try:
         with atomic_dir(dest) as tmp:
             if zipfile.is_zipfile(archive):
-                _extract_zip(archive, tmp)
+                with zipfile.ZipFile(archive) as zf:
+                    _check_zip(zf, archive)
+                    zf.extractall(tmp)
             elif tarfile.is_tarfile(archive):
                 with tarfile.open(archive) as tf:
-                    for member in tf.getmembers():
-                        _check_name(member.name, archive)
+                    _check_tar(tf, archive)
                     tf.extractall(tmp, filter="data")
             else:
-                raise DZADInputError(archive, "not a tar or zip archive")
+                raise CorruptArchive(archive, "not a tar or zip archive")
+            _check_tree(tmp, archive)
     except tarfile.FilterError as exc:
         raise DZADInputError(archive, f"unsafe archive member refused ({exc})") from None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise DZADInputError(archive, f"corrupt or truncated archive ({exc})") from None
+        raise CorruptArchive(archive, f"corrupt or truncated archive ({exc})") from None
     return dest
+
+
+def _extract(path: Path, dest: Path, *, downloaded: bool) -> Path:
+    """:func:`safe_extract`; a downloaded archive that cannot be extracted is removed, so the next
+    run downloads it again instead of reusing a truncated file (``--no-verify`` checks nothing)."""
+    try:
+        return safe_extract(path, dest)
+    except DZADInputError as exc:
+        if not downloaded or not isinstance(exc, CorruptArchive):
+            raise
+        path.unlink(missing_ok=True)
+        raise DZADInputError(
+            path, f"{exc.reason}; the downloaded file was removed, run again to download it anew"
+        ) from None
 
 
 def _manual_hint(spec: DatasetSpec, dest: Path) -> str:
@@ -258,12 +298,12 @@ def fetch(
             "Compare it with the publisher's, then rerun with --sha256 <hex> or --no-verify",
         )
     if spec.fmt == "mvtec":
-        raw = safe_extract(path, dest / spec.name)
+        raw = _extract(path, dest / spec.name, downloaded=archive is None)
         subs = [p for p in raw.iterdir() if p.is_dir()]
         root = subs[0] if len(subs) == 1 and not (subs[0] / "train").is_dir() else raw
         counts, digest = split_digest(root)  # raises unless the archive held an MVTec tree
         return ConvertResult(root, counts, digest)
-    raw = safe_extract(path, dest / f"{spec.name}-raw")
+    raw = _extract(path, dest / f"{spec.name}-raw", downloaded=archive is None)
     convert = {"visa": (convert_visa, VISA_COUNTS), "btad": (convert_btad, BTAD_COUNTS)}
     fn, counts = convert[spec.fmt]
     result = fn(raw, dest / spec.name, counts if check_counts else None)
