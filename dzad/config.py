@@ -2,12 +2,16 @@
 
 YAML is parsed once, at the edge (CLI, DVC stages, Prefect flows); the library only ever sees these
 objects. Every reading of the paper that ``method-notes.md`` fixes is a field here, never a constant
-buried in code. ``from_dict`` rejects unknown keys so a typo in ``params.yaml`` fails loudly.
+buried in code. ``from_dict`` rejects unknown keys so a typo in ``params.yaml`` fails loudly, and
+checks every value before any work: its type and ``Literal`` choice from the type hints, its range
+from :data:`RANGES` (ints and floats >= 0 unless listed; floats finite). One error names the key,
+the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -252,8 +256,112 @@ class DZADConfig:
     tracking: TrackingConfig = TrackingConfig()
 
 
-def _build(tp: Any, value: Any, where: str) -> Any:
-    """Convert plain YAML data ``value`` into type ``tp`` (dataclass, tuple, dict, Optional)."""
+@dataclass(frozen=True)
+class Bound:
+    """Allowed range of a numeric field (or of each item of a numeric tuple); None = unbounded."""
+
+    lo: float | None = 0
+    hi: float | None = None
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False
+
+    def allows(self, v: float) -> bool:
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi}")
+        return " and ".join(parts) or "any value"
+
+
+# Ranges by dotted key ("section.field"). Every int and float field not listed here must be >= 0;
+# every float must be finite. Types and Literal choices come from the dataclasses' type hints, so a
+# new field is validated without an entry here.
+_POS, _UNIT, _OPEN_UNIT = Bound(1), Bound(0, 1), Bound(0, 1, lo_open=True)
+RANGES: dict[str, Bound] = {
+    "data.image_size": _POS,
+    "data.mask_threshold": Bound(0, 255),
+    "synth.size": _POS,
+    "synth.n_train": _POS,
+    "model.unshuffle_factor": _POS,
+    "model.latent_channels": _POS,
+    "model.block_out_channels": _POS,
+    "model.hint_channels": _POS,
+    "model.num_train_timesteps": _POS,
+    "model.beta_start": _OPEN_UNIT,
+    "model.beta_end": _OPEN_UNIT,
+    "model.sg_embedding_channels": _POS,
+    "model.feature_stride": _POS,
+    "model.feature_local_pool": _POS,
+    "train.steps": _POS,
+    "train.batch_size": _POS,
+    "train.lr": Bound(0, lo_open=True),
+    "train.ema_decay": _UNIT,
+    "noise.n_stages": _POS,
+    "noise.m_samples": _POS,
+    "noise.max_batch": _POS,
+    "weighting.k": Bound(None),
+    "weighting.learned_c": Bound(0, lo_open=True),
+    "detection.threshold_quantile": _UNIT,
+    "detection.temperature": Bound(0, lo_open=True),
+    "detection.calibration_holdout": Bound(0, 1, hi_open=True),
+    "detection.calibration_max_images": _POS,
+    "detection.gating_bank_size": _POS,
+    "reconstruction.steps": _POS,
+    "anomaly_map.w_pn": Bound(1),
+    "anomaly_map.pool_k": _POS,
+    "anomaly_map.w_pa_floor": _OPEN_UNIT,
+    "evaluate.batch_size": _POS,
+    "evaluate.knn_bank_size": _POS,
+    "evaluate.control_levels": _POS,
+    "evaluate.control_local_pool": _POS,
+    "evaluate.mutual_fraction": _OPEN_UNIT,
+    "tracking.flush_every": _POS,
+}
+
+
+def _bad(where: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{where}: {value!r} is not allowed; expected {allowed}")
+
+
+def _leaf(tp: Any, value: Any, where: str, key: str) -> Any:
+    """Check one scalar against its type hint (and its :data:`RANGES` bound); return it."""
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise _bad(where, value, f"one of {list(choices)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, value, "true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(where, value, "a string")
+        return value
+    if tp in (int, float):
+        ok = isinstance(value, int) or (tp is float and isinstance(value, float))
+        bound = RANGES.get(key, Bound())
+        if isinstance(value, bool) or not ok or not math.isfinite(value):
+            raise _bad(where, value, f"{'an integer' if tp is int else 'a finite number'} {bound}")
+        if not bound.allows(value):
+            raise _bad(where, value, f"{'an integer' if tp is int else 'a number'} {bound}")
+        return tp(value)
+    raise TypeError(f"{where}: no validation rule for type {tp!r}")
+
+
+def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
+    """Convert plain YAML data ``value`` into type ``tp`` (dataclass, tuple, dict, Optional),
+    checking every leaf's type, Literal choice and range; errors name the key and the value.
+
+    ``where`` is the full key shown in errors (``params.train.steps``, ``...[0]``); ``key`` is the
+    dotted field name used to look up :data:`RANGES` (``train.steps``).
+    """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -263,19 +371,27 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         unknown = sorted(set(value) - names)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-        return tp(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+        sub = f"{key}." if key else ""
+        return tp(**{k: _build(hints[k], v, f"{where}.{k}", sub + k) for k, v in value.items()})
     if origin is tuple:
+        if not isinstance(value, (list, tuple)) and value is not None:
+            raise _bad(where, value, "a list")
         (item,) = typing.get_args(tp)[:1]
-        return tuple(_build(item, v, f"{where}[{i}]") for i, v in enumerate(value or ()))
+        return tuple(_build(item, v, f"{where}[{i}]", key) for i, v in enumerate(value or ()))
     if origin is dict:
+        if not isinstance(value, dict) and value is not None:
+            raise _bad(where, value, "a mapping")
         _, vt = typing.get_args(tp)
-        return {str(k): _build(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
+        return {str(k): _build(vt, v, f"{where}.{k}", "") for k, v in (value or {}).items()}
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _build(args[0], value, where)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    return value
+        return None if value is None else _build(args[0], value, where, key)
+    return _leaf(tp, value, where, key)
+
+
+def validate(cfg: DZADConfig) -> DZADConfig:
+    """Check a config built in code (e.g. with command-line overrides) as :func:`load` does."""
+    return from_dict(to_dict(cfg))
 
 
 def load(path: str | Path) -> DZADConfig:

@@ -1,21 +1,45 @@
-"""Atomic writes: a crash or a bad input never leaves a half-written file behind."""
+"""Atomic writes: a crash or a bad input never leaves a half-written file behind.
+
+Temp files and folders are created with modes 0666 / 0777 minus the umask (as a plain ``open``
+would), not ``mkstemp``'s 0600. Temp names carry the writer's pid, so a later write of the same
+path removes what a killed writer left behind (and puts back a folder caught mid-swap).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from dzad.errors import DZADInputError
+
+
+def _temp_name(path: Path, suffix: str = "") -> Path:
+    """``.<name>.<pid>.<random>.tmp<suffix>`` beside ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def _create_temp_file(path: Path, suffix: str = "") -> tuple[int, Path]:
+    """A new, exclusively created temp file beside ``path`` (mode 0666 minus the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _temp_name(path, suffix)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -41,13 +65,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     keeps ``path``'s suffix so format detection by extension still works.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    fd, tmp = _create_temp_file(path, path.suffix)
     os.close(fd)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,12 +76,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: str | Path) -> None:
+    """Remove what a killed :func:`atomic_dir` writer of ``path`` left: its temp folders (writer
+    no longer running) and ``.<name>.old``, which is first put back when ``path`` itself is missing
+    (the writer died between its two renames)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    for tmp in path.parent.iterdir():
+        match = ours.fullmatch(tmp.name)
+        if match and tmp.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder under a temp name, then swap it in whole (the old one stays on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale(path)
+    tmp = _temp_name(path)
+    tmp.mkdir(0o777)
     try:
         yield tmp
         old = None
@@ -74,6 +125,31 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any work.
+
+    Raises :class:`DZADInputError` naming the folder (read-only, no permission, full disk).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp_file(folder / "write-check")
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            tmp.unlink()
+    except OSError as exc:
+        raise DZADInputError(folder, f"output folder is not writable ({exc.strerror})") from None
+    return folder
+
+
+def write_error(path: str | Path, exc: OSError) -> DZADInputError:
+    """One-line error for a failed output write (full disk, read-only, quota)."""
+    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+    return DZADInputError(path, f"cannot write the outputs ({what}); nothing partial was kept")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

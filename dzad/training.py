@@ -38,6 +38,7 @@ from dzad.checkpoint import (
 from dzad.config import DZADConfig, flatten
 from dzad.detection import Calibration
 from dzad.errors import CheckpointError
+from dzad.io_utils import clean_stale
 from dzad.latents import Encoder, build_encoder
 from dzad.model import map_backbone
 from dzad.networks import DZADNetwork, build_network, make_scheduler
@@ -207,6 +208,7 @@ def train(
     d = cfg.detection
     holdout = (d.calibration_holdout, d.calibration_max_images)
     train_idx, cal_idx = split_holdout(len(source), *holdout, cfg.seed)
+    clean_stale(out_dir)  # a killed save: its temp folder goes, a mid-swap .old comes back
     state = read_train_state(out_dir) if resume and (out_dir / "dzad.json").exists() else None
     previous = load_checkpoint(out_dir) if state is not None else None
     encoder = build_encoder(cfg.model, source.image_size).to(device)

@@ -62,7 +62,8 @@ def apply_overrides(
         abl = replace(abl, t_starts=tuple(t_starts))
     if architecture is not None:
         abl = replace(abl, architecture=architecture)
-    return replace(cfg, model=model, train=train, sets=sets, ablation=abl)
+    # the overrides get the same checks as the file (a flow parameter steps=-5 fails here)
+    return dzad_config.validate(replace(cfg, model=model, train=train, sets=sets, ablation=abl))
 
 
 OVERRIDES = (

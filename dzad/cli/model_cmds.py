@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from dzad.cli._app import app, clean_errors, load_config
-from dzad.config import DZADConfig
+from dzad.config import DZADConfig, validate
 
 
 def _with_overrides(
@@ -25,7 +25,7 @@ def _with_overrides(
         train = dataclasses.replace(train, steps=steps)
     if device is not None:
         train = dataclasses.replace(train, device=device)
-    return dataclasses.replace(cfg, model=model, train=train)
+    return validate(dataclasses.replace(cfg, model=model, train=train))  # as strict as params.yaml
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
