@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -76,6 +77,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -87,21 +95,21 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(path: str | Path) -> None:
-    """Remove what a killed :func:`atomic_dir` writer of ``path`` left: its temp folders (writer
-    no longer running) and ``.<name>.old``, which is first put back when ``path`` itself is missing
-    (the writer died between its two renames)."""
+    """Remove what a killed writer of ``path`` left: its temp files and folders (writer no longer
+    running) and ``.<name>.old``, which is first put back when ``path`` itself is missing (the
+    writer died between its two renames)."""
     path = Path(path)
     if not path.parent.is_dir():
         return
     old = path.with_name(f".{path.name}.old")
-    if old.is_dir() and not path.exists():
+    if old.exists() and not path.exists():
         os.replace(old, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     ours = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
     for tmp in path.parent.iterdir():
         match = ours.fullmatch(tmp.name)
-        if match and tmp.is_dir() and not _alive(int(match.group(1))):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if match and not _alive(int(match.group(1))):
+            _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -125,6 +133,56 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.dzad.lock``, ``flock``) for the block.
+
+    A second holder fails at once with :class:`DZADInputError` naming the folder; the kernel frees
+    the lock when the holder exits, however it exits.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".dzad.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DZADInputError(
+                folder, f"in use by another {what} (wait for it or choose another folder)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replace_outputs(out: str | Path, names: tuple[str, ...]) -> Iterator[Path]:
+    """Yield a staging folder inside ``out`` for one run's outputs ``names`` (files or folders).
+
+    On success each ``out/<name>`` is replaced by the staged one, or removed when this run did not
+    make it, so ``out`` describes exactly one run (no stale heat maps of an earlier one). On any
+    failure the staging folder is removed and ``out`` stays as it was. Hold :func:`lock_folder`.
+    """
+    out = Path(out)
+    for name in (*names, "run"):
+        clean_stale(out / name)
+    stage = _temp_name(out / "run")
+    stage.mkdir(0o777, parents=True)
+    try:
+        yield stage
+        for name in names:  # scores tables last: they list the heat maps already in place
+            old = out / f".{name}.old"
+            if (out / name).exists():
+                _remove(old)
+                os.replace(out / name, old)
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            if old.exists():
+                _remove(old)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def check_writable(folder: str | Path) -> Path:

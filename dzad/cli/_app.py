@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -23,8 +24,13 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# a full disk, quota, read-only file system or permission: a one-line error, not a traceback
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def clean_errors(fn: F) -> F:
-    """Turn a :class:`DZADError` into ``error: <message>`` on stderr and exit code 2."""
+    """Turn a :class:`DZADError` (or a ValueError, or an OSError of a full or read-only disk) into
+    ``error: <message>`` on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,6 +41,11 @@ def clean_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(code=2) from None
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            print(f"error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -13,6 +13,7 @@ import typer
 
 from dzad.cli._app import app, clean_errors, load_config
 from dzad.config import DZADConfig, validate
+from dzad.io_utils import check_writable
 
 
 def _with_overrides(
@@ -66,6 +67,7 @@ def train_cmd(
 
     cfg = load_config(params)
     cfg = _with_overrides(cfg, profile, steps, device)
+    check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = [c.strip() for c in source_categories.split(",") if c.strip()]
     images, labelled = _source_sets(cfg, data, cats)
     typer.echo(f"training on {len(images)} SOURCE normals ({cfg.model.profile} profile)")

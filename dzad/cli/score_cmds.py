@@ -11,6 +11,7 @@ and the printed tables are :mod:`dzad.cli.score_outputs`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,13 @@ from dzad.cli._app import app, clean_errors
 from dzad.cli.score_inputs import check_images, collect_inputs
 from dzad.cli.score_outputs import print_metrics, print_scores, write_image_outputs
 from dzad.errors import BackboneUnavailable, DZADInputError
+from dzad.io_utils import (
+    atomic_write_text,
+    check_writable,
+    lock_folder,
+    replace_outputs,
+    write_error,
+)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -77,9 +85,12 @@ def _parse_threshold(value: str) -> float | None:
     if value == "auto":
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise typer.BadParameter(f"expected 'auto' or a number, got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):  # nan would mark every image normal, inf every one too
+        raise typer.BadParameter(f"expected 'auto' or a finite number, got {value!r}")
+    return number
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -102,52 +113,79 @@ def score_cmd(
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
 ) -> None:
-    """Score images: scores.csv, one heat-map overlay per image, a summary table."""
-    import pandas as pd
-    import torch
+    """Score images: scores.csv, one heat-map overlay per image, a summary table.
 
-    from dzad.data.images import load_image
-    from dzad.io_utils import atomic_write_text
-
+    ``--out`` is locked for the run and receives this run's outputs only (scores.csv, heatmaps/,
+    maps/ replaced whole at the end); a failure leaves it as it was.
+    """
     thr = _parse_threshold(threshold)
     if out.exists() and not out.is_dir():
         raise DZADInputError(out, "--out exists and is not a folder")
     inputs, skipped = collect_inputs(paths, skip_bad, out)
-    dzad = load_model(model, random_backbone)
-    size, resample = dzad.image_size, dzad.cfg.data.resample
-    inputs, bad = check_images(inputs, size, resample, skip_bad)
-    skipped += bad
-    if not inputs:
-        raise DZADInputError(paths[0], "none of the given paths holds a readable image")
-    rows: list[dict[str, Any]] = []
-    prog, task = _progress(not json_out and len(inputs) > batch_size, len(inputs), "scoring")
-    with prog:
-        for batch in _batches(inputs, batch_size):
-            images = torch.stack([load_image(i.path, size, resample) for i in batch])
-            result = dzad(images)
-            maps = result.anomaly_map[:, 0].float().cpu().numpy()
-            for k, item in enumerate(batch):
-                img_score = float(result.image_score[k])
-                anomalous = bool(result.decision[k]) if thr is None else img_score > thr
-                rows.append(
-                    {
-                        "path": item.shown,
-                        "image_score": img_score,
-                        "detection_score": float(result.detection_score[k]),
-                        "decision": "anomalous" if anomalous else "normal",
-                        "heatmap": write_image_outputs(item, out, maps[k], save_maps),
-                        "error": None,
-                    }
-                )
-            prog.advance(task, len(batch))
-    rows += skipped
-    columns = ["path", "image_score", "detection_score", "decision", "heatmap", "error"]
-    table = pd.DataFrame.from_records(rows, columns=columns)
-    atomic_write_text(out / "scores.csv", table.to_csv(index=False))
+    check_writable(out)  # before the model is loaded and any image scored
+    with lock_folder(out, "dzad score run"):
+        dzad = load_model(model, random_backbone)
+        inputs, bad = check_images(inputs, dzad.image_size, dzad.cfg.data.resample, skip_bad)
+        if not inputs:
+            raise DZADInputError(paths[0], "none of the given paths holds a readable image")
+        rows = _score_into(dzad, inputs, skipped + bad, out, thr, save_maps, json_out, batch_size)
     if json_out:
         print(json.dumps({"model": model, "out": str(out), "threshold": threshold, "rows": rows}))
     else:
         print_scores(rows, out, threshold)
+
+
+_SCORE_OUTPUTS = ("heatmaps", "maps", "scores.csv")  # replaced whole by each run, table last
+_COLUMNS = ["path", "image_score", "detection_score", "decision", "heatmap", "error"]
+
+
+def _score_into(
+    dzad,
+    inputs: list,
+    skipped: list[dict[str, Any]],
+    out: Path,
+    thr: float | None,
+    save_maps: bool,
+    quiet: bool,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """Score ``inputs`` in batches, stage the heat maps (and maps), then swap them into ``out``
+    with scores.csv (``skipped`` rows last); a full disk or any other write error leaves ``out``
+    as it was. Returns the rows."""
+    import pandas as pd
+    import torch
+
+    from dzad.data.images import load_image
+
+    size, resample = dzad.image_size, dzad.cfg.data.resample
+    rows: list[dict[str, Any]] = []
+    prog, task = _progress(not quiet and len(inputs) > batch_size, len(inputs), "scoring")
+    try:
+        with prog, replace_outputs(out, _SCORE_OUTPUTS) as stage:
+            for batch in _batches(inputs, batch_size):
+                images = torch.stack([load_image(i.path, size, resample) for i in batch])
+                result = dzad(images)
+                maps = result.anomaly_map[:, 0].float().cpu().numpy()
+                for k, item in enumerate(batch):
+                    img_score = float(result.image_score[k])
+                    anomalous = bool(result.decision[k]) if thr is None else img_score > thr
+                    rows.append(
+                        {
+                            "path": item.shown,
+                            "image_score": img_score,
+                            "detection_score": float(result.detection_score[k]),
+                            "decision": "anomalous" if anomalous else "normal",
+                            "heatmap": write_image_outputs(item, stage, maps[k], save_maps),
+                            "error": None,
+                        }
+                    )
+                prog.advance(task, len(batch))
+            rows += skipped
+            table = pd.DataFrame.from_records(rows, columns=_COLUMNS)
+            atomic_write_text(stage / "scores.csv", table.to_csv(index=False))
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    return rows
 
 
 def _categories(values: list[str] | None) -> list[str]:
@@ -190,6 +228,7 @@ def evaluate_cmd(
     """The paper's protocol on every category under --data: metrics, scores, figures."""
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
+    check_writable(out)  # before the model is loaded and anything evaluated
     dzad = load_model(model, random_backbone)
     eval_cfg = dzad.cfg.evaluate
     given = (("batch_size", batch_size), ("max_images", max_images))
