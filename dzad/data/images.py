@@ -17,18 +17,20 @@ Pixel types (choices written down so that results do not depend on a file's enco
 
 Large files are never decoded at full size when a target size is known: JPEG uses ``draft`` (DCT
 scaling) and every format goes through ``resize(..., reducing_gap=2)`` (box reduction first).
-Truncated files are detected because PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left ``False`` and
-every image is fully decoded with ``load()`` here.
+EXIF orientation is applied (an image is scored as it is displayed); a multi-frame file (TIFF, GIF)
+is warned about and its first frame used. Truncated files are detected because PIL's
+``ImageFile.LOAD_TRUNCATED_IMAGES`` is left ``False`` and every image is fully decoded here.
 """
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from dzad.errors import DZADInputError
 
@@ -40,6 +42,7 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
+_ORIENTATION = 0x0112  # EXIF tag
 _INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _READ_ERRORS = (
@@ -71,27 +74,38 @@ def _check_file(path: Path) -> None:
         raise DZADInputError(path, "PIL LOAD_TRUNCATED_IMAGES is on; truncation cannot be detected")
 
 
+def _transposed(im: Image.Image) -> bool:
+    """Whether the EXIF orientation swaps width and height (orientations 5-8: a quarter turn)."""
+    return im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+
+
 def open_image(path: str | Path, draft_hw: tuple[int, int] | None = None) -> Image.Image:
-    """Open and fully decode ``path``; ``draft_hw`` lets JPEG decode at a reduced scale >= it."""
+    """Open and fully decode ``path`` as it is displayed (EXIF orientation applied); ``draft_hw``
+    (displayed ``(H, W)``) lets JPEG decode at a reduced scale >= it. A multi-frame file (TIFF,
+    GIF, ...) is warned about once: its first frame is used."""
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                warnings.warn(f"{path}: {frames} frames; only frame 1 is used", stacklevel=2)
             if draft_hw is not None and im.format == "JPEG":
-                im.draft(im.mode, (draft_hw[1], draft_hw[0]))
+                h, w = draft_hw[::-1] if _transposed(im) else draft_hw
+                im.draft(im.mode, (w, h))
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, rotated/flipped as displayed
     except _READ_ERRORS as exc:
         raise DZADInputError(path, f"unreadable or truncated image ({exc})") from None
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(W, H)`` from the file header alone (cheap; does not decode the pixels)."""
+    """Displayed ``(W, H)`` from the file header alone (cheap; does not decode the pixels)."""
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as im:
-            return im.size
+            return im.size[::-1] if _transposed(im) else im.size
     except _READ_ERRORS as exc:
         raise DZADInputError(path, f"not a readable image ({exc})") from None
 

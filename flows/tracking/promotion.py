@@ -1,17 +1,28 @@
 """Promotion: ``champion`` moves to a registered version whose cross-dataset mean AUROCs are not
-worse than the current champion's by more than ``tracking.tolerance``; the decision is recorded."""
+worse than the current champion's by more than ``tracking.tolerance``; the decision is recorded.
+
+Read-compare-move runs under a file lock (:func:`promotion_lock`), so concurrent promotions cannot
+both win against the same old champion and leave the worse version in place."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from dzad.config import DZADConfig
-from flows.tracking.runs import client
+from dzad.errors import DZADError
+from flows.tracking.runs import client, require_store, store_path
 
 CHAMPION = "champion"
 
@@ -92,10 +103,43 @@ def _version_means(
 
 
 def _alias_version(c: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at; None when unset (a store failure raises)."""
+    number = c.get_registered_model(name).aliases.get(alias)
+    return None if number is None else c.get_model_version(name, str(number))
+
+
+def _lock_path(uri: str) -> Path:
+    """Lock file of promotions on store ``uri``: beside a local store; for a server, one per
+    server URI in the temp folder (it serialises the promotions started on this machine)."""
+    local = store_path(uri)
+    if local is not None:
+        return local.with_name(f"{local.name}.promote.lock")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"dzad-promote-{digest}.lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(uri: str, wait_s: float = 120.0) -> Iterator[None]:
+    """Exclusive lock around read-champion / decide / move-alias, so that two promotions started
+    together run one after the other and the second compares with the first's outcome (a
+    compare-and-set); waits up to ``wait_s`` seconds for another promotion, then fails."""
+    path = _lock_path(uri)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DZADError(
+                        f"another promotion on {uri} holds {path} for over {wait_s:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _fmt(value: float | None) -> str:
@@ -109,12 +153,18 @@ def promote(version: ModelVersion | str | int, cfg: DZADConfig, *, force: bool =
     Returns ``{"version", "promoted", "decision", "reason", "candidate", "champion",
     "champion_version", "targets", "tolerance"}``; ``decision`` is promoted / refused / forced.
     """
+    uri = require_store(cfg)  # a dead server fails in seconds, naming it
+    with promotion_lock(uri):
+        return _promote(version, cfg, force)
+
+
+def _promote(version: ModelVersion | str | int, cfg: DZADConfig, force: bool) -> dict:
     tc = cfg.tracking
     c = client(cfg)
     number = str(version.version if isinstance(version, ModelVersion) else version)
     try:
         mv = c.get_model_version(tc.model_name, number)
-    except MlflowException as exc:
+    except MlflowException as exc:  # the store answered (require_store): the version is unknown
         raise ValueError(f"model {tc.model_name!r} has no version {number}") from exc
     current = _alias_version(c, tc.model_name, CHAMPION)
     current_number = str(current.version) if current is not None else None

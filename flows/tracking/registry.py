@@ -17,7 +17,14 @@ from mlflow.exceptions import MlflowException
 
 from dzad.config import DZADConfig, TrackingConfig
 from dzad.errors import DZADInputError
-from flows.tracking.runs import client, source_tags, start_run, tracking_config
+from flows.tracking.runs import (
+    client,
+    missing,
+    require_store,
+    source_tags,
+    start_run,
+    tracking_config,
+)
 
 CANDIDATE = "candidate"
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model
@@ -86,10 +93,13 @@ def register(ckpt_dir: Path, run_id_: str | None, cfg: DZADConfig) -> ModelVersi
 def list_versions(cfg: DZADConfig | TrackingConfig) -> list[dict[str, Any]]:
     """Every version of the registered model, newest first, with its aliases and tags."""
     tc = tracking_config(cfg)
+    require_store(tc)
     c = client(tc)
     try:
         aliases = c.get_registered_model(tc.model_name).aliases
-    except MlflowException:
+    except MlflowException as exc:
+        if not missing(exc):
+            raise
         return []
     by_version: dict[str, list[str]] = {}
     for alias, number in aliases.items():
@@ -118,7 +128,9 @@ def resolve_model(uri: str, *, cfg: DZADConfig | TrackingConfig | None = None) -
 
     if not uri.startswith("models:/"):
         raise DZADInputError(uri, "not a registry URI (expected models:/<name>@<alias>)")
-    client(cfg if cfg is not None else TrackingConfig())
+    tc = TrackingConfig() if cfg is None else cfg
+    require_store(tc)  # never an empty mlflow.db made by a look-up, never minutes of retries
+    client(tc)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]

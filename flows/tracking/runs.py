@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from dzad.config import DZADConfig, TrackingConfig, flatten
+from dzad.errors import DZADError, DZADInputError
 from dzad.io_utils import sha256_file
 
 _BATCH = 100  # log_batch limit for params / tags
@@ -48,6 +52,46 @@ def client(cfg: DZADConfig | TrackingConfig | None = None) -> MlflowClient:
         else:
             os.environ[key] = value
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def store_path(uri: str) -> Path | None:
+    """The local file or folder behind a SQLite / file store URI; None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(urllib.parse.urlparse(uri).path)
+    return None if "://" in uri or uri.startswith("databricks") else Path(uri)
+
+
+def missing(exc: MlflowException) -> bool:
+    """Whether ``exc`` says the thing looked up does not exist (not that the store failed)."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def require_store(cfg: DZADConfig | TrackingConfig, timeout: float = 5.0) -> str:
+    """For look-ups (registry, promotion, listing): the configured store must exist or answer.
+
+    A local store that does not exist is an error (MLflow would create an empty ``mlflow.db`` in
+    the working directory); a server that does not answer ``/health`` within ``timeout`` seconds
+    is an error naming it (MLflow itself would retry for minutes). Returns the store URI.
+    """
+    uri = tracking_uri(tracking_config(cfg))
+    path = store_path(uri)
+    if path is not None and not path.exists():
+        raise DZADInputError(
+            path, f"no tracking store here ({uri}): nothing registered yet, or set the right store"
+        )
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered: it is up
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DZADError(
+                f"tracking server {uri} is unreachable ({reason}); check MLFLOW_TRACKING_URI"
+            ) from None
+    return uri
 
 
 def experiment_id(cfg: DZADConfig | TrackingConfig) -> str:
