@@ -198,3 +198,75 @@ def test_pyfunc_array_inputs_follow_the_image_conventions():
         array_image(np.full((4, 4, 3), 2.0), 4)
     with pytest.raises(ValueError, match="C 1\\|3"):
         array_image(np.zeros((4, 4, 5), np.uint8), 4)
+
+
+def test_concurrent_promotions_leave_the_better_champion(cfg, monkeypatch):
+    """Two promotions started together: without a compare-and-set both read "no champion" and both
+    win; the slow metric read here widens that window so the race happens every time."""
+    import threading
+    import time
+
+    worse = fake_version(cfg, {"a": (0.6, 0.6), "b": (0.6, 0.6)})
+    better = fake_version(cfg, {"a": (0.9, 0.9), "b": (0.9, 0.9)})
+    real = promotion._version_means
+
+    def slow(*args):
+        time.sleep(0.5)
+        return real(*args)
+
+    monkeypatch.setattr(promotion, "_version_means", slow)
+    start, results = threading.Barrier(2), {}
+
+    def run(number: str) -> None:
+        start.wait()
+        results[number] = promotion.promote(number, cfg)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in (worse, better)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert champion(cfg) == better
+    w, b = results[worse], results[better]
+    assert b["promoted"]
+    if w["promoted"]:  # the worse went first: the better one then beat it, and says so
+        assert w["champion_version"] is None and b["champion_version"] == worse
+    else:  # the better went first: the worse one was compared with it and refused
+        assert b["champion_version"] is None and w["champion_version"] == better
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["models"], ["promote", "3"]], ids=["models", "promote"])
+def test_dead_tracking_server_fails_fast_naming_it(tmp_path, monkeypatch, command):
+    import time
+
+    from dzad.cli import app
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    began = time.monotonic()
+    result = CliRunner().invoke(app, command)
+    assert time.monotonic() - began < 20
+    assert result.exit_code == 2
+    assert uri in result.stderr and "unreachable" in result.stderr
+
+
+def test_registry_look_up_without_a_store_creates_nothing(tmp_path, monkeypatch):
+    from dzad.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DZADInputError, match="no tracking store"):
+        registry.resolve_model("models:/dzad@champion")
+    for command in (["models"], ["promote", "1"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "mlflow.db" in result.stderr
+    assert list(tmp_path.iterdir()) == []

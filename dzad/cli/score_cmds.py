@@ -89,7 +89,7 @@ def _parse_threshold(value: str) -> float | None:
     except ValueError:
         number = math.nan
     if not math.isfinite(number):  # nan would mark every image normal, inf every one too
-        raise typer.BadParameter(f"expected 'auto' or a finite number, got {value!r}")
+        raise ValueError(f"--threshold: expected 'auto' or a finite number, got {value!r}")
     return number
 
 
