@@ -314,3 +314,23 @@ def test_image_errors_still_name_the_file(tmp_path):
     bad.write_bytes(buf.getvalue()[:40])
     with pytest.raises(DZADInputError, match=r"x\.jpg"):
         load_image(bad)
+
+
+def test_resume_after_a_save_killed_mid_swap(tmp_path, synth_root, tiny_config, tiny_checkpoint):
+    """Killed between its two renames, a save leaves only ``.ckpt.old`` (and a temp folder):
+    resume puts the checkpoint back and continues from it instead of starting from scratch."""
+    import shutil
+
+    import torch
+
+    from dzad.data.dataset import ImageDataset, iter_samples
+    from dzad.training import train
+
+    shutil.copytree(tiny_checkpoint, tmp_path / ".ckpt.old")
+    stale = tmp_path / f".ckpt.{_dead_pid()}.0badc0de.tmp"
+    stale.mkdir()
+    ds = ImageDataset(list(iter_samples(synth_root, "weave", "train")), 32, tiny_config.data)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    result = train(tiny_config, images, tmp_path / "ckpt", resume=True, progress=False)
+    assert result.resumed_from == tiny_config.train.steps and result.losses == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
