@@ -140,11 +140,14 @@ def lock_folder(folder: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``folder/.dzad.lock``, ``flock``) for the block.
 
     A second holder fails at once with :class:`DZADInputError` naming the folder; the kernel frees
-    the lock when the holder exits, however it exits.
+    the lock when the holder exits, however it exits. A folder made here is removed again when the
+    block fails before writing anything into it.
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".dzad.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    lock = folder / ".dzad.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,6 +156,11 @@ def lock_folder(folder: str | Path, what: str) -> Iterator[None]:
                 folder, f"in use by another {what} (wait for it or choose another folder)"
             ) from None
         yield
+    except BaseException:
+        if created and [p.name for p in folder.iterdir()] == [lock.name]:
+            lock.unlink()  # a failed first run leaves no empty folder behind
+            folder.rmdir()
+        raise
     finally:
         os.close(fd)
 
@@ -186,14 +194,19 @@ def replace_outputs(out: str | Path, names: tuple[str, ...]) -> Iterator[Path]:
 
 
 def check_writable(folder: str | Path) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it, before any work.
+    """Prove a file can be written in ``folder`` (or, while it does not exist, in its nearest
+    existing parent, which is where it will be created) before any work; creates nothing.
 
     Raises :class:`DZADInputError` naming the folder (read-only, no permission, full disk).
     """
     folder = Path(folder)
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DZADInputError(folder, f"output folder is not writable ({probe} is not a folder)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp_file(folder / "write-check")
+        fd, tmp = _create_temp_file(probe / "write-check")
         try:
             os.write(fd, b"x")
         finally:

@@ -133,7 +133,7 @@ def _enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-# id -> (how --out is made unwritable: "file-parent" or an os.open replacement)
+# id -> how --out is made unwritable: "file-parent", or what creating a file in it raises
 WRITE_FAULTS = {"parent-is-a-file": "file-parent", "permission": _eacces, "disk-full": _enospc}
 
 
@@ -147,7 +147,7 @@ def test_unwritable_out_fails_before_the_model_loads(tmp_path, monkeypatch, faul
         out = tmp_path / "blocker" / "out"
     else:
         out.mkdir()
-        monkeypatch.setattr("dzad.io_utils.os.open", fault)
+        monkeypatch.setattr("dzad.io_utils._create_temp_file", fault)
     monkeypatch.setattr("dzad.cli.score_cmds.load_model", _no_model)
     for cmd in (["score", str(image)], ["evaluate", "--data", str(tmp_path)]):
         result = runner.invoke(app, [*cmd, "-m", "ckpt", "--out", str(out)])
@@ -216,6 +216,9 @@ def test_second_score_run_into_a_locked_out_fails_clearly(tmp_path, monkeypatch)
     assert "in use by another dzad score run" in result.stderr and str(out) in result.stderr
     with lock_folder(out, "dzad score run"):  # released when the holder ends
         pass
+    fresh = tmp_path / "fresh"
+    result = runner.invoke(app, ["score", str(image), "-m", "ckpt", "-o", str(fresh)])
+    assert result.exit_code != 0 and not fresh.exists()  # a failed run leaves no empty --out
 
 
 def test_outputs_honour_the_umask(tmp_path):
@@ -265,7 +268,7 @@ def test_check_writable_leaves_nothing_behind(tmp_path):
     from dzad.io_utils import check_writable
 
     assert check_writable(tmp_path / "new" / "out") == tmp_path / "new" / "out"
-    assert list((tmp_path / "new" / "out").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # probed in the nearest existing parent
 
 
 # ------------------------------------------------------------------------------------ images

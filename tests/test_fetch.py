@@ -262,7 +262,7 @@ def _tar_special(kind: bytes, name: str, target: str = "") -> bytes:
 
 
 def _tar_long_chain() -> bytes:
-    """CVE-2025-4517's shape: a symlink chain whose resolved path passes PATH_MAX, then an escape."""
+    """CVE-2025-4517's shape: a symlink chain resolving past PATH_MAX, then an escape."""
     step = "d" * 247
     links = {}
     path = ""
