@@ -156,6 +156,24 @@ def test_unwritable_out_fails_before_the_model_loads(tmp_path, monkeypatch, faul
         assert len(lines) == 1 and "not writable" in lines[0] and str(out) in lines[0]
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["disk-full", "read-only"])
+def test_full_disk_in_any_command_is_one_line(capsys, code):
+    """train / evaluate / stages: an OSError of a full or read-only disk is one line, exit 2."""
+    import typer
+
+    from dzad.cli._app import clean_errors
+
+    @clean_errors
+    def command() -> None:
+        raise OSError(code, os.strerror(code), "/ckpt/.tiny.1.tmp/unet/model.safetensors")
+
+    with pytest.raises(typer.Exit) as info:
+        command()
+    assert info.value.exit_code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: /ckpt/.tiny.1.tmp/unet/model.safetensors: {os.strerror(code)}"
+
+
 def test_full_disk_while_scoring_leaves_the_earlier_run(tmp_path, monkeypatch, tiny_checkpoint):
     images = tmp_path / "imgs"
     images.mkdir()
