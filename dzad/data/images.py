@@ -75,7 +75,12 @@ def _check_file(path: Path) -> None:
 
 
 def _transposed(im: Image.Image) -> bool:
-    """Whether the EXIF orientation swaps width and height (orientations 5-8: a quarter turn)."""
+    """Whether the EXIF orientation swaps width and height (orientations 5-8: a quarter turn).
+
+    A PNG's eXIf chunk counts when it comes before the pixel data (PIL would decode the whole
+    file to look further, which the header-only :func:`image_size` must not do)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return False
     return im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
 
 
