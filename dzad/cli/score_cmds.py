@@ -1,8 +1,10 @@
 """Scoring commands: ``dzad score`` (any images) and ``dzad evaluate`` (an MVTec-layout root).
 
 Bad input ends with one ``error: <path>: <reason>`` line and exit code 2 before anything is written
-(``--skip-bad``: a warning and a row marked ``skipped`` instead). Every output file is written
-atomically, so an earlier ``scores.csv`` or heat map is never lost or left half-written.
+(``--skip-bad``: a warning and a row marked ``skipped`` instead). ``dzad score`` checks ``--out``
+is writable before loading the model, locks it for the run, stages its outputs and swaps them in
+whole at the end: an earlier run's outputs stay until this run succeeds, then none of them is left
+(no stale heat maps), and nothing is ever half-written.
 
 The PATH arguments of ``dzad score`` are read by :mod:`dzad.cli.score_inputs`; heat-map overlays
 and the printed tables are :mod:`dzad.cli.score_outputs`.
