@@ -24,6 +24,7 @@ from dzad.latents import Encoder
 from dzad.model import DZAD, map_settings
 from dzad.networks import DZADNetwork
 from dzad.noise_features import NoiseBank, NoiseFeatures, encode_views, view_features
+from dzad.precision import scoring_precision
 
 
 class ImageSource:
@@ -135,7 +136,26 @@ def calibrate_on_source(
 
     Then the pipeline itself (:class:`dzad.model.DZAD`; ``backbone``: ``dzad.model.map_backbone``)
     scores the same normals: their map and detection scores are the rank-fusion references.
+    Every forward runs in ``noise.precision`` (:mod:`dzad.precision`), as scoring does.
     """
+    with scoring_precision(cfg.noise.precision, device):
+        return _calibrate(cfg, net, encoder, bank, alphas_cumprod, normals, normal_idx, device,
+                          labelled, backbone)  # fmt: skip
+
+
+def _calibrate(
+    cfg: DZADConfig,
+    net: DZADNetwork,
+    encoder: Encoder,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    normals: ImageSource,
+    normal_idx: Tensor,
+    device: torch.device,
+    labelled: tuple[ImageSource, Tensor] | None,
+    backbone: Backbone | None,
+) -> Calibration:
+    """:func:`calibrate_on_source` inside its precision block."""
     mb, bs, views = cfg.noise.max_batch, cfg.evaluate.batch_size, cfg.noise.views
     net.eval()
 
@@ -166,7 +186,7 @@ def calibrate_on_source(
             batches = []
             for s in range(0, len(src), bs):
                 x = src.get(all_idx[s : s + bs]).to(device)
-                batches.append((encoder.encode(x), x, labels[s : s + bs]))
+                batches.append((encoder.encode(x).float(), x, labels[s : s + bs]))
             protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
             per_batch = [
                 mode_features(
