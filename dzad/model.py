@@ -212,31 +212,26 @@ class DZAD(nn.Module):
 
     def _reconstruction_map(self, x0: Tensor, z0: Tensor, gate: Tensor) -> Tensor:
         """Eq. 14-15's base map ``(B,1,H,W)``: x0 ``(B,3,H,W)`` against its DDIM reconstruction
-        from ``t_start`` (SG conditioned on x0 at every step), gated by ``gate`` ``(B,1,H,W)``."""
+        from ``t_start`` (SG conditioned on x0 at every step), gated by ``gate`` ``(B,1,H,W)``.
+        The network forwards run in ``noise.precision``, the distances in fp32."""
         cfg = self.cfg
         size = (x0.shape[-2], x0.shape[-1])
         with scoring_precision(cfg.noise.precision, self.device):
-            return self._reconstruction_map_in(x0, z0, gate, size).float()
-
-    def _reconstruction_map_in(
-        self, x0: Tensor, z0: Tensor, gate: Tensor, size: tuple[int, int]
-    ) -> Tensor:
-        """:meth:`_reconstruction_map` inside the scoring precision's block."""
-        cfg = self.cfg
-        z0_hat = reconstruct(
-            self.net,
-            z0,
-            self.net.hint(x0, z0),
-            cfg.reconstruction,
-            cfg.model.num_train_timesteps,
-            clamp_range=self.clamp_range,
-            alphas_cumprod=self.alphas_cumprod,
-            seeds=image_seeds(x0, cfg.reconstruction.seed),
-        )  # (B,C,h,w)
+            z0_hat = reconstruct(
+                self.net,
+                z0,
+                self.net.hint(x0, z0),
+                cfg.reconstruction,
+                cfg.model.num_train_timesteps,
+                clamp_range=self.clamp_range,
+                alphas_cumprod=self.alphas_cumprod,
+                seeds=image_seeds(x0, cfg.reconstruction.seed),
+            ).float()  # (B,C,h,w)
+            if self.encoder.can_decode:
+                x0_hat = self.encoder.decode(z0_hat).float()  # (B,3,H,W): the one decode
+                f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
         if self.encoder.can_decode:
-            x0_hat = self.encoder.decode(z0_hat)  # (B,3,H,W): the one decode
-            f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
-            return base_map(f_x, f_hat, size, gate)
+            return base_map([f.float() for f in f_x], [f.float() for f in f_hat], size, gate)
         # latent without a decoder: distances between z0 and z0_hat themselves
         return base_map([z0], [z0_hat], size, gate, cfg.anomaly_map.latent_distance)
 
