@@ -175,8 +175,8 @@ def calibrate_on_source(
                 protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
                 per_batch = [
                     mode_features(
-                        partial(view_features, net, encode_views(encoder.encode, x, views, z0), bank,
-                                alphas_cumprod, mb),
+                        partial(view_features, net, encode_views(encoder.encode, x, views, z0),
+                                bank, alphas_cumprod, mb),
                         protos, cfg.detection,
                     )
                     for z0, x, _ in batches
