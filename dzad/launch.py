@@ -8,8 +8,8 @@ this process; with N > 1 it writes the config to a YAML file and runs
         -m dzad.launch --params run.yaml --out DIR [--resume]
 
 which runs the same ``train_model`` in N processes (DDP; gloo on CPU, NCCL on GPUs), the main one
-calibrating and writing the checkpoint, and :func:`train_launched` reads back the
-:class:`~dzad.training.TrainResult` the main process wrote as ``DIR.result.json``.
+calibrating and writing the checkpoint, and :func:`train_launched` reads back (and removes) the
+:class:`~dzad.training.TrainResult` totals the main process wrote as ``DIR.result.json``.
 
 Why ``--multi_gpu`` even on CPU: ``accelerate launch --cpu --num_processes 2`` silently starts one
 process. ``--multi_gpu`` starts N (torchrun); on a machine without CUDA each then joins a gloo
@@ -96,7 +96,9 @@ def _read_result(out_dir: Path):
     from dzad.checkpoint import load_calibration
     from dzad.training import TrainResult
 
-    totals = json.loads(result_path(out_dir).read_text())
+    path = result_path(out_dir)
+    totals = json.loads(path.read_text())
+    path.unlink()  # the models folder holds checkpoints only
     return TrainResult(checkpoint=out_dir, calibration=load_calibration(out_dir), **totals)
 
 

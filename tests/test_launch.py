@@ -83,13 +83,26 @@ def test_launch_command_uses_multi_gpu_never_cpu_flag():
 def test_two_cpu_processes_train_the_checkpoint_one_process_trains(tmp_path, monkeypatch):
     """The stage's code path (train_seeds) on 2 gloo processes = 1 process: same weights, losses
     and calibration (the global batch and its draws are split, DDP averages the gradients)."""
+    import dzad.launch
+
     monkeypatch.chdir(tmp_path)
     one, two = _study(1), _study(2)
     prepare_data(one)
     preprocess_data(one)
+    commands, real_run = [], subprocess.run
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(dzad.launch.subprocess, "run", run)
     r1 = train_seeds(one, "m1")[0]
+    assert commands == []  # one process: in this one
     r2 = train_seeds(two, "m2")[0]
-    assert result_path(Path("m2/seed_0")).is_file()
+    assert len(commands) == 1 and "--multi_gpu" in commands[0]
+    assert commands[0][commands[0].index("--num_processes") + 1] == "2"
+    assert not result_path(Path("m2/seed_0")).exists()  # read back and removed
+    assert sorted(p.name for p in Path("m2").iterdir()) == ["seed_0"]
     assert len(r1.losses) == len(r2.losses) == 6
     torch.testing.assert_close(torch.tensor(r2.losses), torch.tensor(r1.losses), rtol=1e-4,
                                atol=1e-5)  # fmt: skip
