@@ -24,10 +24,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dzad.config import DZADConfig, TrainConfig, to_dict
+from dzad.errors import DZADError
+
+if TYPE_CHECKING:
+    from dzad.training import TrainResult
 
 
 def check_processes(tc: TrainConfig, running: int | None = None) -> None:
@@ -92,7 +97,7 @@ def _write_result(result: Any, out_dir: Path) -> None:
     tmp.replace(path)
 
 
-def _read_result(out_dir: Path):
+def _read_result(out_dir: Path) -> TrainResult:
     from dzad.checkpoint import load_calibration
     from dzad.training import TrainResult
 
@@ -112,8 +117,13 @@ def _child_env() -> dict[str, str]:
 
 
 def train_launched(
-    cfg: DZADConfig, out_dir: Path, *, resume: bool = False, callbacks=(), device=None
-):
+    cfg: DZADConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    device: str | None = None,
+) -> TrainResult:
     """:func:`dzad.study.models.train_model` of ``cfg`` (one seed) into ``out_dir`` on
     ``train.processes`` processes. Per-step ``callbacks`` run only in-process (N = 1): the
     launched processes cannot reach the caller's objects."""
@@ -138,7 +148,10 @@ def train_launched(
         cmd = launch_command(cfg.train.processes, args)
         proc = subprocess.run(cmd, env=_child_env(), check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}")
+        raise DZADError(
+            f"training on {cfg.train.processes} processes failed (exit code {proc.returncode}; "
+            f"their output is above): {' '.join(cmd)}"
+        )
     return _read_result(out_dir)
 
 
