@@ -403,7 +403,9 @@ def _run_steps(
         unit="step",
     )
     net.train()
-    loader = step_loader(batches, start, tc.steps, tc.num_workers)
+    # workers decode streamed images; held in memory (a tensor) they would only copy slices
+    workers = 0 if isinstance(batches.source.data, Tensor) else tc.num_workers
+    loader = step_loader(batches, start, tc.steps, workers)
     for step, (idx, x) in enumerate(loader, start):
         t_step = time.perf_counter()
         x = x.to(device)

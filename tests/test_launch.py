@@ -150,11 +150,12 @@ def test_gradient_checkpointing_saves_activations_and_keeps_the_gradients():
         torch.testing.assert_close(grads_ckpt[k], grads[k], msg=k)
 
 
-def test_worker_processes_read_the_batches_the_loop_reads(tmp_path):
+def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch):
     """train.num_workers: the DataLoader's workers decode the same batches, in step order, and a
     streamed run trains exactly what the in-process reading trains."""
     from torch.utils.data import TensorDataset
 
+    import dzad.training
     from dzad.calibration import ImageSource
     from dzad.training import StepBatches, step_loader
 
@@ -167,10 +168,21 @@ def test_worker_processes_read_the_batches_the_loop_reads(tmp_path):
         assert torch.equal(i0, i1) and torch.equal(x0, x1) and len(i0) == 2
         assert torch.equal(i0, batches[step][0])
     base = replace(_study(1), data=replace(_study(1).data, image_size=32))
+    used = []  # the worker count train() gives its loader
+
+    def spy(batches, start, steps, workers):
+        used.append(workers)
+        return step_loader(batches, start, steps, workers)
+
+    monkeypatch.setattr(dzad.training, "step_loader", spy)
     losses = []
     for workers_n in (0, 2):
         tc = replace(base.train, steps=3, num_workers=workers_n, preload_max_mb=0)
         stream = TensorDataset(images)  # a Dataset too big to preload (preload_max_mb 0)
         r = train(replace(base, train=tc), stream, tmp_path / f"w{workers_n}", progress=False)
         losses.append(r.losses)
-    assert losses[0] == losses[1]
+    assert used == [0, 2] and losses[0] == losses[1]
+    # images held in memory (a tensor) are sliced in the loop: no worker processes
+    tc = replace(base.train, steps=1, num_workers=2)
+    train(replace(base, train=tc), images, tmp_path / "mem", progress=False)
+    assert used[-1] == 0
