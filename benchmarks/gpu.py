@@ -24,6 +24,8 @@ Without ``--cpu-dry-run`` and without CUDA it prints one ``error:`` line and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import platform
 import sys
@@ -105,6 +107,7 @@ def versions(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         **libs,
         "device": str(device),
+        "commit": _commit(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -117,17 +120,32 @@ def versions(device: torch.device) -> dict[str, Any]:
     return out
 
 
+def _commit() -> str | None:
+    """The checkout's git commit, when it is a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def training_parts(cfg, device: torch.device):
     """(frozen encoder, network) of ``cfg`` on ``device``: built once, reused by every setting."""
     from dzad.latents import build_encoder
     from dzad.networks import build_network
 
     size = cfg.data.image_size
-    encoder = build_encoder(cfg.model, size).to(device).eval()
-    latent = size // encoder.downsample
-    torch.manual_seed(cfg.seed)
-    net = build_network(cfg.model, encoder.latent_channels, latent, image_size=size).to(device)
-    return encoder, net
+    # random weights: created and initialised on the device (faster); a folder loads as usual
+    place = device if cfg.model.pretrained is None else contextlib.nullcontext()
+    with place:
+        encoder = build_encoder(cfg.model, size).to(device).eval()
+        latent = size // encoder.downsample
+        torch.manual_seed(cfg.seed)
+        net = build_network(cfg.model, encoder.latent_channels, latent, image_size=size)
+    return encoder, net.to(device)
 
 
 def train_steps(cfg, encoder, net, batch: int, checkpointing: bool, steps: int) -> dict:
@@ -187,7 +205,7 @@ def train_run(cfg, out: Path, steps: int, batch: int) -> dict:
                  else "no")  # fmt: skip
     det = replace(cfg.detection, calibration_holdout=0.25, position_images=4, gating_bank_size=2)
     cfg = replace(cfg, train=tc, detection=det)
-    images = synthetic_images(4 * batch, cfg.data.image_size, seed=3)
+    images = synthetic_images(max(8, 4 * batch), cfg.data.image_size, seed=3)
     start = time.perf_counter()
     first = train(with_steps(cfg, steps), images, out, progress=False)
     first_s = time.perf_counter() - start
@@ -321,6 +339,7 @@ def run_check(args: argparse.Namespace, work: Path) -> list[str]:
                   lambda b=b, ckpt=ckpt: train_steps(cfg, *parts["parts"], b, ckpt, steps),
                   failed)  # fmt: skip
     parts.clear()
+    gc.collect()  # the network and its gradients go before train_run builds its own
     _reset_peak(device)
     phase("train_run", lambda: train_run(cfg, work / "train_run", run_steps, batches[0]), failed)
     model: dict[str, Any] = {}
