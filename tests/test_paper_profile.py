@@ -90,6 +90,7 @@ def test_paper_profile_trains_offline_from_the_local_folder(sd_folder, tmp_path,
     assert (tmp_path / "ckpt" / "vae").is_dir()
 
 
+@pytest.mark.slow
 def test_profiles_command_reads_the_paper_study_offline(sd_folder, tmp_path):
     params = tmp_path / "paper.yaml"
     params.write_text(yaml.safe_dump(config.to_dict(paper_local(sd_folder, size=256))))
