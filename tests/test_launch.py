@@ -50,6 +50,14 @@ def test_batch_must_divide_by_the_process_count():
         check_processes(TrainConfig(processes=0))
 
 
+def test_processes_that_each_train_alone_are_an_error(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` style: 2 started, each sees a world of 1."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="accelerate started 2 processes but this one sees 1"):
+        check_processes(TrainConfig(batch_size=8, processes=2), running=1)
+    check_processes(TrainConfig(batch_size=8, processes=2), running=2)
+
+
 def test_in_process_training_refuses_a_process_count_it_does_not_have(tmp_path):
     cfg = _study(2)
     with pytest.raises(ValueError, match=r"train\.processes is 2 but 1 process"):
