@@ -34,11 +34,12 @@ import torch
 from dzad.calibration import needs_labelled
 from dzad.config import DZADConfig
 from dzad.evaluation_outputs import mean_without_skipped
+from dzad.launch import train_launched
 from dzad.metrics import image_metrics
 from dzad.reports import TABLE3_MARKS
 from dzad.study.evaluations import evaluate_model, load_model, seed_file, seed_result
 from dzad.study.layout import seed_dir, target_ref, with_seed
-from dzad.study.models import source_labelled, source_normals, train_model
+from dzad.study.models import source_labelled, source_normals
 from dzad.study.summaries import KEY_METRICS, mean_std
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def architecture_results(
             name = "+".join(k for k in TABLE3_MARKS if flags.get(k))
             if not flags.get("SGSD"):
                 sd_ckpt = seed_dir(out_dir / "sd_model", seed)
-                train_model(row_cfg, sd_ckpt, seed=seed)
+                train_launched(row_cfg, sd_ckpt)  # on train.processes processes
                 model = load_model(sd_ckpt, row_cfg)
             else:
                 model = recalibrated(main, row_cfg, *sources)

@@ -24,6 +24,7 @@ from dzad.latents import Encoder
 from dzad.model import DZAD, map_settings
 from dzad.networks import DZADNetwork
 from dzad.noise_features import NoiseBank, NoiseFeatures, encode_views, view_features
+from dzad.precision import scoring_precision
 
 
 class ImageSource:
@@ -135,15 +136,18 @@ def calibrate_on_source(
 
     Then the pipeline itself (:class:`dzad.model.DZAD`; ``backbone``: ``dzad.model.map_backbone``)
     scores the same normals: their map and detection scores are the rank-fusion references.
+    Every network forward runs in ``noise.precision`` (:mod:`dzad.precision`), as scoring's do;
+    the statistics are fp32.
     """
     mb, bs, views = cfg.noise.max_batch, cfg.evaluate.batch_size, cfg.noise.views
     net.eval()
 
     def feats(src: ImageSource, idx: Tensor, null: bool = False) -> NoiseFeatures:
-        return source_features(
-            net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, views,
-            null_hint=null,
-        )  # fmt: skip
+        with scoring_precision(cfg.noise.precision, device):
+            return source_features(
+                net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, views,
+                null_hint=null,
+            )  # fmt: skip
 
     kwargs: dict[str, Any] = {"seed": cfg.seed}
     normal = feats(normals, normal_idx)
@@ -163,19 +167,20 @@ def calibrate_on_source(
         if cfg.detection.mode != "prototype":
             kwargs["features_labelled"] = feats(src, all_idx)
         else:  # the labelled images are encoded once, for their features and the prototypes
-            batches = []
-            for s in range(0, len(src), bs):
-                x = src.get(all_idx[s : s + bs]).to(device)
-                batches.append((encoder.encode(x), x, labels[s : s + bs]))
-            protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
-            per_batch = [
-                mode_features(
-                    partial(view_features, net, encode_views(encoder.encode, x, views, z0), bank,
-                            alphas_cumprod, mb),
-                    protos, cfg.detection,
-                )
-                for z0, x, _ in batches
-            ]  # fmt: skip
+            with scoring_precision(cfg.noise.precision, device):  # as DZAD._detect
+                batches = []
+                for s in range(0, len(src), bs):
+                    x = src.get(all_idx[s : s + bs]).to(device)
+                    batches.append((encoder.encode(x).float(), x, labels[s : s + bs]))
+                protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
+                per_batch = [
+                    mode_features(
+                        partial(view_features, net, encode_views(encoder.encode, x, views, z0),
+                                bank, alphas_cumprod, mb),
+                        protos, cfg.detection,
+                    )
+                    for z0, x, _ in batches
+                ]  # fmt: skip
             kwargs["features_labelled"] = NoiseFeatures.cat([f for f, _ in per_batch])
             kwargs["prototypes"] = protos
             kwargs["features_labelled_prototypes"] = [

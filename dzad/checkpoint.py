@@ -179,6 +179,19 @@ def load_checkpoint(
     return cfg, encoder, net, bank, calibration, meta
 
 
+def load_calibration(folder: str | Path) -> Calibration:
+    """The calibration of a finished checkpoint alone (no network is built); CheckpointError."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta.get("calibration") is None:
+        raise CheckpointError(folder, "intermediate training checkpoint (not calibrated yet)")
+    try:
+        tensors = load_file(str(folder / "extra.safetensors"))
+        return Calibration.from_tensors(_section(tensors, "calibration"), meta["calibration"])
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
+        raise CheckpointError(folder, f"incomplete or corrupt checkpoint: {exc}") from exc
+
+
 def read_train_state(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """``(tensors, scalars)`` of ``train_state/``, or None when the checkpoint has none."""
     state = Path(folder) / TRAIN_STATE

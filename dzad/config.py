@@ -108,8 +108,11 @@ class TrainConfig:
     checkpoint_every: int = 200
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers decoding the streamed (not preloaded) images
     preload_max_mb: int = 2048  # hold images + latents in memory when they fit, else stream
+    # > 1: `accelerate launch --multi_gpu --num_processes N` (dzad.launch); batch_size % N == 0
+    processes: int = 1
+    gradient_checkpointing: bool = False  # UNet + SG recompute activations in the backward
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class NoiseConfig:
     # test-time views (dzad.noise_features.VIEWS): F and the spatial error are averaged over the
     # image and these flips of it (calibration and scoring alike); ("identity",) = the paper
     views: tuple[str, ...] = ("identity",)
+    # calibration and scoring forwards (dzad.precision): auto = bf16 on a GPU that has it, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)

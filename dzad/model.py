@@ -28,6 +28,7 @@ from dzad.errors import CheckpointError
 from dzad.latents import Encoder
 from dzad.networks import DZADNetwork, make_scheduler
 from dzad.noise_features import NoiseBank, encode_views, view_features
+from dzad.precision import scoring_precision
 from dzad.reconstruction import image_seeds, reconstruct
 from dzad.scoring import image_score, pool_size, rank_fusion
 from dzad.weighting import stage_means
@@ -170,18 +171,24 @@ class DZAD(nn.Module):
     def features(self, images: Tensor) -> Detection:
         """Steps 1-4 of :meth:`forward` for ``images`` ``(B,3,H,W)`` in [0,1]."""
         x0 = images.to(self.device, torch.float32)
-        z0 = self.encoder.encode(x0)
-        return self._detect(x0, z0)
+        return self._detect(x0, self._encode(x0))
+
+    def _encode(self, x0: Tensor) -> Tensor:
+        """z0 = E(x0) ``(B,C,h,w)`` fp32, encoded in ``noise.precision`` as calibration encodes."""
+        with scoring_precision(self.cfg.noise.precision, self.device):
+            return self.encoder.encode(x0).float()
 
     def _detect(self, x0: Tensor, z0: Tensor) -> Detection:
         cfg = self.cfg
         # 2. noise features (eq. 11-12): F (B,N,M), spatial (B,N,h,w); the hint is x0 or z0 (eq. 9)
         # (averaged over the test-time views of noise.views, each flipped back)
-        viewed = encode_views(self.encoder.encode, x0, cfg.noise.views, z0)
-        features_of = partial(
-            view_features, self.net, viewed, self.bank, self.alphas_cumprod, cfg.noise.max_batch
-        )
-        feats, extra = mode_features(features_of, self.calibration.prototypes, cfg.detection)
+        # (noise.precision: the same arithmetic as the calibration's, dzad.precision)
+        with scoring_precision(cfg.noise.precision, self.device):
+            viewed = encode_views(self.encoder.encode, x0, cfg.noise.views, z0)
+            features_of = partial(
+                view_features, self.net, viewed, self.bank, self.alphas_cumprod, cfg.noise.max_batch
+            )
+            feats, extra = mode_features(features_of, self.calibration.prototypes, cfg.detection)
         # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
         score, decision = detect(feats, self.calibration, cfg.detection, **extra)
         return Detection(feats.F, feats.spatial, score, decision)
@@ -205,23 +212,26 @@ class DZAD(nn.Module):
 
     def _reconstruction_map(self, x0: Tensor, z0: Tensor, gate: Tensor) -> Tensor:
         """Eq. 14-15's base map ``(B,1,H,W)``: x0 ``(B,3,H,W)`` against its DDIM reconstruction
-        from ``t_start`` (SG conditioned on x0 at every step), gated by ``gate`` ``(B,1,H,W)``."""
+        from ``t_start`` (SG conditioned on x0 at every step), gated by ``gate`` ``(B,1,H,W)``.
+        The network forwards run in ``noise.precision``, the distances in fp32."""
         cfg = self.cfg
         size = (x0.shape[-2], x0.shape[-1])
-        z0_hat = reconstruct(
-            self.net,
-            z0,
-            self.net.hint(x0, z0),
-            cfg.reconstruction,
-            cfg.model.num_train_timesteps,
-            clamp_range=self.clamp_range,
-            alphas_cumprod=self.alphas_cumprod,
-            seeds=image_seeds(x0, cfg.reconstruction.seed),
-        )  # (B,C,h,w)
+        with scoring_precision(cfg.noise.precision, self.device):
+            z0_hat = reconstruct(
+                self.net,
+                z0,
+                self.net.hint(x0, z0),
+                cfg.reconstruction,
+                cfg.model.num_train_timesteps,
+                clamp_range=self.clamp_range,
+                alphas_cumprod=self.alphas_cumprod,
+                seeds=image_seeds(x0, cfg.reconstruction.seed),
+            ).float()  # (B,C,h,w)
+            if self.encoder.can_decode:
+                x0_hat = self.encoder.decode(z0_hat).float()  # (B,3,H,W): the one decode
+                f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
         if self.encoder.can_decode:
-            x0_hat = self.encoder.decode(z0_hat)  # (B,3,H,W): the one decode
-            f_x, f_hat = self.backbone(x0), self.backbone(x0_hat)  # per level (B,C_l,h_l,w_l)
-            return base_map(f_x, f_hat, size, gate)
+            return base_map([f.float() for f in f_x], [f.float() for f in f_hat], size, gate)
         # latent without a decoder: distances between z0 and z0_hat themselves
         return base_map([z0], [z0_hat], size, gate, cfg.anomaly_map.latent_distance)
 
@@ -235,7 +245,7 @@ class DZAD(nn.Module):
         size = (x0.shape[-2], x0.shape[-1])
 
         # 1. encode: z0 = E(x0)                                   (B,C,h,w)
-        z0 = self.encoder.encode(x0)
+        z0 = self._encode(x0)
         # 2-4. noise features, weighted score, decision          F (B,N,M); s, decision (B,)
         det = self._detect(x0, z0)
 

@@ -293,21 +293,28 @@ def sg_embedding_channels(p: Profile, hint_size: int, latent_size: int) -> tuple
     return base[:n]
 
 
-def _context(cfg: ModelConfig, p: Profile) -> Tensor | None:
-    """Fixed text context for the cross-attention profile: zeros, or SD's empty-prompt embedding."""
+def _context(cfg: ModelConfig, p: Profile, width: int) -> Tensor | None:
+    """Fixed text context ``(1,L,width)`` (``width``: the UNet's cross-attention size) of the
+    cross-attention profile: zeros, or SD's empty-prompt embedding from ``pretrained``'s
+    ``tokenizer/`` and ``text_encoder/`` (a local folder: docs/gpu.md)."""
     if not p.cross_attention_dim:
         return None
     if cfg.context == "zeros" or cfg.pretrained is None:
-        return torch.zeros(1, 1, p.cross_attention_dim)
+        return torch.zeros(1, 1, width)
     try:
         from transformers import CLIPTextModel, CLIPTokenizer  # optional dependency
     except ImportError as exc:
         raise DZADError(
-            "model.context 'empty_prompt' needs the `transformers` package (text encoder); "
-            "install it or set model.context: zeros"
+            "model.context 'empty_prompt' needs the `transformers` package (text encoder): "
+            "pip install -e '.[paper]', or set model.context: zeros"
         ) from exc
-    tok = CLIPTokenizer.from_pretrained(cfg.pretrained, subfolder="tokenizer")
-    enc = CLIPTextModel.from_pretrained(cfg.pretrained, subfolder="text_encoder")
+    try:
+        tok = CLIPTokenizer.from_pretrained(cfg.pretrained, subfolder="tokenizer")
+        enc = CLIPTextModel.from_pretrained(cfg.pretrained, subfolder="text_encoder")
+    except (OSError, ValueError) as exc:
+        raise DZADInputError(
+            cfg.pretrained, f"cannot load the empty-prompt text encoder / tokenizer: {exc}"
+        ) from exc
     ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
     with torch.no_grad():
         return enc(ids.input_ids).last_hidden_state.float()
@@ -352,7 +359,8 @@ def build_network(
             conditioning_channels=hint_channels,
             conditioning_embedding_out_channels=sg_embedding_channels(p, hint_size, latent_size),
         )
-    return assemble_network(cfg, unet, sg, image_size=image_size, context=_context(cfg, p))
+    context = _context(cfg, p, int(unet.config.cross_attention_dim))
+    return assemble_network(cfg, unet, sg, image_size=image_size, context=context)
 
 
 def assemble_network(

@@ -108,11 +108,12 @@ def encode_views(
     z0: Tensor | None = None,
 ) -> ViewedImages:
     """Images ``x0`` ``(B,3,H,W)`` in each of ``views``, each encoded once; ``z0 = encode(x0)``,
-    when given, serves the identity view."""
+    when given, serves the identity view. Latents are fp32 whatever autocast block encodes them
+    (dzad.precision): the noising of eq. 7 stays exact."""
     out = []
     for v in views:
         x = flip_view(x0, v)
-        out.append((v, x, z0 if v == "identity" and z0 is not None else encode(x)))
+        out.append((v, x, z0 if v == "identity" and z0 is not None else encode(x).float()))
     return out
 
 

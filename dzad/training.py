@@ -40,6 +40,7 @@ from dzad.detection import Calibration
 from dzad.errors import CheckpointError
 from dzad.io_utils import clean_stale
 from dzad.latents import Encoder, build_encoder
+from dzad.launch import check_processes
 from dzad.model import map_backbone
 from dzad.networks import DZADNetwork, build_network, make_scheduler
 from dzad.noise_features import NoiseBank
@@ -69,9 +70,62 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
     return out
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The generator of one step's (t, eps) draws on one process."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + rank)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's (t, eps) draws for the whole global batch: every process draws
+    them all and takes its own rows, so N processes train exactly what one process trains."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257)
+
+
+def step_draws(
+    seed: int, step: int, batch: int, latent: tuple[int, ...], t_max: int, rank: int, world: int
+) -> tuple[Tensor, Tensor]:
+    """This process's rows of step ``step``'s draws: t ``(B/world,)``, eps ``(B/world,*latent)``.
+
+    Rows ``rank::world``, as the process's images (:class:`StepBatches`)."""
+    gen = step_generator(seed, step)
+    t = torch.randint(0, t_max, (batch,), generator=gen)
+    eps = torch.randn((batch, *latent), generator=gen)
+    return t[rank::world], eps[rank::world]
+
+
+class StepBatches(Dataset):
+    """Item ``step``: (indices ``(b,)``, images ``(b,3,H,W)``) of one process's share of that
+    step's global batch; a DataLoader with ``train.num_workers`` decodes them ahead of the loop."""
+
+    def __init__(
+        self, source: ImageSource, train_idx: Tensor, batch: int, seed: int, rank: int, world: int
+    ) -> None:
+        self.source, self.train_idx, self.batch, self.seed = source, train_idx, batch, seed
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by step; the sampler says which steps
+
+    def __getitem__(self, step: int) -> tuple[Tensor, Tensor]:
+        idx = self.train_idx[batch_indices(len(self.train_idx), self.batch, step, self.seed)]
+        idx = idx[self.rank :: self.world]
+        return idx, self.source.get(idx)
+
+
+def step_loader(
+    batches: StepBatches, start: int, steps: int, workers: int
+) -> torch.utils.data.DataLoader:
+    """Batches of steps ``start..steps-1`` in order, read by ``workers`` processes (0 = here)."""
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        sampler=range(start, steps),
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def enable_gradient_checkpointing(net: DZADNetwork) -> None:
+    """UNet and SG recompute their block activations in the backward (``train.gradient_
+    checkpointing``): far less activation memory for one more forward's time."""
+    for part in (net.unet, net.sg):
+        if part is not None:
+            part.enable_gradient_checkpointing()
 
 
 class EMA:
@@ -137,7 +191,9 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta
 
 
 def _accelerator(cfg: DZADConfig):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from datetime import timedelta
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cpu = cfg.train.device == "cpu" or (
         cfg.train.device == "auto" and not torch.cuda.is_available()
@@ -148,13 +204,18 @@ def _accelerator(cfg: DZADConfig):
         raise ValueError("train.device is cuda but no GPU is visible")
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ValueError("train.mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+    check_processes(cfg.train)
     # only_mid_control leaves most SG output convs without gradient: DDP must allow that
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(
-        cpu=cfg.train.device == "cpu",
-        mixed_precision=cfg.train.mixed_precision,
-        kwargs_handlers=[ddp],
+    # the other processes wait while the main one calibrates and writes the checkpoint
+    group = InitProcessGroupKwargs(timeout=timedelta(hours=2))
+    # cpu=True on a machine without CUDA: launched processes then join one gloo group (with
+    # cpu=False each would train alone)
+    acc = Accelerator(
+        cpu=cpu, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp, group]
     )
+    check_processes(cfg.train, acc.num_processes)
+    return acc
 
 
 def _encode_all(encoder: Encoder, source: ImageSource, idx: Tensor, device) -> Tensor:
@@ -195,8 +256,6 @@ def train(
     (a plain callable is an ``on_step``). ``labelled`` = (images, labels 0/1) of a labelled SOURCE
     split, needed by the learned weighting and the prototype mode only.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     tc = cfg.train
     acc = _accelerator(cfg)
@@ -249,6 +308,8 @@ def train(
         restore_rng_state(tensors)
         start = int(meta["step"])
 
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(net)
     net, opt = acc.prepare(net, opt)
     core: DZADNetwork = acc.unwrap_model(net)
 
@@ -278,8 +339,64 @@ def train(
                 train_state=(tensors, meta),
             )
 
-    losses: list[float] = []
     t0 = time.perf_counter()
+    losses = _run_steps(
+        acc, net, opt, lr_sched, ema, params, encoder, latents, alphas_cumprod,
+        StepBatches(source, train_idx, tc.batch_size, cfg.seed, acc.process_index,
+                    acc.num_processes),
+        cfg, start, progress, callbacks, snapshot,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    acc.wait_for_everyone()
+
+    # calibration on SOURCE data only, with the weights that will score (EMA when on), on the
+    # main process; the others wait for its result
+    lab = None
+    if labelled is not None:
+        lab = (ImageSource(labelled[0], tc.preload_max_mb), torch.as_tensor(labelled[1]).long())
+    calib = None
+    path = out_dir
+    if acc.is_main_process:
+        with _scoring_weights(ema, params):
+            calib = calibrate_on_source(
+                cfg, core, encoder, bank, alphas_cumprod, source, cal_idx, device, lab,
+                backbone=backbone,
+            )  # fmt: skip
+        path = snapshot(tc.steps, calib)
+        _notify(callbacks, "on_checkpoint", tc.steps, path)
+    calib = _from_main(calib)
+    n_steps = tc.steps - start
+    return TrainResult(
+        checkpoint=path,
+        steps=tc.steps,
+        resumed_from=start,
+        losses=losses,
+        seconds=seconds,
+        images_per_second=n_steps * tc.batch_size / seconds if seconds > 0 else 0.0,
+        calibration=calib,
+    )
+
+
+def _from_main(obj: Any) -> Any:
+    """The main process's ``obj`` on every process (pickled over the process group)."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _run_steps(
+    acc, net, opt, lr_sched, ema, params, encoder, latents, alphas_cumprod,
+    batches: StepBatches, cfg: DZADConfig, start: int, progress: bool, callbacks, snapshot,
+) -> list[float]:  # fmt: skip
+    """eq. 8 steps ``start..train.steps-1``; this run's losses (mean over processes)."""
+    from tqdm.auto import tqdm
+
+    tc, device = cfg.train, acc.device
+    core: DZADNetwork = acc.unwrap_model(net)
+    t_max = cfg.model.num_train_timesteps
+    losses: list[float] = []
     bar = tqdm(
         total=tc.steps,
         initial=start,
@@ -288,16 +405,19 @@ def train(
         unit="step",
     )
     net.train()
-    for step in range(start, tc.steps):
+    # workers decode streamed images; held in memory (a tensor) they would only copy slices
+    workers = 0 if isinstance(batches.source.data, Tensor) else tc.num_workers
+    loader = step_loader(batches, start, tc.steps, workers)
+    for step, (idx, x) in enumerate(loader, start):
         t_step = time.perf_counter()
-        idx = train_idx[batch_indices(len(train_idx), tc.batch_size, step, cfg.seed)]
-        idx = idx[acc.process_index :: acc.num_processes]
-        x = source.get(idx).to(device)
+        x = x.to(device)
         with torch.no_grad():
             z0 = latents[idx].to(device) if latents is not None else encoder.encode(x)
-        gen = step_generator(cfg.seed, step, acc.process_index)
-        t = torch.randint(0, t_max, (len(idx),), generator=gen).to(device)
-        eps = torch.randn(z0.shape, generator=gen).to(device)
+        t, eps = step_draws(
+            cfg.seed, step, tc.batch_size, tuple(z0.shape[1:]), t_max,
+            acc.process_index, acc.num_processes,
+        )  # fmt: skip
+        t, eps = t.to(device), eps.to(device)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps  # eq. 7 with alpha-bar
         with acc.autocast():
@@ -331,33 +451,7 @@ def train(
                 path = snapshot(done, None)
                 _notify(callbacks, "on_checkpoint", done, path)
     bar.close()
-    seconds = time.perf_counter() - t0
-    acc.wait_for_everyone()
-
-    # calibration on SOURCE data only, with the weights that will score (EMA when on)
-    lab = None
-    if labelled is not None:
-        lab = (ImageSource(labelled[0], tc.preload_max_mb), torch.as_tensor(labelled[1]).long())
-    with _scoring_weights(ema, params), acc.autocast():
-        calib = calibrate_on_source(
-            cfg, core, encoder, bank, alphas_cumprod, source, cal_idx, device, lab,
-            backbone=backbone,
-        )  # fmt: skip
-    path = out_dir
-    if acc.is_main_process:
-        path = snapshot(tc.steps, calib)
-        _notify(callbacks, "on_checkpoint", tc.steps, path)
-    acc.wait_for_everyone()
-    n_steps = tc.steps - start
-    return TrainResult(
-        checkpoint=path,
-        steps=tc.steps,
-        resumed_from=start,
-        losses=losses,
-        seconds=seconds,
-        images_per_second=n_steps * tc.batch_size / seconds if seconds > 0 else 0.0,
-        calibration=calib,
-    )
+    return losses
 
 
 def with_steps(cfg: DZADConfig, steps: int) -> DZADConfig:

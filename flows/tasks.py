@@ -22,11 +22,11 @@ from prefect.states import State
 import dzad as dzad_package
 from dzad.config import DZADConfig
 from dzad.io_utils import sha256_file
+from dzad.launch import train_launched
 from dzad.study.ablations import ablate
 from dzad.study.data import prepare_data, preprocess_data
 from dzad.study.evaluations import evaluate_target
 from dzad.study.layout import checkpoints, with_seed
-from dzad.study.models import train_model
 from dzad.study.summaries import KEY_METRICS
 from flows.tracking import registry
 from flows.tracking.results import log_evaluation, log_table
@@ -111,18 +111,19 @@ def train_task(
     parent_run_id: str,
 ) -> dict[str, str | None]:
     """eq. 8 training + source-only calibration on ``device`` (``auto``, ``cpu``, ``cuda:0``...);
-    ``resume`` continues the checkpoint a crashed run left in ``ckpt_dir`` (same config only)."""
+    ``resume`` continues the checkpoint a crashed run left in ``ckpt_dir`` (same config only).
+    ``train.processes`` > 1 launches them with ``accelerate launch`` (:mod:`dzad.launch`; only
+    the totals reach MLflow then, not the per-step metrics)."""
     name = f"train-seed{seed}"
+    seeded = with_seed(cfg, seed)
     with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
-        result = train_model(
-            cfg,
+        result = train_launched(
+            seeded,
             ckpt_dir,
-            seed=seed,
             resume=resume,
             callbacks=training_callbacks(run, cfg),
             device=device,
         )
-        seeded = with_seed(cfg, seed)
         log_training(run, seeded, result.checkpoint, manifests, result=result)
     return _model(result.checkpoint, run.info.run_id)
 

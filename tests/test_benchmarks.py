@@ -88,14 +88,48 @@ def test_aupro_benchmark_prints_one_json_line():
     assert figures["max_abs_diff"] < 1e-4 and figures["speedup"] > 0
 
 
-def test_gpu_benchmark_without_cuda_says_so():
-    if torch.cuda.is_available():
-        figures = one_json_line(run_benchmark("gpu", "--quick"))
-        assert figures["images_per_s"] > 0
-        return
-    proc = run_benchmark("gpu", "--quick")
+GPU_PHASES = [
+    "versions", "build", "train_b1_ckpt0", "train_b1_ckpt1", "train_b2_ckpt0", "train_b2_ckpt1",
+    "train_run", "score_fp32", "score_bf16", "e2e",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA answer of --check")
+def test_gpu_check_without_cuda_says_so():
+    proc = run_benchmark("gpu", "--check")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "error: benchmarks.gpu needs a CUDA device and torch.cuda.is_available() is False; "
-        "nothing was measured"
+        "error: benchmarks.gpu --check needs a CUDA device and torch.cuda.is_available() is "
+        "False; nothing was measured (--cpu-dry-run runs the phases on the CPU)"
     ]
+
+
+def test_a_failing_phase_prints_its_error_and_the_next_phase_runs(capsys):
+    from benchmarks.gpu import phase
+
+    failed: list[str] = []
+    phase("broken", lambda: {"x": 1 / 0}, failed)
+    phase("fine", lambda: {"value": 2.0}, failed)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["phase"] for line in lines] == ["broken", "fine"]
+    assert lines[0]["error"] == "ZeroDivisionError: division by zero"
+    assert lines[1]["value"] == 2.0 and "error" not in lines[1]
+    assert failed == ["broken"]
+
+
+@pytest.mark.slow
+def test_gpu_cpu_dry_run_prints_every_phase(tmp_path):
+    """``--cpu-dry-run``: one JSON line per phase, every phase present and passing, on the CPU."""
+    proc = run_benchmark("gpu", "--cpu-dry-run", "--work", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [line["phase"] for line in lines] == GPU_PHASES
+    by = {line["phase"]: line for line in lines}
+    assert not [name for name, line in by.items() if "error" in line]
+    assert by["build"]["context"] == "empty_prompt"  # the tiny SD-1.5 folder's text encoder
+    for name in GPU_PHASES[2:6]:
+        assert by[name]["images_per_s"] > 0 and by[name]["oom"] is False
+    assert by["train_run"]["resumed_from"] == 1 and by["train_run"]["losses_finite"]
+    assert by["score_bf16"]["images_per_s"] > 0 and by["score_fp32"]["images_per_s"] > 0
+    metrics = json.loads(Path(by["e2e"]["metrics_json"]).read_text())
+    assert metrics["mean"]["image_auroc"] == by["e2e"]["image_auroc"]

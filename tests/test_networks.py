@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -189,16 +190,12 @@ def test_pretrained_unet_is_loaded_and_its_encoder_frozen(tmp_path):
         _net(_paper_tiny(pretrained=str(tmp_path / "missing")), channels=4, size=4)
 
 
-def test_empty_prompt_context_needs_transformers(tmp_path):
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        src = _net(_paper_tiny(), channels=4, size=4)
-        src.unet.save_pretrained(tmp_path / "unet")
-        with pytest.raises(DZADError, match="transformers"):
-            _net(_paper_tiny(pretrained=str(tmp_path), context="empty_prompt"), channels=4, size=4)
-    else:
-        pytest.skip("transformers is installed; the error path does not apply")
+def test_empty_prompt_context_needs_transformers(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    src = _net(_paper_tiny(), channels=4, size=4)
+    src.unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(DZADError, match=r"transformers.*\[paper\]"):
+        _net(_paper_tiny(pretrained=str(tmp_path), context="empty_prompt"), channels=4, size=4)
 
 
 def test_parameter_and_flop_counts():

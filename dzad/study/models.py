@@ -64,5 +64,10 @@ def train_model(
 
 
 def train_seeds(cfg: DZADConfig, models_dir: str | Path, **kwargs: Any) -> dict[int, Any]:
-    """:func:`train_model` once per ``cfg.seeds`` into ``models_dir/seed_<s>``."""
-    return {s: train_model(cfg, seed_dir(models_dir, s), seed=s, **kwargs) for s in cfg.seeds}
+    """:func:`train_model` once per ``cfg.seeds`` into ``models_dir/seed_<s>``, on
+    ``train.processes`` processes (:func:`dzad.launch.train_launched`)."""
+    from dzad.launch import train_launched
+
+    return {
+        s: train_launched(with_seed(cfg, s), seed_dir(models_dir, s), **kwargs) for s in cfg.seeds
+    }
