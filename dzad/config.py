@@ -306,6 +306,7 @@ RANGES: dict[str, Bound] = {
     "train.steps": _POS,
     "train.batch_size": _POS,
     "train.lr": Bound(0, lo_open=True),
+    "train.processes": _POS,
     "train.ema_decay": _UNIT,
     "noise.n_stages": _POS,
     "noise.m_samples": _POS,
