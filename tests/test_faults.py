@@ -37,6 +37,8 @@ CONFIG_FAULTS = {
     "steps-text": ("train: {steps: abc}", "train.steps", "integer"),
     "steps-float": ("train: {steps: 2.5}", "train.steps", "integer"),
     "steps-bool": ("train: {steps: true}", "train.steps", "integer"),
+    "processes-zero": ("train: {processes: 0}", "train.processes", ">= 1"),
+    "precision-unknown": ("noise: {precision: fp8}", "noise.precision", "bf16"),
     "latent-channels-text": ('model: {latent_channels: "abc"}', "model.latent_channels", "integer"),
     "image-size-negative": ("data: {image_size: -5}", "data.image_size", ">= 1"),
     "gating-typo": ("anomaly_map: {gating: spatail}", "anomaly_map.gating", "spatial"),
