@@ -4,8 +4,9 @@ Bad input ends with one ``error: <path>: <reason>`` line and exit code 2 before 
 (``--skip-bad``: a warning and a row marked ``skipped`` instead). Every output file is written
 atomically, so an earlier ``scores.csv`` or heat map is never lost or left half-written.
 
-The PATH arguments of ``dzad score`` are read by :mod:`dzad.cli.score_inputs`; heat-map overlays
-and the printed tables are :mod:`dzad.cli.score_outputs`.
+The PATH arguments of ``dzad score`` are read by :mod:`dzad.cli.score_inputs`; heat-map pictures,
+masks and the HTML report are :mod:`dzad.cli.score_pictures`; the printed tables are
+:mod:`dzad.cli.score_outputs`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import typer
 
 from dzad.cli._app import app, clean_errors
 from dzad.cli.score_inputs import check_images, collect_inputs
-from dzad.cli.score_outputs import print_metrics, print_scores, write_image_outputs
+from dzad.cli.score_outputs import print_metrics, print_scores, save_raw_map
+from dzad.cli.score_pictures import SCORE_COLUMNS, picture, run_pictures, settings
 from dzad.errors import BackboneUnavailable, DZADInputError
 
 
@@ -97,16 +99,20 @@ def score_cmd(
         "detection score; a number: threshold on the image score.",
     ),
     save_maps: bool = typer.Option(False, help="Also write the raw maps (.npy) under maps/."),
+    save_masks: bool = typer.Option(
+        False, help="Also write the predicted defect regions (binary PNG) under masks/."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable inputs."),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
 ) -> None:
-    """Score images: scores.csv, one heat-map overlay per image, a summary table."""
+    """Score images: scores.csv, a heat-map overlay and panel per image, report.html, a table."""
     import pandas as pd
     import torch
 
     from dzad.data.images import load_image
+    from dzad.html_report import write_score_report
     from dzad.io_utils import atomic_write_text
 
     thr = _parse_threshold(threshold)
@@ -114,6 +120,7 @@ def score_cmd(
         raise DZADInputError(out, "--out exists and is not a folder")
     inputs, skipped = collect_inputs(paths, skip_bad, out)
     dzad = load_model(model, random_backbone)
+    rule, pictures, map_note = run_pictures(dzad, thr, save_masks, model)
     size, resample = dzad.image_size, dzad.cfg.data.resample
     inputs, bad = check_images(inputs, size, resample, skip_bad)
     skipped += bad
@@ -129,21 +136,27 @@ def score_cmd(
             for k, item in enumerate(batch):
                 img_score = float(result.image_score[k])
                 anomalous = bool(result.decision[k]) if thr is None else img_score > thr
-                rows.append(
-                    {
-                        "path": item.shown,
-                        "image_score": img_score,
-                        "detection_score": float(result.detection_score[k]),
-                        "decision": "anomalous" if anomalous else "normal",
-                        "heatmap": write_image_outputs(item, out, maps[k], save_maps),
-                        "error": None,
-                    }
-                )
+                row = {
+                    "path": item.shown,
+                    "image_score": img_score,
+                    "detection_score": float(result.detection_score[k]),
+                    "decision": "anomalous" if anomalous else "normal",
+                }
+                row["normalised_score"] = rule.normalise(row[rule.key])
+                rows.append(row)
+                pictures.add(picture(item.path, item.rel, row, rule), maps[k])
+                if save_maps:
+                    save_raw_map(item, out, maps[k])
             prog.advance(task, len(batch))
+    files = pictures.write(out, save_masks)
+    for row, item in zip(rows, inputs, strict=True):
+        row.update({k: files[item.rel].get(k) for k in ("heatmap", "panel", "thumb", "mask")})
+        row["error"] = None
     rows += skipped
-    columns = ["path", "image_score", "detection_score", "decision", "heatmap", "error"]
+    columns = [*SCORE_COLUMNS, "heatmap", "panel", "thumb", "mask", "error"]
     table = pd.DataFrame.from_records(rows, columns=columns)
     atomic_write_text(out / "scores.csv", table.to_csv(index=False))
+    write_score_report(out, rows, settings(model, threshold, rule, map_note))
     if json_out:
         print(json.dumps({"model": model, "out": str(out), "threshold": threshold, "rows": rows}))
     else:
