@@ -17,6 +17,7 @@ import torch
 from dzad.model import DZAD
 from dzad.scoring import rank_fusion
 
+NORMALISED_NOTE = "0.5 at the decision threshold, clipped to [0, 1] (anomalib's rule)"
 # which stored reference scores span each score kind (the image score: anomaly_map.fusion's)
 _FUSION_KEY = {"map": "map_score", "detection": "detection_score", "rank": "fused_score"}
 

@@ -9,6 +9,7 @@ Rows start sorted by score, highest first. Written atomically.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -25,8 +26,8 @@ td.t,th.t{text-align:left}
 th[data-col]{cursor:pointer;background:#f0f0f0}
 th[data-col]:after{content:" \\2195";color:#888}
 .anomalous{color:#c00000;font-weight:bold}.normal{color:#007000}.skipped{color:#a07000}
-img.thumb{height:110px}
-figure{display:inline-block;margin:0 1em 1em 0}figure img{max-width:440px}
+img.thumb{height:90px}
+figure{display:inline-block;margin:0 1em 1em 0}figure img{max-width:360px}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:bold}
 """
 
@@ -47,6 +48,24 @@ const m = /sort=([^,&]+),(asc|desc)/.exec(location.hash);
 const th = m && document.querySelector(`th[data-col="${m[1]}"]`);
 if (th) sortBy(th, m[2] === 'asc' ? 1 : -1);
 """
+
+
+def relative_paths(paths: Sequence[str]) -> tuple[list[str], str]:
+    """Paths relative to their common folder, and that folder (narrow tables)."""
+    if not paths:
+        return [], ""
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [os.path.relpath(p, common) for p in absolute], common
+
+
+def _short_paths(
+    rows: Sequence[Mapping[str, Any]], settings: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows with paths relative to their common folder; the settings name that folder."""
+    names, common = relative_paths([str(r["path"]) for r in rows])
+    short = [{**r, "path": n} for r, n in zip(rows, names, strict=True)]
+    return short, {**settings, "paths relative to": common}
 
 
 def _href(rel: str) -> str:
@@ -119,6 +138,7 @@ def write_score_report(
     out: Path, rows: Sequence[Mapping[str, Any]], settings: Mapping[str, str]
 ) -> Path:
     """``out/report.html`` for ``dzad score``: settings, counts, the image table."""
+    rows, settings = _short_paths(rows, settings)
     table = _image_table(
         _sorted(rows, "image_score"),
         ["path"],
@@ -152,6 +172,7 @@ def write_evaluate_report(
 ) -> Path:
     """``out/report.html`` for ``dzad evaluate``: settings, metrics, figures (relative paths),
     the image table (category, path, label, scores, decision, panel)."""
+    rows, settings = _short_paths(rows, settings)
     figs = "".join(
         f'<figure><a href="{_href(f)}"><img src="{_href(f)}" alt="{escape(f)}"></a>'
         f"<figcaption>{escape(f)}</figcaption></figure>"

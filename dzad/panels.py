@@ -97,6 +97,13 @@ def _draw_contour(img: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int
     img[_outline(mask, width)] = colour
 
 
+def blend(image: np.ndarray, m: np.ndarray, scale: MapScale) -> np.ndarray:
+    """Map ``(h, w)`` resized onto ``image`` ``(H, W, 3)`` in [0, 1] -> uint8 ``(H, W, 3)``."""
+    rgb, alpha = scale.colours(resize_map(m, image.shape[:2]))
+    mixed = (1 - alpha[..., None]) * image + alpha[..., None] * rgb
+    return (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)
+
+
 def _tiles(
     image: np.ndarray, m: np.ndarray, scale: MapScale
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,11 +112,7 @@ def _tiles(
     shown = np.asarray(
         Image.fromarray((image * 255).round().astype(np.uint8)).resize(hw[::-1], Image.BILINEAR)
     )
-    up = resize_map(m, hw)
-    rgb, alpha = scale.colours(up)
-    mixed = (1 - alpha[..., None]) * (shown / 255.0) + alpha[..., None] * rgb
-    over = (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)
-    return shown, over, up
+    return shown, blend(shown / 255.0, m, scale), resize_map(m, hw)
 
 
 def colour_bar(scale: MapScale, height: int) -> Image.Image:

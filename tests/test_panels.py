@@ -132,3 +132,21 @@ def test_save_masks_without_a_calibrated_threshold_stops_before_writing(
     result = runner.invoke(app, [*args, "--random-backbone", "--save-masks"])
     assert result.exit_code == 2 and "--save-masks" in result.stderr
     assert not out.exists()
+
+
+def test_evaluate_writes_panels_with_the_ground_truth_and_masks(
+    tiny_checkpoint, synth_root, tmp_path
+):
+    out = tmp_path / "ev"
+    args = ["evaluate", "-m", str(tiny_checkpoint), "--data", str(synth_root), "-o", str(out)]
+    args += ["--categories", "grain", "--no-controls", "--save-masks"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "scores.csv")
+    np.testing.assert_array_equal(table["normalised_score"] > 0.5, table["decision"] == "anomalous")
+    for _, row in table.iterrows():
+        img = np.asarray(Image.open(out / row["panel"]))
+        truth = (img[CAPTION_H:] == (0, 230, 230)).all(axis=-1).any()
+        assert truth == (row["label"] == 1), row["path"]  # cyan ground truth on defects only
+        assert np.asarray(Image.open(out / row["mask"])).shape == (32, 32)
+    assert (out / "report.html").is_file() and (out / "figures" / "grain_pr.png").is_file()

@@ -197,10 +197,14 @@ def evaluate_cmd(
     batch_size: int = typer.Option(None, min=1, help="Images per forward."),
     max_images: int = typer.Option(None, min=0, help="Seeded subset per category (0 = all)."),
     save_maps: bool = typer.Option(False, help="Write maps/<category>.npy."),
+    save_masks: bool = typer.Option(
+        False, help="Also write the predicted defect regions (binary PNG) under masks/."
+    ),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
 ) -> None:
-    """The paper's protocol on every category under --data: metrics, scores, figures."""
+    """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
+    panel per image and report.html."""
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
     dzad = load_model(model, random_backbone)
@@ -245,6 +249,8 @@ def evaluate_cmd(
             save_maps=save_maps,
             skip_bad=skip_bad,
             progress=lambda n: prog.advance(task, n),
+            pictures=True,
+            save_masks=save_masks,
         )
     if json_out:
         print(json.dumps(result))

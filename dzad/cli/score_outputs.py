@@ -24,19 +24,11 @@ def save_raw_map(item: ScoreInput, out: Path, score_map) -> None:
         np.save(tmp, score_map.astype(np.float32))
 
 
-def _relative(paths: list[str]) -> tuple[list[str], str]:
-    """Paths relative to their common folder (and that folder), so the table stays narrow."""
-    import os
-
-    if not paths:
-        return paths, ""
-    common = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    return [os.path.relpath(os.path.abspath(p), common) for p in paths], common
-
-
 def print_scores(rows: list[dict[str, Any]], out: Path, threshold: str) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from dzad.html_report import relative_paths
 
     scored = sorted(
         (r for r in rows if r["decision"] != "skipped"), key=lambda r: -r["image_score"]
@@ -45,7 +37,7 @@ def print_scores(rows: list[dict[str, Any]], out: Path, threshold: str) -> None:
     caption = f"{len(scored)} scored, {len(rows) - len(scored)} skipped; threshold {threshold}"
     if len(scored) > _TABLE_ROWS:
         caption += f"; top {_TABLE_ROWS} by image score shown, all rows in scores.csv"
-    names, common = _relative([r["path"] for r in shown])
+    names, common = relative_paths([r["path"] for r in shown])
     table = Table(title=f"DZAD scores: {common}", caption=caption)
     table.add_column("path", no_wrap=True, overflow="ellipsis", min_width=12)
     for col in ("image", "detect.", "norm.", "decision"):
@@ -94,4 +86,4 @@ def print_metrics(result: dict[str, Any], out: Path) -> None:
         for why in sorted(set(reasons.values())):
             names = ", ".join(m for m, r in reasons.items() if r == why)
             console.print(f"[yellow]undefined[/] {cat} {names}: {why}")
-    console.print(f"metrics: {out / 'metrics.json'}")
+    console.print(f"metrics: {out / 'metrics.json'}  report: {out / 'report.html'}")

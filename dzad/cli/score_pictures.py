@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dzad.decisions import Threshold, decision_threshold, map_threshold
+from dzad.decisions import NORMALISED_NOTE, Threshold, decision_threshold, map_threshold
 from dzad.errors import DZADInputError
 from dzad.run_panels import Picture, RunPictures
 
@@ -44,6 +44,6 @@ def settings(uri: str, threshold: str, rule: Threshold, map_note: str) -> dict[s
     return {
         "model": uri,
         "decision": f"{rule.key} > {rule.value:.4g} (--threshold {threshold})",
-        "normalised score": "0.5 at the decision threshold, clipped to [0, 1] (anomalib's rule)",
+        "normalised score": NORMALISED_NOTE,
         "heat maps": map_note,
     }
