@@ -6,9 +6,9 @@ through ``inferno`` with rising opacity, and a colour bar shows the scale. The p
 region is where the map exceeds the threshold; it is drawn as a contour (green), the ground truth
 (``dzad evaluate``) as a second contour (cyan).
 
-:func:`panel` composes ``original | overlay | predicted region`` under a caption line (score,
-normalised score, decision) with the colour bar at the right; :func:`overlay_image` is the overlay
-tile alone with the same caption and bar. Drawing is PIL only (fast enough for one image per row).
+:func:`draw` composes ``original | overlay | predicted region`` under a caption line (score,
+normalised score, decision) with the colour bar at the right, and the overlay tile alone with the
+same caption and bar. Drawing is PIL only (fast enough for one image per row).
 """
 
 from __future__ import annotations
@@ -165,24 +165,20 @@ def _assemble(tiles: list[np.ndarray], caption: str, anomalous: bool | None, sca
     return img
 
 
-def overlay_image(
-    image: np.ndarray, m: np.ndarray, scale: MapScale, caption: str, anomalous: bool | None
-) -> Image.Image:
-    """Overlay tile, caption and colour bar; ``image`` ``(H, W, 3)`` in [0, 1], ``m`` ``(h, w)``."""
-    _, over, _ = _tiles(image, m, scale)
-    return _assemble([over], caption, anomalous, scale)
-
-
-def panel(
+def draw(
     image: np.ndarray,
     m: np.ndarray,
     scale: MapScale,
     caption: str,
     anomalous: bool | None,
     truth: np.ndarray | None = None,
-) -> Image.Image:
-    """``original | overlay | predicted region`` (green contour; ground truth ``(H', W')`` bool in
-    cyan when given) with caption and colour bar. Without a threshold the third tile is omitted."""
+) -> tuple[Image.Image, Image.Image]:
+    """(overlay, panel) of one image ``(H, W, 3)`` in [0, 1] and its map ``(h, w)``.
+
+    The overlay is the overlay tile alone; the panel is ``original | overlay | predicted region``
+    (green contour; ground truth ``(H', W')`` bool in cyan when given), the region tile left out
+    when there is neither threshold nor truth. Both carry the caption and the colour bar.
+    """
     shown, over, up = _tiles(image, m, scale)
     tiles = [shown, over]
     if scale.threshold is not None or truth is not None:
@@ -193,4 +189,5 @@ def panel(
         if scale.threshold is not None:
             _draw_contour(region, up > scale.threshold, REGION)
         tiles.append(region)
-    return _assemble(tiles, caption, anomalous, scale)
+    overlay = _assemble([over], caption, anomalous, scale)
+    return overlay, _assemble(tiles, caption, anomalous, scale)

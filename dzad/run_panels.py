@@ -5,7 +5,7 @@ The scale's top is the run's highest map value, known only once every image is s
 :meth:`RunPictures.write` draws, for every image, under ``out``:
 
 - ``heatmaps/<name>.heatmap.png``: the overlay with caption (score, normalised score, decision)
-  and colour bar (:func:`dzad.panels.overlay_image`);
+  and colour bar (:func:`dzad.panels.draw`);
 - ``panels/<name>.panel.png``: original | overlay | predicted region (+ ground truth);
 - ``thumbs/<name>.png``: a small copy of the panel for the HTML report;
 - with ``save_masks``: ``masks/<name>.mask.png``, the binary predicted region (0 / 255) at the
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from dzad.io_utils import atomic_path
-from dzad.panels import MapScale, caption_text, overlay_image, panel, predicted_mask
+from dzad.panels import MapScale, caption_text, draw, predicted_mask
 
 THUMB = (420, 150)  # largest thumbnail (width, height)
 DISPLAY_SIDE = 512  # originals larger than this are shown shrunk
@@ -78,9 +78,8 @@ class RunPictures:
                 truth = None
                 if pic.truth is not None:
                     truth = load_mask(pic.truth, self.mask_threshold)[0].numpy() > 0
-                over = overlay_image(shown, m, scale, text, anomalous)
+                over, big = draw(shown, m, scale, text, anomalous, truth)
                 files = {"heatmap": _save(over, out, "heatmaps", pic.name, ".heatmap.png")}
-                big = panel(shown, m, scale, text, anomalous, truth)
                 files["panel"] = _save(big, out, "panels", pic.name, ".panel.png")
                 big.thumbnail(THUMB)
                 files["thumb"] = _save(big, out, "thumbs", pic.name, ".png")
@@ -98,5 +97,5 @@ class RunPictures:
 def _save(img: Image.Image, out: Path, folder: str, name: Path, suffix: str) -> str:
     rel = Path(folder) / name.with_name(name.name + suffix)
     with atomic_path(out / rel) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=1)  # zlib level 6 tripled the drawing time
     return rel.as_posix()

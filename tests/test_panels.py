@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dzad.cli import app
 from dzad.decisions import Threshold, decision_threshold, map_threshold
-from dzad.panels import BAR_W, CAPTION_H, REGION, MapScale, panel, predicted_mask
+from dzad.panels import BAR_W, CAPTION_H, REGION, MapScale, draw, predicted_mask
 
 runner = CliRunner()
 
@@ -38,7 +38,7 @@ def test_panel_draws_the_predicted_region_and_truth():
     truth = np.zeros((32, 32), bool)
     truth[20:28, 20:28] = True
     scale = MapScale.of_run(1.0, 0.0, 5.0)
-    img = np.asarray(panel(image, m, scale, "x", True, truth))
+    img = np.asarray(draw(image, m, scale, "x", True, truth)[1])
     assert img.shape == (256 + CAPTION_H, 3 * 256 + 2 * 4 + BAR_W, 3)
     region = img[CAPTION_H:, 2 * 260 : 2 * 260 + 256]
     green = (region == REGION).all(axis=-1)
@@ -46,7 +46,7 @@ def test_panel_draws_the_predicted_region_and_truth():
     assert green.any() and ys.max() < 150 and xs.max() < 150  # around the hot spot (64..128)
     cyan = (region == (0, 230, 230)).all(axis=-1)
     assert cyan.any() and np.nonzero(cyan)[0].min() >= 150  # truth contour bottom-right
-    plain = np.asarray(panel(image, m, MapScale.of_run(None, 0.0, 5.0), "x", True))
+    plain = np.asarray(draw(image, m, MapScale.of_run(None, 0.0, 5.0), "x", True)[1])
     assert plain.shape[1] == 2 * 256 + 4 + BAR_W  # no threshold: no region tile
 
 
