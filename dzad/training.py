@@ -35,7 +35,7 @@ from dzad.checkpoint import (
     rng_state_tensors,
     save_checkpoint,
 )
-from dzad.config import DZADConfig, flatten
+from dzad.config import DEVICES, DZADConfig, flatten
 from dzad.detection import Calibration
 from dzad.errors import CheckpointError
 from dzad.latents import Encoder, build_encoder
@@ -141,7 +141,7 @@ def _accelerator(cfg: DZADConfig):
     cpu = cfg.train.device == "cpu" or (
         cfg.train.device == "auto" and not torch.cuda.is_available()
     )
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
+    if cfg.train.device not in DEVICES:
         raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is cuda but no GPU is visible")

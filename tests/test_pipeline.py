@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ("dzad", "flows", "studies", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore")
-DVC_FILES = (".dvc/config", ".dvc/.gitignore")
+DVC_FILES = (".dvc/config", ".dvc/.gitignore", ".dvc/plots/roc.json", ".dvc/plots/pr_step.json")
 ENV = {
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",

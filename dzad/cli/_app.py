@@ -22,6 +22,14 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+CATEGORIES_HELP = "Categories (repeat the option or comma-separate); default: every category."
+MODEL_HELP = "Checkpoint folder or MLflow registry URI models:/<name>@<alias> (or /<version>)."
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """Values of a repeatable option that also takes comma-separated lists, flattened."""
+    return [c.strip() for v in values or [] for c in v.split(",") if c.strip()]
+
 
 def clean_errors(fn: F) -> F:
     """Turn a :class:`DZADError` into ``error: <message>`` on stderr and exit code 2."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from dzad.cli._app import app, clean_errors
+from dzad.cli._app import CATEGORIES_HELP, MODEL_HELP, app, clean_errors, split_list
 from dzad.cli.score_inputs import check_images, collect_inputs
 from dzad.cli.score_outputs import print_metrics, print_scores, save_raw_map
 from dzad.cli.score_pictures import SCORE_COLUMNS, picture, run_pictures, settings
@@ -91,7 +91,7 @@ def score_cmd(
     paths: list[str] = typer.Argument(
         ..., help="Image files, folders (recursive) or glob patterns."
     ),
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(Path("dzad-scores"), "--out", "-o", help="Output folder."),
     threshold: str = typer.Option(
         "auto",
@@ -163,27 +163,21 @@ def score_cmd(
         print_scores(rows, out, threshold)
 
 
-def _categories(values: list[str] | None) -> list[str]:
-    return [c for v in values or [] for c in v.split(",") if c]
-
-
 def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
     from dzad.config import DatasetRef
 
     if source is not None:
-        return [DatasetRef(str(source), tuple(_categories(source_categories)))]
+        return [DatasetRef(str(source), tuple(split_list(source_categories)))]
     return list(dzad.cfg.sets.source)
 
 
 @app.command("evaluate")
 @clean_errors
 def evaluate_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help="Dataset root in MVTec layout."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    categories: list[str] = typer.Option(
-        None, help="Categories (repeat or comma-separate); default: every category under --data."
-    ),
+    categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
     controls: bool = typer.Option(
         None,
         "--controls/--no-controls",
@@ -192,7 +186,7 @@ def evaluate_cmd(
     source: Path = typer.Option(
         None, help="SOURCE dataset root for the controls (default: the checkpoint's sets.source)."
     ),
-    source_categories: list[str] = typer.Option(None, help="Categories of --source."),
+    source_categories: list[str] = typer.Option(None, help=f"Of --source. {CATEGORIES_HELP}"),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(None, min=1, help="Images per forward."),
     max_images: int = typer.Option(None, min=0, help="Seeded subset per category (0 = all)."),
@@ -213,7 +207,7 @@ def evaluate_cmd(
     changes = {k: v for k, v in given if v is not None}
     eval_cfg = replace(eval_cfg, **changes)
     use_controls = eval_cfg.controls if controls is None else controls
-    cats = _categories(categories)
+    cats = split_list(categories)
     if not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
     fitted = None
