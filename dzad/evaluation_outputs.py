@@ -20,11 +20,11 @@ import pandas as pd
 
 from dzad.category_run import CategoryRun
 from dzad.decisions import map_threshold
-from dzad.evaluation_pictures import FILES as PICTURE_FILES
 from dzad.io_utils import atomic_write_bytes, atomic_write_text
 from dzad.metrics import IMAGE_METRICS, PIXEL_METRICS, macro_mean
 from dzad.model import DZAD
 from dzad.reports import plot_pr_curves, plot_roc_curves
+from dzad.run_panels import FILES as PICTURE_FILES
 
 SCORE_COLUMNS = (
     "path",

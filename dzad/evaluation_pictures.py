@@ -21,9 +21,7 @@ from dzad.decisions import NORMALISED_NOTE, Threshold, map_threshold
 from dzad.errors import DZADInputError
 from dzad.html_report import write_evaluate_report
 from dzad.model import DZAD
-from dzad.run_panels import Picture, RunPictures
-
-FILES = ("heatmap", "panel", "thumb", "mask")  # scores.csv columns added with pictures
+from dzad.run_panels import FILES, Picture, RunPictures
 
 
 class EvalPictures:

@@ -27,6 +27,7 @@ from PIL import Image
 from dzad.io_utils import atomic_path
 from dzad.panels import MapScale, caption_text, draw, predicted_mask
 
+FILES = ("heatmap", "panel", "thumb", "mask")  # what write() returns per picture (scores.csv)
 THUMB = (420, 150)  # largest thumbnail (width, height)
 DISPLAY_SIDE = 512  # originals larger than this are shown shrunk
 

@@ -114,6 +114,7 @@ def score_cmd(
     from dzad.data.images import load_image
     from dzad.html_report import write_score_report
     from dzad.io_utils import atomic_write_text
+    from dzad.run_panels import FILES
 
     thr = _parse_threshold(threshold)
     if out.exists() and not out.is_dir():
@@ -150,10 +151,10 @@ def score_cmd(
             prog.advance(task, len(batch))
     files = pictures.write(out, save_masks)
     for row, item in zip(rows, inputs, strict=True):
-        row.update({k: files[item.rel].get(k) for k in ("heatmap", "panel", "thumb", "mask")})
+        row.update({k: files[item.rel].get(k) for k in FILES})
         row["error"] = None
     rows += skipped
-    columns = [*SCORE_COLUMNS, "heatmap", "panel", "thumb", "mask", "error"]
+    columns = [*SCORE_COLUMNS, *FILES, "error"]
     table = pd.DataFrame.from_records(rows, columns=columns)
     atomic_write_text(out / "scores.csv", table.to_csv(index=False))
     write_score_report(out, rows, settings(model, threshold, rule, map_note))
