@@ -74,7 +74,12 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, decay warmed up as (1+n)/(10+n)."""
+    """Exponential moving average of the trainable weights, decay warmed up as (1+n)/(10+n).
+
+    Not diffusers' ``EMAModel``: its first update copies the weights (decay 0) and its warm-up then
+    runs one step behind this one, so trained weights, checkpoints and every result would change;
+    the shadow weights here are also plain tensors in the checkpoint's training state (resume).
+    """
 
     def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
         self.decay = decay
