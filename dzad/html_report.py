@@ -51,12 +51,15 @@ if (th) sortBy(th, m[2] === 'asc' ? 1 : -1);
 
 
 def relative_paths(paths: Sequence[str]) -> tuple[list[str], str]:
-    """Paths relative to their common folder, and that folder (narrow tables)."""
+    """Paths relative to their common folder, and that folder (narrow tables); the folder itself
+    is relative to the working directory when it lies inside it."""
     if not paths:
         return [], ""
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(p) for p in absolute])
-    return [os.path.relpath(p, common) for p in absolute], common
+    here = os.getcwd()
+    shown = os.path.relpath(common, here) if common.startswith(here + os.sep) else common
+    return [os.path.relpath(p, common) for p in absolute], shown
 
 
 def _short_paths(
