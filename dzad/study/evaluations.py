@@ -206,7 +206,6 @@ def export_evaluation(
         for name, values in compact_metrics(summary).items():
             write_json(tmp / f"{name}.json", values)
     return [
-        compact,
         write_json(metrics_file, summary),
         atomic_write_text(
             plots_dir / f"roc_{target}.csv", roc.to_csv(index=False, float_format="%.6g")
@@ -214,4 +213,5 @@ def export_evaluation(
         atomic_write_text(
             plots_dir / f"pr_{target}.csv", pr.to_csv(index=False, float_format="%.6g")
         ),
+        compact,
     ]
