@@ -173,6 +173,8 @@ def evaluate(
     and panels and ``report.html`` (:mod:`dzad.evaluation_pictures`); ``save_masks`` adds the
     predicted masks. Returns the ``metrics.json`` data.
     """
+    if save_masks and not pictures:
+        raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
     root, out_dir = Path(root), Path(out_dir)
     rule = decision_threshold(model)
     pics = EvalPictures(model, root, rule, save_masks) if pictures else None
