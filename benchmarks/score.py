@@ -115,6 +115,7 @@ def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Spa
             out=out,
             threshold="auto",
             save_maps=False,
+            save_masks=False,
             json_out=True,
             skip_bad=False,
             random_backbone=False,

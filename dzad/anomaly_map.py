@@ -176,7 +176,11 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def smooth(m: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, 1, H, W)`` (replicate borders); sigma in pixels."""
+    """Separable Gaussian smoothing of ``(B, 1, H, W)`` (replicate borders); sigma in pixels.
+
+    Not ``torchvision``'s ``gaussian_blur``: it pads by reflection, which changes every map near the
+    border and so every published number; replicate borders are what the results were made with.
+    """
     if sigma <= 0:
         return m
     k = gaussian_kernel(sigma).to(m)

@@ -95,6 +95,9 @@ class ModelConfig:
     pca_whiten: bool = False  # False: one global scale keeps the PCA spectrum; True: unit variance
 
 
+DEVICES = ("auto", "cpu", "cuda")  # train.device
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 600

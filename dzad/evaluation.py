@@ -12,8 +12,10 @@ controls (issue 9) on the same images with the same metric code, and write to ``
 - ``metrics.csv`` (one row per method and category, plus ``mean``), ``scores.csv`` (one row per
   image), ``noise_features.npz`` (F per image with labels, categories and the calibration needed to
   rescore F under another weighting without running the model);
-- ``figures/<category>_roc.png`` and ``figures/<category>_heatmaps.png``;
-- with ``save_maps``: ``maps/<category>.npy`` ``(n, H, W)`` float32, rows in ``scores.csv`` order.
+- ``figures/<category>_roc.png``, ``<category>_pr.png`` and ``<category>_heatmaps.png``;
+- with ``save_maps``: ``maps/<category>.npy`` ``(n, H, W)`` float32, rows in ``scores.csv`` order;
+- with ``pictures``: per-image heat maps, panels and thumbnails and ``report.html``
+  (:mod:`dzad.evaluation_pictures`; ``save_masks`` adds ``masks/``).
 
 Fusion (:func:`dzad.scoring.rank_fusion`, no labels used) ranks each image's map and detection
 scores among those of the held-out SOURCE normals stored in the calibration. Where the model cannot
@@ -50,8 +52,10 @@ from dzad.data.dataset import (
     iter_samples,
     list_categories,
 )
+from dzad.decisions import decision_threshold
 from dzad.errors import DZADInputError
 from dzad.evaluation_outputs import assemble, category_figures, write_outputs
+from dzad.evaluation_pictures import EvalPictures
 from dzad.io_utils import atomic_path
 from dzad.metrics import PIXEL_METRICS, image_metrics
 from dzad.model import DZAD
@@ -159,13 +163,21 @@ def evaluate(
     save_maps: bool = False,
     skip_bad: bool = False,
     progress: Callable[[int], None] | None = None,
+    pictures: bool = False,
+    save_masks: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the test split of ``categories`` (empty = all) under ``root``.
 
     ``controls``: fitted controls (:func:`build_controls`) or None (no controls section).
-    ``progress(n)`` is called after each batch of ``n`` images. Returns the ``metrics.json`` data.
+    ``progress(n)`` is called after each batch of ``n`` images. ``pictures``: per-image heat maps
+    and panels and ``report.html`` (:mod:`dzad.evaluation_pictures`); ``save_masks`` adds the
+    predicted masks. Returns the ``metrics.json`` data.
     """
+    if save_masks and not pictures:
+        raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
     root, out_dir = Path(root), Path(out_dir)
+    rule = decision_threshold(model)
+    pics = EvalPictures(model, root, rule, save_masks) if pictures else None
     cats = list(categories) or list_categories(root)
     data_cfg = replace(model.cfg.data, skip_bad=False)  # unreadable files: _drop_unreadable
     controls = list(controls or [])
@@ -186,16 +198,21 @@ def evaluate(
             continue
         n_defect = sum(s.label for s in ds.samples)
         maps_path = out_dir / "maps" / f"{cat}.npy"
-        with atomic_path(maps_path) if save_maps else contextlib.nullcontext() as tmp:
+        kept = atomic_path(maps_path) if save_maps else None
+        with kept or (pics.scratch(cat) if pics else contextlib.nullcontext()) as tmp:
             maps_out = None
             if tmp is not None:
                 shape = (len(ds), model.image_size, model.image_size)
                 maps_out = np.lib.format.open_memmap(tmp, "w+", np.float32, shape)
             run, defect_pixels = run_category(model, ds, eval_cfg, controls, maps_out, progress)
+            finish_scores(model, run.rows)
+            for r in run.rows:
+                r["normalised_score"] = rule.normalise(r[rule.key])
+            if pics is not None:
+                pics.add(ds.samples, run.rows, maps_out)
             if maps_out is not None:
                 maps_out.flush()
                 del maps_out
-        finish_scores(model, run.rows)
         labels = np.array([r["label"] for r in run.rows])
         metrics = run.dzad.result()
         if not run.pixel:  # null, explained under skipped
@@ -233,7 +250,9 @@ def evaluate(
         "random_backbone": model.cfg.anomaly_map.random_backbone,
         "fusion_reference": _fusion_reference(model),
     }
-    write_outputs(out_dir, result, rows, f_parts, model)
+    if pics is not None:
+        pics.finish(out_dir, rows, result)
+    write_outputs(out_dir, result, rows, f_parts, model, pics is not None)
     return result
 
 

@@ -2,9 +2,9 @@
 
 :func:`assemble` builds the ``metrics.json`` data (the layout ``dzad.reports`` reads; NaN becomes
 null), :func:`metrics_frame` the rows of ``metrics.csv``, :func:`category_figures` one category's
-ROC and heat-map figures, and :func:`write_outputs` writes ``scores.csv``, ``metrics.csv``,
-``noise_features.npz`` and ``metrics.json``, each atomically. :func:`dzad.evaluation.evaluate`
-calls them.
+ROC, precision-recall and heat-map figures, and :func:`write_outputs` writes ``scores.csv``,
+``metrics.csv``, ``noise_features.npz`` and ``metrics.json``, each atomically.
+:func:`dzad.evaluation.evaluate` calls them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 
 from dzad.category_run import CategoryRun
+from dzad.decisions import map_threshold
 from dzad.io_utils import atomic_write_bytes, atomic_write_text
 from dzad.metrics import IMAGE_METRICS, PIXEL_METRICS, macro_mean
 from dzad.model import DZAD
-from dzad.reports import plot_roc_curves
+from dzad.reports import plot_pr_curves, plot_roc_curves
+from dzad.run_panels import FILES as PICTURE_FILES
 
 SCORE_COLUMNS = (
     "path",
@@ -34,6 +36,7 @@ SCORE_COLUMNS = (
     "detection_score",
     "fused_score",
     "decision",
+    "normalised_score",
 )
 METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
 
@@ -98,18 +101,28 @@ def category_figures(
         "fusion": (labels, np.array([r["fused_score"] for r in run.rows])),
     }
     plot_roc_curves(curves, folder / f"{cat}_roc.png", title=f"{cat}: image-level ROC")
+    plot_pr_curves(curves, folder / f"{cat}_pr.png", title=f"{cat}: image-level precision-recall")
     gate = model.cfg.anomaly_map.gating
+    level, _ = map_threshold(model)
     run.extremes.plot(
         folder / f"{cat}_heatmaps.png",
         f"{cat}: highest / lowest map scores (gating {gate}; cyan = ground truth)",
+        level,
     )
 
 
 def write_outputs(
-    out_dir: Path, result: dict, rows: list[dict], f_parts: list[np.ndarray], model: DZAD
+    out_dir: Path,
+    result: dict,
+    rows: list[dict],
+    f_parts: list[np.ndarray],
+    model: DZAD,
+    pictures: bool = False,
 ) -> None:
+    """``pictures``: ``scores.csv`` also lists each image's picture files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores = pd.DataFrame.from_records(rows, columns=list(SCORE_COLUMNS))
+    columns = [*SCORE_COLUMNS, *(PICTURE_FILES if pictures else ())]
+    scores = pd.DataFrame.from_records(rows, columns=columns)
     atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))
     atomic_write_text(out_dir / "metrics.csv", metrics_frame(result).to_csv(index=False))
     calib = model.calibration

@@ -11,6 +11,10 @@ and each distinct positive value is located among them with ``np.searchsorted``.
 consecutive distinct positive values only false positives change, so the ROC / PRO curve through
 every distinct threshold is fully described by the points at those values (plus the horizontal
 run before each); nothing is binned or approximated. Memory is ~12 bytes per pixel.
+scikit-learn's ``roc_auc_score`` / ``average_precision_score`` give the same image-level numbers
+(``tests/test_metrics.py`` checks them against these), but are not used: the pixel metrics and
+AUPRO need this rank statistic anyway (sklearn argsorts float64 copies of every pixel score), and
+one implementation for both levels keeps image and pixel numbers consistent.
 
 A metric that is undefined for the data (one class only, no defect region) is NaN and the reason
 is logged with ``logging.warning``; it is never a crash or a silent 0.

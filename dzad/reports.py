@@ -9,7 +9,7 @@ Where several seeds are given (a sequence of such mappings) every cell is mean Â
 (sample std, ddof 1). Mean rows are recomputed here as the macro mean over categories (NaN
 categories skipped) per seed, then averaged over seeds. Control columns/rows are labelled
 ``control: <name>`` so no table shows a DZAD number without the simple baselines beside it.
-Figures (ROC curves, Table-4 bars, heat-map overlays and the best/worst heat-map grid) use
+Figures (ROC and precision-recall curves, Table-4 bars, the best/worst heat-map grid) use
 matplotlib's ``Figure`` directly (Agg canvas, no pyplot state); every file is written atomically.
 """
 
@@ -241,6 +241,34 @@ def plot_roc_curves(
     return _save(fig, path)
 
 
+def plot_pr_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = ""
+) -> Path:
+    """Precision-recall curves (step, as average precision sums them) from ``{name: (labels (n,),
+    scores (n,))}``, the defect rate as the chance line; PNG, atomic. One-class entries skipped."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    for name, (labels, scores) in curves.items():
+        labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+        if labels.min() == labels.max():
+            ax.plot([], [], " ", label=f"{name}: skipped (one class)")
+            continue
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        ap = average_precision_score(labels, scores)
+        ax.step(recall, precision, where="post", lw=1.4, label=f"{name} (AP {ap:.3f})")
+    if curves:
+        rate = float(np.mean(np.asarray(next(iter(curves.values()))[0])))
+        ax.axhline(rate, color="grey", lw=0.8, ls="--", label=f"chance ({rate:.2f})")
+    ax.set(xlabel="recall", ylabel="precision", title=title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_weighting_bars(table: Table, path: str | Path, ylabel: str = "image AUROC") -> Path:
     """Grouped bars of a :func:`weighting_table` (one group per weight function), std as error."""
     from matplotlib.figure import Figure
@@ -260,28 +288,6 @@ def plot_weighting_bars(table: Table, path: str | Path, ylabel: str = "image AUR
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
-
-
-def heat_colours(m: np.ndarray, vmax: float | None = None) -> np.ndarray:
-    """``(H, W)`` map -> ``(H, W, 3)`` float RGB in [0, 1] (``inferno``; 0..vmax, default max)."""
-    from matplotlib import colormaps
-
-    top = float(m.max()) if vmax is None else vmax
-    norm = np.clip((m - float(m.min())) / max(top - float(m.min()), 1e-12), 0, 1)
-    return colormaps["inferno"](norm)[..., :3]
-
-
-def overlay(image: np.ndarray, m: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Heat map ``(h, w)`` resized onto an ``(H, W, 3)`` image in [0, 1] -> uint8 ``(H, W, 3)``.
-
-    Colours are normalised per image (its own min..max): compare images by their scores.
-    """
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(t, size=image.shape[:2], mode="bilinear")[0, 0].numpy()
-    mixed = (1 - alpha) * image + alpha * heat_colours(up)
-    return (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)
 
 
 @dataclass(order=True)
@@ -307,13 +313,25 @@ class Extremes:
             elif key > heap[0].key:
                 heapq.heapreplace(heap, item)
 
-    def plot(self, path: Path, title: str) -> Path:
+    def plot(self, path: Path, title: str, threshold: float | None = None) -> Path:
+        """Both rows on one colour scale (:class:`dzad.panels.MapScale`: clear below the map
+        ``threshold`` when given, up to the highest value shown), with its colour bar."""
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
         from matplotlib.figure import Figure
+
+        from dzad.panels import MapScale, blend
 
         rows = [sorted(self.high, reverse=True), sorted(self.low, reverse=True)]
         cols = max(len(r) for r in rows)
-        fig = Figure(figsize=(2.2 * cols, 4.8))
+        shown = [it.map for r in rows for it in r]
+        low, high = min(float(m.min()) for m in shown), max(float(m.max()) for m in shown)
+        scale = MapScale.of_run(threshold, low, high)
+        fig = Figure(figsize=(2.2 * cols + 0.8, 4.8))
         axes = fig.subplots(2, cols, squeeze=False)
+        bar = ScalarMappable(Normalize(scale.bottom, scale.top), colormaps["inferno"])
+        fig.colorbar(bar, ax=axes, fraction=0.03, label="map value")
         for r, (items, what) in enumerate(zip(rows, ("highest", "lowest"), strict=True)):
             for c in range(cols):
                 ax = axes[r][c]
@@ -321,7 +339,7 @@ class Extremes:
                 if c >= len(items):
                     continue
                 it = items[c]
-                ax.imshow(overlay(it.image, it.map))
+                ax.imshow(blend(it.image, it.map, scale))
                 if it.mask.any():
                     ax.contour(it.mask, levels=[0.5], colors="cyan", linewidths=0.8)
                 ax.set_title(f"{what}: {abs(it.key):.3g}\n{it.name}", fontsize=7)

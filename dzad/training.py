@@ -35,7 +35,7 @@ from dzad.checkpoint import (
     rng_state_tensors,
     save_checkpoint,
 )
-from dzad.config import DZADConfig, flatten
+from dzad.config import DEVICES, DZADConfig, flatten
 from dzad.detection import Calibration
 from dzad.errors import CheckpointError
 from dzad.io_utils import clean_stale
@@ -129,7 +129,12 @@ def enable_gradient_checkpointing(net: DZADNetwork) -> None:
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, decay warmed up as (1+n)/(10+n)."""
+    """Exponential moving average of the trainable weights, decay warmed up as (1+n)/(10+n).
+
+    Not diffusers' ``EMAModel``: its first update copies the weights (decay 0) and its warm-up then
+    runs one step behind this one, so trained weights, checkpoints and every result would change;
+    the shadow weights here are also plain tensors in the checkpoint's training state (resume).
+    """
 
     def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
         self.decay = decay
@@ -198,7 +203,7 @@ def _accelerator(cfg: DZADConfig):
     cpu = cfg.train.device == "cpu" or (
         cfg.train.device == "auto" and not torch.cuda.is_available()
     )
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
+    if cfg.train.device not in DEVICES:
         raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is cuda but no GPU is visible")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from dzad.cli import app
 from dzad.errors import BackboneUnavailable
+from dzad.panels import BAR_W, CAPTION_H
 
 runner = CliRunner()
 
@@ -65,7 +66,9 @@ def test_score_folder_writes_scores_and_mirrored_heatmaps(scored, images):
     table = pd.read_csv(out / "scores.csv")
     assert list(table.columns[:4]) == ["path", "image_score", "detection_score", "decision"]
     assert len(table) == 5 and set(table.decision) <= {"normal", "anomalous"}
-    heatmaps = sorted(p.relative_to(out / "heatmaps").as_posix() for p in out.rglob("*.png"))
+    heatmaps = sorted(
+        p.relative_to(out / "heatmaps").as_posix() for p in (out / "heatmaps").rglob("*.png")
+    )
     assert heatmaps == [
         "a/000.png.heatmap.png",
         "a/001.png.heatmap.png",
@@ -73,7 +76,13 @@ def test_score_folder_writes_scores_and_mirrored_heatmaps(scored, images):
         "b/001.png.heatmap.png",
         "b/photo.jpg.heatmap.png",
     ]
-    assert Image.open(out / "heatmaps/a/000.png.heatmap.png").size == (32, 32)
+    panels = sorted(p.relative_to(out / "panels").as_posix() for p in (out / "panels").rglob("*"))
+    assert [p for p in panels if p.endswith(".png")] == [
+        h.replace(".heatmap.", ".panel.") for h in heatmaps
+    ]
+    # --random-backbone: no calibrated map threshold, so no region tile: original | overlay | bar
+    w, h = Image.open(out / "panels/a/000.png.panel.png").size
+    assert (w, h) == (2 * 256 + 4 + BAR_W, 256 + CAPTION_H)
     raw = np.load(out / "maps" / "b" / "photo.jpg.npy")
     assert raw.shape == (32, 32) and np.isfinite(raw).all()
     assert "DZAD scores" in result.stdout

@@ -100,7 +100,8 @@ def test_valid_values_and_command_line_overrides(tmp_path):
     assert config.validate(cfg) == cfg
     with pytest.raises(ValueError, match=r"train\.steps: -5"):
         config.validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=-5)))
-    for args, key in ((["--steps", "-5"], "train.steps"), (["--profile", "huge"], "model.profile")):
+    # --profile is a choice of the CLI itself (its error names the option, not the config key)
+    for args, key in ((["--steps", "-5"], "train.steps"), (["--profile", "huge"], "--profile")):
         result = runner.invoke(
             app, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "c"), *args]
         )
@@ -186,25 +187,25 @@ def test_full_disk_while_scoring_leaves_the_earlier_run(tmp_path, monkeypatch, t
     args = ["score", str(images), "-m", str(tiny_checkpoint), "-o", str(out), "--random-backbone"]
     assert runner.invoke(app, [*args, "--batch-size", "1"]).exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    from dzad.cli import score_cmds
+    from dzad.run_panels import RunPictures
 
-    real, calls = score_cmds.write_image_outputs, []
+    real = RunPictures.write
 
-    def fills_up(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*a, **k)
+    def fills_up(self, *a, **k):  # the pictures are written (staged), then the disk is full
+        real(self, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(score_cmds, "write_image_outputs", fills_up)
+    monkeypatch.setattr(RunPictures, "write", fills_up)
     (images / "0.png").unlink()
+    names = sorted(p.name for p in out.iterdir())
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "disk full" in lines[0] and str(out) in lines[0]
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # the earlier run intact, no orphan heat map, no staging folder
-    assert sorted(p.name for p in out.iterdir()) == [".dzad.lock", "heatmaps", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert {"heatmaps", "scores.csv", "report.html"} <= set(names)
 
 
 def test_rescoring_into_one_out_describes_one_run(tmp_path, tiny_checkpoint):

@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ("dzad", "flows", "studies", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore")
-DVC_FILES = (".dvc/config", ".dvc/.gitignore")
+DVC_FILES = (".dvc/config", ".dvc/.gitignore", ".dvc/plots/roc.json", ".dvc/plots/pr_step.json")
 ENV = {
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
@@ -111,9 +111,18 @@ def test_second_repro_is_a_no_op(repo):
 def test_metrics_and_plots_commands_read_the_outputs(repo):
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     files = next(iter(shown.values()))["data"]
-    auroc = files["metrics/eval_objects.json"]["data"]["dzad"]["image_auroc"]["mean"]
+    # compact metrics: one row per target and method, the full summaries are plain outputs
+    assert {"metrics/eval_objects/dzad.json", "metrics/eval_mesh/control_laplacian.json"} <= set(
+        files
+    )
+    assert "metrics/eval_objects.json" not in files and "metrics/ablation.json" not in files
+    compact = files["metrics/eval_objects/dzad.json"]["data"]
     written = json.loads((repo / "metrics/eval_objects.json").read_text())
-    assert auroc == written["dzad"]["image_auroc"]["mean"]
+    assert compact == {
+        m: written["dzad"][m]["mean"] for m in ("image_auroc", "pixel_auroc", "aupro")
+    }
+    table = sh(["dvc", "metrics", "show"], repo).stdout.splitlines()
+    assert len(table) == 1 + len(files) and max(map(len, table)) <= 120
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "outputs"], repo)
     diff = sh(["dvc", "plots", "diff", "HEAD", "--json", "--split"], repo)

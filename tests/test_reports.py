@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dzad.panels import MapScale, blend
 from dzad.reports import (
     Extremes,
     ablation_table,
     auroc_table,
-    overlay,
     plot_roc_curves,
     plot_weighting_bars,
     summary_table,
@@ -136,7 +136,7 @@ def test_overlay_and_heat_map_grid_keep_the_extremes(tmp_path):
     image = np.zeros((16, 16, 3))
     m = np.zeros((4, 4))
     m[0, 0] = 1.0  # one hot corner, upsampled onto the image
-    out = overlay(image, m, alpha=0.5)
+    out = blend(image, m, MapScale.of_run(None, 0.0, 1.0))
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert out[0, 0].sum() > out[15, 15].sum()  # hot corner brighter than the cold one
     ext = Extremes(2)
@@ -144,5 +144,5 @@ def test_overlay_and_heat_map_grid_keep_the_extremes(tmp_path):
         ext.add(score, image, m, np.zeros((16, 16), bool), f"img{i}")
     assert sorted(it.name for it in ext.high) == ["img1", "img4"]  # two highest
     assert sorted(it.name for it in ext.low) == ["img0", "img2"]  # two lowest
-    path = ext.plot(tmp_path / "grid.png", "title")
+    path = ext.plot(tmp_path / "grid.png", "title", threshold=0.5)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,12 @@ from dzad.errors import CheckpointError, DZADInputError
 from dzad.metrics import image_metrics
 from dzad.study.ablations import ablate, export_ablation
 from dzad.study.data import prepare_data, preprocess_data
-from dzad.study.evaluations import evaluate_seeds, export_evaluation, seed_results
+from dzad.study.evaluations import (
+    COMPACT_METRICS,
+    evaluate_seeds,
+    export_evaluation,
+    seed_results,
+)
 from dzad.study.layout import checkpoints, target_cache
 from dzad.study.models import train_seeds
 from dzad.study.report import report
@@ -197,6 +202,12 @@ def test_dvc_exports(run, tmp_path):
     assert json.loads(paths[0].read_text())["dzad"] == json.loads(
         json.dumps(run["summary"]["dzad"])
     )
+    compact = tmp_path / "m"  # DVC metrics: one small file per method
+    assert paths[-1] == compact
+    expected = {"dzad", *(f"control_{c}" for c in run["summary"]["controls"])}
+    assert {p.stem for p in compact.glob("*.json")} == expected
+    dzad = json.loads((compact / "dzad.json").read_text())
+    assert dzad == {m: run["summary"]["dzad"][m]["mean"] for m in COMPACT_METRICS}
     export_ablation(run["root"] / "runs/ablation", tmp_path / "a.json", tmp_path / "plots")
     bars = pd.read_csv(tmp_path / "plots" / "ablation_weighting.csv")
     assert list(bars["weighting"]) == list(run["cfg"].ablation.weightings)

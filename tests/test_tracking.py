@@ -141,7 +141,7 @@ def test_evaluation_run_logs_named_metrics_tables_and_figures(study):
     assert mean_row.split("|")[2].strip() == f"{metrics['mean']['image_auroc']:.3f}"
 
     figures = {Path(a.path).name for a in c.list_artifacts(rid, f"evaluation/{TARGET}/figures")}
-    assert figures == {f"{cat}_{kind}.png" for cat in cats for kind in ("roc", "heatmaps")}
+    assert figures == {f"{cat}_{kind}.png" for cat in cats for kind in ("roc", "pr", "heatmaps")}
     files = {Path(a.path).name for a in c.list_artifacts(rid, f"evaluation/{TARGET}")}
     assert {"metrics.json", "metrics.csv", "scores.csv"} <= files
     assert "noise_features.npz" not in files

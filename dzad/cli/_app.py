@@ -23,6 +23,14 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+CATEGORIES_HELP = "Categories (repeat the option or comma-separate); default: every category."
+MODEL_HELP = "Checkpoint folder or MLflow registry URI models:/<name>@<alias> (or /<version>)."
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """Values of a repeatable option that also takes comma-separated lists, flattened."""
+    return [c.strip() for v in values or [] for c in v.split(",") if c.strip()]
+
 
 # a full disk, quota, read-only file system or permission: a one-line error, not a traceback
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})

@@ -7,13 +7,20 @@ from ``--params`` (else the defaults) with the command-line overrides applied on
 from __future__ import annotations
 
 import dataclasses
+import typing
+from enum import StrEnum
 from pathlib import Path
 
 import typer
 
-from dzad.cli._app import app, clean_errors, load_config
-from dzad.config import DZADConfig, validate
+from dzad.cli._app import CATEGORIES_HELP, app, clean_errors, load_config, split_list
+from dzad.config import DEVICES, DZADConfig, ModelConfig, validate
 from dzad.io_utils import check_writable
+
+# choices shown in --help, taken from the config's own allowed values
+_PROFILES = typing.get_args(typing.get_type_hints(ModelConfig)["profile"])
+Profile = StrEnum("Profile", {p: p for p in _PROFILES})
+Device = StrEnum("Device", {d: d for d in DEVICES})
 
 
 def _with_overrides(
@@ -55,20 +62,21 @@ def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
 def train_cmd(
     data: Path = typer.Option(..., help="SOURCE dataset root (MVTec layout)."),
     out: Path = typer.Option(..., help="Checkpoint folder to write (atomically)."),
-    source_categories: str = typer.Option("", help="Comma-separated categories; empty = all."),
-    profile: str | None = typer.Option(None, help="tiny | demo | paper (overrides params)."),
+    source_categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
+    profile: Profile | None = typer.Option(None, help="Model profile (overrides params)."),
     params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda (overrides params)."),
+    device: Device | None = typer.Option(None, help="Training device (overrides params)."),
 ) -> None:
     """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint."""
     from dzad.training import train
 
     cfg = load_config(params)
-    cfg = _with_overrides(cfg, profile, steps, device)
+    values = [None if v is None else v.value for v in (profile, device)]  # plain str in the config
+    cfg = _with_overrides(cfg, values[0], steps, values[1])
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
-    cats = [c.strip() for c in source_categories.split(",") if c.strip()]
+    cats = split_list(source_categories)
     images, labelled = _source_sets(cfg, data, cats)
     typer.echo(f"training on {len(images)} SOURCE normals ({cfg.model.profile} profile)")
     result = train(cfg, images, out, resume=resume, labelled=labelled)

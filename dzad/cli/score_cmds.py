@@ -6,8 +6,9 @@ is writable before loading the model, locks it for the run, stages its outputs a
 whole at the end: an earlier run's outputs stay until this run succeeds, then none of them is left
 (no stale heat maps), and nothing is ever half-written.
 
-The PATH arguments of ``dzad score`` are read by :mod:`dzad.cli.score_inputs`; heat-map overlays
-and the printed tables are :mod:`dzad.cli.score_outputs`.
+The PATH arguments of ``dzad score`` are read by :mod:`dzad.cli.score_inputs`; heat-map pictures,
+masks and the HTML report are :mod:`dzad.cli.score_pictures`; the printed tables are
+:mod:`dzad.cli.score_outputs`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from dzad.cli._app import app, clean_errors
+from dzad.cli._app import CATEGORIES_HELP, MODEL_HELP, app, clean_errors, split_list
 from dzad.cli.score_inputs import check_images, collect_inputs
-from dzad.cli.score_outputs import print_metrics, print_scores, write_image_outputs
+from dzad.cli.score_outputs import print_metrics, print_scores, save_raw_map
+from dzad.cli.score_pictures import SCORE_COLUMNS, picture, run_pictures, settings
+from dzad.decisions import Threshold
 from dzad.errors import BackboneUnavailable, DZADInputError
 from dzad.io_utils import (
     atomic_write_text,
@@ -32,6 +35,7 @@ from dzad.io_utils import (
     replace_outputs,
     write_error,
 )
+from dzad.run_panels import RunPictures
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -102,7 +106,7 @@ def score_cmd(
     paths: list[str] = typer.Argument(
         ..., help="Image files, folders (recursive) or glob patterns."
     ),
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(Path("dzad-scores"), "--out", "-o", help="Output folder."),
     threshold: str = typer.Option(
         "auto",
@@ -110,15 +114,18 @@ def score_cmd(
         "detection score; a number: threshold on the image score.",
     ),
     save_maps: bool = typer.Option(False, help="Also write the raw maps (.npy) under maps/."),
+    save_masks: bool = typer.Option(
+        False, help="Also write the predicted defect regions (binary PNG) under masks/."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable inputs."),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
 ) -> None:
-    """Score images: scores.csv, one heat-map overlay per image, a summary table.
+    """Score images: scores.csv, a heat-map overlay and panel per image, report.html, a table.
 
-    ``--out`` is locked for the run and receives this run's outputs only (scores.csv, heatmaps/,
-    maps/ replaced whole at the end); a failure leaves it as it was.
+    ``--out`` is locked for the run and receives this run's outputs only (scores.csv, report.html
+    and the picture folders replaced whole at the end); a failure leaves it as it was.
     """
     thr = _parse_threshold(threshold)
     if out.exists() and not out.is_dir():
@@ -127,90 +134,110 @@ def score_cmd(
     check_writable(out)  # before the model is loaded and any image scored
     with lock_folder(out, "dzad score run"):
         dzad = load_model(model, random_backbone)
+        rule, pictures, map_note = run_pictures(dzad, thr, save_masks, model)
         inputs, bad = check_images(inputs, dzad.image_size, dzad.cfg.data.resample, skip_bad)
         if not inputs:
             raise DZADInputError(paths[0], "none of the given paths holds a readable image")
-        rows = _score_into(dzad, inputs, skipped + bad, out, thr, save_maps, json_out, batch_size)
+        report = settings(model, threshold, rule, map_note)
+        run = _Run(thr, rule, pictures, save_maps, save_masks, report)
+        rows = _score_into(dzad, inputs, skipped + bad, out, run, json_out, batch_size)
     if json_out:
         print(json.dumps({"model": model, "out": str(out), "threshold": threshold, "rows": rows}))
     else:
         print_scores(rows, out, threshold)
 
 
-_SCORE_OUTPUTS = ("heatmaps", "maps", "scores.csv")  # replaced whole by each run, table last
-_COLUMNS = ["path", "image_score", "detection_score", "decision", "heatmap", "error"]
+# replaced whole by each run; the report and the scores table last (they list the pictures)
+_SCORE_OUTPUTS = ("heatmaps", "panels", "thumbs", "masks", "maps", "report.html", "scores.csv")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one ``dzad score`` run writes besides the scores: its threshold, decision rule and
+    pictures, the optional raw maps / masks, and the settings its HTML report states."""
+
+    threshold: float | None
+    rule: Threshold
+    pictures: RunPictures
+    save_maps: bool
+    save_masks: bool
+    report: dict[str, str]
 
 
 def _score_into(
-    dzad,
-    inputs: list,
-    skipped: list[dict[str, Any]],
-    out: Path,
-    thr: float | None,
-    save_maps: bool,
-    quiet: bool,
-    batch_size: int,
+    dzad, inputs: list, skipped: list[dict[str, Any]], out: Path, run: _Run, quiet: bool, batch: int
 ) -> list[dict[str, Any]]:
-    """Score ``inputs`` in batches, stage the heat maps (and maps), then swap them into ``out``
-    with scores.csv (``skipped`` rows last); a full disk or any other write error leaves ``out``
-    as it was. Returns the rows."""
+    """Score ``inputs`` in batches of ``batch``, stage the pictures (and maps), scores.csv and
+    report.html, then swap them into ``out`` (``skipped`` rows last); a full disk or any other write
+    error leaves ``out`` as it was. Returns the rows."""
     import pandas as pd
-    import torch
 
-    from dzad.data.images import load_image
+    from dzad.html_report import write_score_report
+    from dzad.run_panels import FILES
 
-    size, resample = dzad.image_size, dzad.cfg.data.resample
     rows: list[dict[str, Any]] = []
-    prog, task = _progress(not quiet and len(inputs) > batch_size, len(inputs), "scoring")
+    prog, task = _progress(not quiet and len(inputs) > batch, len(inputs), "scoring")
     try:
         with prog, replace_outputs(out, _SCORE_OUTPUTS) as stage:
-            for batch in _batches(inputs, batch_size):
-                images = torch.stack([load_image(i.path, size, resample) for i in batch])
-                result = dzad(images)
-                maps = result.anomaly_map[:, 0].float().cpu().numpy()
-                for k, item in enumerate(batch):
-                    img_score = float(result.image_score[k])
-                    anomalous = bool(result.decision[k]) if thr is None else img_score > thr
-                    rows.append(
-                        {
-                            "path": item.shown,
-                            "image_score": img_score,
-                            "detection_score": float(result.detection_score[k]),
-                            "decision": "anomalous" if anomalous else "normal",
-                            "heatmap": write_image_outputs(item, stage, maps[k], save_maps),
-                            "error": None,
-                        }
-                    )
-                prog.advance(task, len(batch))
+            for items in _batches(inputs, batch):
+                rows += _score_batch(dzad, items, stage, run)
+                prog.advance(task, len(items))
+            files = run.pictures.write(stage, run.save_masks)
+            for row, item in zip(rows, inputs, strict=True):
+                row.update({k: files[item.rel].get(k) for k in FILES})
+                row["error"] = None
             rows += skipped
-            table = pd.DataFrame.from_records(rows, columns=_COLUMNS)
+            table = pd.DataFrame.from_records(rows, columns=[*SCORE_COLUMNS, *FILES, "error"])
             atomic_write_text(stage / "scores.csv", table.to_csv(index=False))
+            write_score_report(stage, rows, run.report)
     except OSError as exc:
         raise write_error(out, exc) from None
     return rows
 
 
-def _categories(values: list[str] | None) -> list[str]:
-    return [c for v in values or [] for c in v.split(",") if c]
+def _score_batch(dzad, items: list, stage: Path, run: _Run) -> list[dict[str, Any]]:
+    """One forward over ``items``: their rows; each map goes to the run's pictures (and, with
+    ``--save-maps``, to ``stage/maps``)."""
+    import torch
+
+    from dzad.data.images import load_image
+
+    size, resample = dzad.image_size, dzad.cfg.data.resample
+    result = dzad(torch.stack([load_image(i.path, size, resample) for i in items]))
+    maps = result.anomaly_map[:, 0].float().cpu().numpy()
+    rows = []
+    for k, item in enumerate(items):
+        img_score = float(result.image_score[k])
+        anomalous = bool(result.decision[k]) if run.threshold is None else img_score > run.threshold
+        row = {
+            "path": item.shown,
+            "image_score": img_score,
+            "detection_score": float(result.detection_score[k]),
+            "decision": "anomalous" if anomalous else "normal",
+        }
+        row["normalised_score"] = run.rule.normalise(row[run.rule.key])
+        rows.append(row)
+        run.pictures.add(picture(item.path, item.rel, row, run.rule), maps[k])
+        if run.save_maps:
+            save_raw_map(item, stage, maps[k])
+    return rows
 
 
 def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
     from dzad.config import DatasetRef
 
     if source is not None:
-        return [DatasetRef(str(source), tuple(_categories(source_categories)))]
+        return [DatasetRef(str(source), tuple(split_list(source_categories)))]
     return list(dzad.cfg.sets.source)
 
 
 @app.command("evaluate")
 @clean_errors
 def evaluate_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help="Dataset root in MVTec layout."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    categories: list[str] = typer.Option(
-        None, help="Categories (repeat or comma-separate); default: every category under --data."
-    ),
+    categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
     controls: bool = typer.Option(
         None,
         "--controls/--no-controls",
@@ -219,15 +246,19 @@ def evaluate_cmd(
     source: Path = typer.Option(
         None, help="SOURCE dataset root for the controls (default: the checkpoint's sets.source)."
     ),
-    source_categories: list[str] = typer.Option(None, help="Categories of --source."),
+    source_categories: list[str] = typer.Option(None, help=f"Of --source. {CATEGORIES_HELP}"),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(None, min=1, help="Images per forward."),
     max_images: int = typer.Option(None, min=0, help="Seeded subset per category (0 = all)."),
     save_maps: bool = typer.Option(False, help="Write maps/<category>.npy."),
+    save_masks: bool = typer.Option(
+        False, help="Also write the predicted defect regions (binary PNG) under masks/."
+    ),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
 ) -> None:
-    """The paper's protocol on every category under --data: metrics, scores, figures."""
+    """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
+    panel per image and report.html."""
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
     check_writable(out)  # before the model is loaded and anything evaluated
@@ -237,7 +268,7 @@ def evaluate_cmd(
     changes = {k: v for k, v in given if v is not None}
     eval_cfg = replace(eval_cfg, **changes)
     use_controls = eval_cfg.controls if controls is None else controls
-    cats = _categories(categories)
+    cats = split_list(categories)
     if not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
     fitted = None
@@ -273,6 +304,8 @@ def evaluate_cmd(
             save_maps=save_maps,
             skip_bad=skip_bad,
             progress=lambda n: prog.advance(task, n),
+            pictures=True,
+            save_masks=save_masks,
         )
     if json_out:
         print(json.dumps(result))

@@ -1,6 +1,6 @@
-"""What ``dzad score`` and ``dzad evaluate`` show: heat-map overlays and the summary tables.
+"""What ``dzad score`` and ``dzad evaluate`` print, and ``dzad score``'s raw maps.
 
-:func:`write_image_outputs` writes one image's overlay PNG (and raw map) atomically;
+:func:`save_raw_map` writes one image's raw map atomically;
 :func:`print_scores` and :func:`print_metrics` print the commands' tables (Rich).
 """
 
@@ -14,28 +14,21 @@ from dzad.cli.score_inputs import ScoreInput
 _TABLE_ROWS = 30
 
 
-def write_image_outputs(item: ScoreInput, out: Path, score_map, save_maps: bool) -> str:
-    """Overlay PNG (and raw map) for one image; returns the overlay's path relative to ``out``."""
+def save_raw_map(item: ScoreInput, out: Path, score_map) -> None:
+    """``maps/<name>.npy``: one image's raw anomaly map ``(h, w)`` float32, written atomically."""
     import numpy as np
-    from PIL import Image
 
-    from dzad.data.images import load_image
     from dzad.io_utils import atomic_path
-    from dzad.reports import overlay
 
-    shown = load_image(item.path, max_side=512).permute(1, 2, 0).numpy()
-    rel = Path("heatmaps") / item.rel.with_name(item.rel.name + ".heatmap.png")
-    with atomic_path(out / rel) as tmp:
-        Image.fromarray(overlay(shown, score_map)).save(tmp, format="PNG")
-    if save_maps:
-        with atomic_path(out / "maps" / item.rel.with_name(item.rel.name + ".npy")) as tmp:
-            np.save(tmp, score_map.astype(np.float32))
-    return str(rel)
+    with atomic_path(out / "maps" / item.rel.with_name(item.rel.name + ".npy")) as tmp:
+        np.save(tmp, score_map.astype(np.float32))
 
 
 def print_scores(rows: list[dict[str, Any]], out: Path, threshold: str) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from dzad.html_report import relative_paths
 
     scored = sorted(
         (r for r in rows if r["decision"] != "skipped"), key=lambda r: -r["image_score"]
@@ -44,26 +37,27 @@ def print_scores(rows: list[dict[str, Any]], out: Path, threshold: str) -> None:
     caption = f"{len(scored)} scored, {len(rows) - len(scored)} skipped; threshold {threshold}"
     if len(scored) > _TABLE_ROWS:
         caption += f"; top {_TABLE_ROWS} by image score shown, all rows in scores.csv"
-    table = Table(title="DZAD scores", caption=caption)
-    for col in ("path", "image score", "detection score", "decision"):
-        if col == "path":
-            table.add_column(col, overflow="fold")
-        else:
-            table.add_column(col, justify="right")
-    for r in shown:
+    names, common = relative_paths([r["path"] for r in shown])
+    table = Table(title=f"DZAD scores: {common}", caption=caption)
+    table.add_column("path", no_wrap=True, overflow="ellipsis", min_width=12)
+    for col in ("image", "detect.", "norm.", "decision"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, r in zip(names, shown, strict=True):
         if r["decision"] == "skipped":
-            table.add_row(r["path"], "-", "-", f"[yellow]skipped[/]: {r['error']}")
+            table.add_row(name, "-", "-", "-", f"[yellow]skipped[/]: {r['error']}")
             continue
         colour = "red" if r["decision"] == "anomalous" else "green"
+        norm = r.get("normalised_score")
         table.add_row(
-            r["path"],
+            name,
             f"{r['image_score']:.4f}",
             f"{r['detection_score']:.4f}",
+            "-" if norm is None else f"{norm:.2f}",
             f"[{colour}]{r['decision']}[/]",
         )
     console = Console()
     console.print(table)
-    console.print(f"scores: {out / 'scores.csv'}  heat maps: {out / 'heatmaps'}")
+    console.print(f"scores: {out / 'scores.csv'}  report: {out / 'report.html'}")
 
 
 def _fmt(v: float | None) -> str:
@@ -92,4 +86,4 @@ def print_metrics(result: dict[str, Any], out: Path) -> None:
         for why in sorted(set(reasons.values())):
             names = ", ".join(m for m, r in reasons.items() if r == why)
             console.print(f"[yellow]undefined[/] {cat} {names}: {why}")
-    console.print(f"metrics: {out / 'metrics.json'}")
+    console.print(f"metrics: {out / 'metrics.json'}  report: {out / 'report.html'}")

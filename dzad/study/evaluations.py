@@ -178,13 +178,33 @@ def curve_points(eval_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return roc, pr
 
 
+COMPACT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def compact_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{method: {metric: mean over seeds}}`` for DZAD and each control (``control_<name>``):
+    the three headline metrics only, so ``dvc metrics show`` stays one narrow row per method."""
+    methods = {"dzad": summary["dzad"]}
+    methods.update({f"control_{k}": v for k, v in summary["controls"].items()})
+    return {
+        name: {m: block[m]["mean"] for m in COMPACT_METRICS if m in block}
+        for name, block in methods.items()
+    }
+
+
 def export_evaluation(
     target: str, eval_dir: str | Path, metrics_file: str | Path, plots_dir: str | Path
 ) -> list[Path]:
-    """``metrics_file`` (the target's summary) and ``plots_dir/{roc,pr}_<target>.csv`` for DVC."""
+    """For DVC: ``metrics_file`` (the target's full summary, a plain output), the folder
+    ``metrics_file`` without suffix holding one :func:`compact_metrics` file per method (the DVC
+    metrics) and ``plots_dir/{roc,pr}_<target>.csv``."""
     summary = json.loads((Path(eval_dir) / SUMMARY).read_text())
     roc, pr = curve_points(eval_dir)
     plots_dir = Path(plots_dir)
+    compact = Path(metrics_file).with_suffix("")
+    with atomic_dir(compact) as tmp:
+        for name, values in compact_metrics(summary).items():
+            write_json(tmp / f"{name}.json", values)
     return [
         write_json(metrics_file, summary),
         atomic_write_text(
@@ -193,4 +213,5 @@ def export_evaluation(
         atomic_write_text(
             plots_dir / f"pr_{target}.csv", pr.to_csv(index=False, float_format="%.6g")
         ),
+        compact,
     ]

@@ -94,7 +94,7 @@ def log_evaluation(
 ) -> None:
     """Metrics (:func:`evaluation_metrics`), the AUROC tables of the paper's layout (image and
     pixel AUROC, controls beside DZAD, mean ± std over seeds) and ``eval_dir``'s files -- metrics,
-    scores, ROC figures and the heat-map gallery -- under ``evaluation/<target>/``.
+    scores, ROC and PR figures and the heat-map gallery -- under ``evaluation/<target>/``.
 
     ``metrics``: ``dzad.study.evaluations.evaluate_target``'s result with its ``eval_dir``, or a
     ``summary.json`` with the folder holding its ``seed_<s>/`` evaluations.

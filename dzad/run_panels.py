@@ -1,0 +1,102 @@
+"""Per-image pictures of a ``dzad score`` / ``dzad evaluate`` run, all on the run's colour scale.
+
+The scale's top is the run's highest map value, known only once every image is scored, so
+:class:`RunPictures` keeps each map on disk (a temporary folder) while the run streams, then
+:meth:`RunPictures.write` draws, for every image, under ``out``:
+
+- ``heatmaps/<name>.heatmap.png``: the overlay with caption (score, normalised score, decision)
+  and colour bar (:func:`dzad.panels.draw`);
+- ``panels/<name>.panel.png``: original | overlay | predicted region (+ ground truth);
+- ``thumbs/<name>.png``: a small copy of the panel for the HTML report;
+- with ``save_masks``: ``masks/<name>.mask.png``, the binary predicted region (0 / 255) at the
+  input file's own size.
+
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dzad.io_utils import atomic_path
+from dzad.panels import MapScale, caption_text, draw, predicted_mask
+
+FILES = ("heatmap", "panel", "thumb", "mask")  # what write() returns per picture (scores.csv)
+THUMB = (420, 150)  # largest thumbnail (width, height)
+DISPLAY_SIDE = 512  # originals larger than this are shown shrunk
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One image to draw: its file, the output name (relative, no suffix), caption data."""
+
+    image: Path
+    name: Path
+    score_name: str  # the score the decision thresholds, e.g. "detection score"
+    score: float
+    normalised: float | None
+    decision: str
+    truth: Path | None = None  # ground-truth mask file (evaluate)
+
+
+class RunPictures:
+    """Collects a run's maps ``(h, w)`` on disk, then writes every picture on one scale."""
+
+    def __init__(self, threshold: float | None, mask_threshold: int = 0) -> None:
+        self.threshold = threshold
+        self.mask_threshold = mask_threshold
+        self._tmp = tempfile.TemporaryDirectory(prefix="dzad-maps-")
+        self._items: list[tuple[Picture, Path]] = []
+        self.low, self.high = math.inf, -math.inf
+
+    def add(self, picture: Picture, m: np.ndarray) -> None:
+        path = Path(self._tmp.name) / f"{len(self._items)}.npy"
+        np.save(path, np.asarray(m, dtype=np.float32))
+        self.low, self.high = min(self.low, float(m.min())), max(self.high, float(m.max()))
+        self._items.append((picture, path))
+
+    def scale(self) -> MapScale:
+        return MapScale.of_run(self.threshold, self.low, self.high)
+
+    def write(self, out: Path, save_masks: bool) -> dict[Path, dict[str, str]]:
+        """Draw every picture; per picture name its written files (relative to ``out``)."""
+        from dzad.data.images import image_size, load_image, load_mask
+
+        scale = self.scale()
+        written: dict[Path, dict[str, str]] = {}
+        try:
+            for pic, map_path in self._items:
+                m = np.load(map_path)
+                shown = load_image(pic.image, max_side=DISPLAY_SIDE).permute(1, 2, 0).numpy()
+                text = caption_text(pic.score_name, pic.score, pic.normalised, pic.decision)
+                anomalous = pic.decision == "anomalous"
+                truth = None
+                if pic.truth is not None:
+                    truth = load_mask(pic.truth, self.mask_threshold)[0].numpy() > 0
+                over, big = draw(shown, m, scale, text, anomalous, truth)
+                files = {"heatmap": _save(over, out, "heatmaps", pic.name, ".heatmap.png")}
+                files["panel"] = _save(big, out, "panels", pic.name, ".panel.png")
+                big.thumbnail(THUMB)
+                files["thumb"] = _save(big, out, "thumbs", pic.name, ".png")
+                if save_masks and self.threshold is not None:
+                    w, h = image_size(pic.image)
+                    region = predicted_mask(m, self.threshold, (h, w))
+                    mask = Image.fromarray(region.astype(np.uint8) * 255, mode="L")
+                    files["mask"] = _save(mask, out, "masks", pic.name, ".mask.png")
+                written[pic.name] = files
+        finally:
+            self._tmp.cleanup()
+        return written
+
+
+def _save(img: Image.Image, out: Path, folder: str, name: Path, suffix: str) -> str:
+    rel = Path(folder) / name.with_name(name.name + suffix)
+    with atomic_path(out / rel) as tmp:
+        img.save(tmp, format="PNG", compress_level=1)  # zlib level 6 tripled the drawing time
+    return rel.as_posix()
