@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from dzad.config import DZADConfig, TrackingConfig
 from dzad.errors import DZADInputError
-from flows.tracking.runs import client, source_tags, start_run, tracking_config
+from flows.tracking.runs import client, run_label, source_tags, start_run, tracking_config
 
 CANDIDATE = "candidate"
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model
@@ -31,7 +31,8 @@ def _in_run(cfg: DZADConfig, rid: str | None) -> Iterator[str]:
     if rid is not None and active is not None and active.info.run_id == rid:
         yield rid
     elif rid is None:
-        with start_run(cfg, "register", nested=active is not None) as run:
+        name = run_label("register", cfg, f"seed{cfg.seed}")
+        with start_run(cfg, name, nested=active is not None) as run:
             yield run.info.run_id
     else:
         with mlflow.start_run(run_id=rid, nested=active is not None):
