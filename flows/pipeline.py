@@ -33,6 +33,7 @@ from prefect.runtime import flow_run
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text
 from dzad.study.layout import seed_dir
+from dzad.study.models import resumable
 from flows.parameters import (
     apply_overrides,
     flow_run_name,
@@ -83,11 +84,12 @@ def train_flow(
     if checkpoint:
         return resolve_task(cfg, checkpoint)
     models: Models = {}
+    cont = resumable(out / "models", cfg.seeds) if resume else dict.fromkeys(cfg.seeds, False)
     for seed in cfg.seeds:  # in turn: one GPU, one training at a time
         ckpt_dir = seed_dir(out / "models", seed)
         train = train_task.with_options(refresh_cache=_missing([ckpt_dir / "dzad.json"]))
         models[seed] = train(
-            cfg, ckpt_dir, seed, manifests, cfg.train.device, resume, parent_run_id
+            cfg, ckpt_dir, seed, manifests, cfg.train.device, cont[seed], parent_run_id
         )
         if register:
             models[seed]["version"] = register_task(cfg, models[seed])
