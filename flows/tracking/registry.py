@@ -56,6 +56,7 @@ SCORING_DISTRIBUTIONS = (
     "numpy",
     "scipy",
     "pandas",
+    "pyyaml",
     "mlflow",
 )
 
