@@ -178,12 +178,13 @@ def _defects_only(repo: Path) -> Path:
 
 @pytest.mark.slow
 def test_defects_only_target_gets_pixel_metrics_through_dvc_repro(repo):
-    import yaml
+    from ruamel.yaml import YAML  # round trip: YAML 1.2 as DVC writes it (`no` stays a string)
 
     root = _defects_only(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    yaml = YAML()
+    params = yaml.load(repo / "params.yaml")
     params["sets"]["targets"]["only"] = {"root": root.name, "categories": []}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    yaml.dump(params, repo / "params.yaml")
     log = sh(["dvc", "repro"], repo, timeout=1500).stdout
     assert "Running stage 'evaluate@only'" in log
     m = json.loads((repo / "metrics" / "eval_only.json").read_text())
