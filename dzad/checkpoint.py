@@ -26,6 +26,7 @@ from dzad.detection import Calibration
 from dzad.errors import CheckpointError, DZADInputError
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.latents import Encoder, VAEEncoder, build_encoder
+from dzad.local_models import load_local, require_parts
 from dzad.networks import DZADNetwork, assemble_network
 from dzad.noise_features import NoiseBank
 
@@ -116,17 +117,20 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _parts(cfg: DZADConfig) -> list[str]:
+    """The files and folders a checkpoint of ``cfg`` must hold (checked before loading any)."""
+    parts = ["extra.safetensors", "unet/"]
+    parts += ["sg/"] if cfg.model.use_sg else []
+    return parts + (["vae/"] if cfg.model.latent == "vae" else [])
+
+
 def _load_net(
     folder: Path, cfg: DZADConfig, meta: dict[str, Any], tensors: dict[str, Tensor]
 ) -> DZADNetwork:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-    sg = None
-    if cfg.model.use_sg:
-        if not (folder / "sg").is_dir():
-            raise CheckpointError(folder, "model.use_sg is true but the sg/ folder is missing")
-        sg = ControlNetModel.from_pretrained(folder / "sg", use_safetensors=True)
+    unet = load_local(UNet2DConditionModel, folder / "unet")
+    sg = load_local(ControlNetModel, folder / "sg") if cfg.model.use_sg else None
     net = assemble_network(
         cfg.model,
         unet,
@@ -145,12 +149,14 @@ def load_checkpoint(
     """Inverse of :func:`save_checkpoint`; any missing/corrupt part raises :class:`CheckpointError`.
 
     Returns ``(cfg, encoder, net, bank, calibration, meta)``; calibration is None for an
-    intermediate training checkpoint.
+    intermediate training checkpoint. Reads local files only (never a model hub) and no
+    process-global state, so threads may load at once (:mod:`dzad.local_models`).
     """
     folder = Path(folder)
     meta = read_meta(folder)
     try:
         cfg = from_dict(meta["config"])
+        require_parts(folder, _parts(cfg))
         tensors = load_file(str(folder / "extra.safetensors"))
         model_cfg = cfg.model
         if model_cfg.latent == "vae":

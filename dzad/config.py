@@ -404,14 +404,18 @@ def validate(cfg: DZADConfig) -> DZADConfig:
 
 
 def load(path: str | Path) -> DZADConfig:
-    """Parse a params YAML file (the edge's one YAML read) into a config; errors name the file."""
-    import yaml
+    """Parse a params YAML file (the edge's one YAML read) into a config; errors name the file.
+
+    Read as YAML 1.2, as DVC reads and rewrites it: ``dvc exp run -S`` drops the quotes of
+    ``'no'``, which YAML 1.1 (PyYAML) would turn into False but YAML 1.2 keeps a string.
+    """
+    from ruamel.yaml import YAML, YAMLError
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = YAML(typ="safe", pure=True).load(path.read_text()) or {}
         return from_dict(raw)
-    except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+    except (OSError, YAMLError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
 

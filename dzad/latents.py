@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dzad.config import ModelConfig
 from dzad.errors import DZADInputError
+from dzad.local_models import load_local
 
 
 class Encoder(nn.Module):
@@ -259,9 +260,14 @@ def random_vae(profile: str) -> nn.Module:
 
 
 def load_vae(source: str, subfolder: str | None = None) -> nn.Module:
-    """``AutoencoderKL.from_pretrained`` from a local diffusers folder or a hub id (safetensors)."""
+    """An AutoencoderKL from a local diffusers folder (local files only, :mod:`dzad.local_models`)
+    or, when no such folder exists, a hub id (``from_pretrained``, safetensors; training only: a
+    checkpoint's own ``vae/`` is always local)."""
     from diffusers import AutoencoderKL
 
+    local = Path(source) / subfolder if subfolder else Path(source)
+    if local.is_dir():
+        return load_local(AutoencoderKL, local)
     try:
         return AutoencoderKL.from_pretrained(source, subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError) as exc:

@@ -93,7 +93,11 @@ def _per_seed(results: Sequence[Result], metric: str, where: str) -> pd.DataFram
     """Seeds x (categories..., mean) values of one metric; mean = NaN-skipping macro mean."""
     rows = []
     for r in results:
-        values = {c: float(v.get(metric, math.nan)) for c, v in _categories(r, where).items()}
+        # undefined metrics are NaN in memory and null in metrics.json (read back as None)
+        values = {
+            c: math.nan if v.get(metric) is None else float(v[metric])
+            for c, v in _categories(r, where).items()
+        }
         finite = [v for v in values.values() if not math.isnan(v)]
         values[MEAN_ROW] = float(np.mean(finite)) if finite else math.nan
         rows.append(values)

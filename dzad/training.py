@@ -44,6 +44,7 @@ from dzad.launch import check_processes
 from dzad.model import map_backbone
 from dzad.networks import DZADNetwork, build_network, make_scheduler
 from dzad.noise_features import NoiseBank
+from dzad.training_data import check_same_data
 
 
 @dataclass
@@ -236,6 +237,16 @@ def _check_same_config(cfg: DZADConfig, old: DZADConfig, folder: Path) -> None:
         raise CheckpointError(folder, f"cannot resume: the config differs in {diff}")
 
 
+def _resume_state(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The training state to continue; an error when ``folder`` holds nothing to resume."""
+    if not (folder / "dzad.json").exists():
+        raise CheckpointError(folder, "nothing to resume: no checkpoint here (drop --resume)")
+    state = read_train_state(folder)
+    if state is None:
+        raise CheckpointError(folder, "nothing to resume: the checkpoint has no train_state/")
+    return state
+
+
 def _notify(callbacks: Sequence[Any], event: str, *args: Any) -> None:
     for cb in callbacks:
         fn = getattr(cb, event, None)
@@ -254,12 +265,15 @@ def train(
     *,
     labelled: tuple[Dataset | Tensor, Tensor] | None = None,
     progress: bool = True,
+    data: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on SOURCE normals ``images`` (``(n,3,H,W)`` in [0,1]), calibrate, write ``out_dir``.
 
     ``callbacks``: objects with ``on_step(step, metrics)`` and/or ``on_checkpoint(step, path)``
     (a plain callable is an ``on_step``). ``labelled`` = (images, labels 0/1) of a labelled SOURCE
-    split, needed by the learned weighting and the prototype mode only.
+    split, needed by the learned weighting and the prototype mode only. ``data``: the record of
+    the training data (:func:`dzad.training_data.data_record`), saved in the checkpoint; ``resume``
+    refuses other data and a folder with nothing to resume.
     """
     out_dir = Path(out_dir)
     tc = cfg.train
@@ -273,11 +287,12 @@ def train(
     holdout = (d.calibration_holdout, d.calibration_max_images)
     train_idx, cal_idx = split_holdout(len(source), *holdout, cfg.seed)
     clean_stale(out_dir)  # a killed save: its temp folder goes, a mid-swap .old comes back
-    state = read_train_state(out_dir) if resume and (out_dir / "dzad.json").exists() else None
+    state = _resume_state(out_dir) if resume else None
     previous = load_checkpoint(out_dir) if state is not None else None
     encoder = build_encoder(cfg.model, source.image_size).to(device)
     if previous is not None:
         _check_same_config(cfg, previous[0], out_dir)
+        check_same_data(data, previous[5].get("data"), out_dir)
         encoder.load_extra_state(previous[1].extra_state())
     else:
         encoder.fit(source.batches(train_idx, 32))
@@ -340,7 +355,7 @@ def train(
                 core,
                 bank,
                 calib,
-                {"train": {"step": step, "complete": calib is not None}},
+                {"train": {"step": step, "complete": calib is not None}, "data": data},
                 train_state=(tensors, meta),
             )
 

@@ -66,6 +66,30 @@ def apply_overrides(
     return dzad_config.validate(replace(cfg, model=model, train=train, sets=sets, ablation=abl))
 
 
+DVC_RAW = Path("data/raw")  # the DVC `prepare` stage's output (dvc.yaml)
+
+
+def own_data(cfg: DZADConfig, out: Path) -> DZADConfig:
+    """``cfg`` with the flow's own data folders: what the DVC pipeline writes under ``data/raw``
+    (synthetic data, fetched datasets, ``datasets.json``) goes to ``<out>/data/raw`` and the
+    caches to ``<out>/data/cache``, so a flow run never modifies a DVC-tracked output. Roots
+    outside ``data/raw`` (datasets used where they are) are kept."""
+    raw = out / "data" / "raw"
+
+    def moved(root: str) -> str:
+        path = Path(root)
+        return str(raw / path.relative_to(DVC_RAW)) if path.is_relative_to(DVC_RAW) else root
+
+    sets = replace(
+        cfg.sets,
+        source=tuple(replace(r, root=moved(r.root)) for r in cfg.sets.source),
+        targets={t: replace(r, root=moved(r.root)) for t, r in cfg.sets.targets.items()},
+    )
+    synth = replace(cfg.synth, dest=moved(cfg.synth.dest))
+    data = replace(cfg.data, cache_dir=str(out / "data" / "cache"))
+    return replace(cfg, sets=sets, synth=synth, data=data)
+
+
 OVERRIDES = (
     "seed",
     "profile",

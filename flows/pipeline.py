@@ -33,7 +33,15 @@ from prefect.runtime import flow_run
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text
 from dzad.study.layout import seed_dir
-from flows.parameters import apply_overrides, flow_run_name, load_params, run_name, stage_run_name
+from dzad.study.models import resumable
+from flows.parameters import (
+    apply_overrides,
+    flow_run_name,
+    load_params,
+    own_data,
+    run_name,
+    stage_run_name,
+)
 from flows.tasks import (
     Models,
     ablation_arms,
@@ -70,16 +78,18 @@ def train_flow(
     resume: bool = False,
 ) -> Models:
     """The data, then every seed trained in turn (or ``checkpoint`` resolved)."""
-    prepare_task(cfg)
+    prepare_task(cfg, out / "data" / "raw")
     manifests = preprocess_task(cfg)
+    manifests = {k: v for k, v in manifests.items() if k.startswith("source_")}  # what it reads
     if checkpoint:
         return resolve_task(cfg, checkpoint)
     models: Models = {}
+    cont = resumable(out / "models", cfg.seeds) if resume else dict.fromkeys(cfg.seeds, False)
     for seed in cfg.seeds:  # in turn: one GPU, one training at a time
         ckpt_dir = seed_dir(out / "models", seed)
         train = train_task.with_options(refresh_cache=_missing([ckpt_dir / "dzad.json"]))
         models[seed] = train(
-            cfg, ckpt_dir, seed, manifests, cfg.train.device, resume, parent_run_id
+            cfg, ckpt_dir, seed, manifests, cfg.train.device, cont[seed], parent_run_id
         )
         if register:
             models[seed]["version"] = register_task(cfg, models[seed])
@@ -194,6 +204,7 @@ def dzad(
     cfg = apply_overrides(load_params(params_file), **overrides)
     runner = task_runner(dask_address) if stage == "ablation" else None
     out = Path(out_dir) / cfg.study
+    cfg = own_data(cfg, out)  # never DVC's data/raw or data/cache
     storage = {"result_storage": (out / RESULTS_DIR).resolve()}
     tags = {"dzad.stage": stage, "dzad.params_file": params_file}
     tags["prefect.flow_run_id"] = str(flow_run.id)

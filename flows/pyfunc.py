@@ -6,10 +6,11 @@ the study's config (JSON); loading runs the file and builds the model with
 did (same inference-time settings).
 
 Input (signature column ``image``, one image per row): a path to an image file (read like the
-datasets, resized to the model's size with the training resample), or an array ``(H,W)``,
-``(H,W,C)`` or ``(C,H,W)`` with C in {1, 3}: integer arrays on the 8-bit scale (uint16: 16-bit),
-float arrays in [0, 1]; arrays of another size are resized bilinearly (antialiased). A batch array
-``(B,H,W,C)`` goes in as ``{"image": batch}``.
+datasets) or an array ``(H,W)``, ``(H,W,C)`` or ``(C,H,W)`` with C in {1, 3}: integer arrays on the
+8-bit scale (uint16: 16-bit), float arrays in [0, 1]. Files and arrays take one path to the model's
+size: PIL's resize with the study's ``data.resample`` (:func:`array_image`), so an image scores the
+same given as a path or as the uint8 array of its pixels. A batch array ``(B,H,W,C)`` goes in as
+``{"image": batch}``.
 
 Output: a DataFrame, one row per input image: ``image_score``, ``detection_score``, ``decision``
 (detected anomalous) and ``anomaly_map`` (an ``(H, W)`` float32 array at the model's size).
@@ -30,6 +31,12 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType, Array
 
 INPUT_COLUMN = "image"
+# MLflow schemas have no union type: the column is typed `any` and this says what it holds
+# (logged as model metadata and in the registered version's description).
+INPUT_DOC = (
+    "column 'image', one image per row: a path to an image file (string) or an image array, "
+    "HxWx3 uint8 (also HxW, CxHxW; uint16; float in [0, 1])"
+)
 CHECKPOINT, CONFIG = "checkpoint", "config"  # artifact keys: checkpoint folder, study config JSON
 
 
@@ -53,32 +60,44 @@ def input_example(size: int) -> pd.DataFrame:
     return pd.DataFrame({INPUT_COLUMN: [np.full((size, size, 3), 128, dtype=np.uint8)]})
 
 
-def array_image(value: Any, size: int) -> torch.Tensor:
-    """An image array (see the module docstring) -> ``(3, size, size)`` float32 in [0, 1]."""
+def array_image(value: Any, size: int, resample: str = "bilinear") -> torch.Tensor:
+    """An image array (see the module docstring) -> ``(3, size, size)`` float32 in [0, 1].
+
+    Resized like a file (:func:`dzad.data.images.pil_to_tensor`, the same PIL resize): uint8
+    arrays as 8-bit ``L`` / ``RGB`` images, so an image read into an array scores exactly as its
+    file; other dtypes as float planes (``F``) scaled to [0, 1].
+    """
+    from PIL import Image
+
+    from dzad.data.images import pil_to_tensor
+
     arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"image array must be (H,W), (H,W,C) or (C,H,W) with C 1|3: {arr.shape}")
+    if arr.dtype == np.uint8:
+        planes = [Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr))]
+    else:
+        planes = [Image.fromarray(np.ascontiguousarray(c)) for c in _unit(arr).transpose(2, 0, 1)]
+    x = torch.cat([pil_to_tensor(p, size, resample) for p in planes])
+    return x.expand(3, -1, -1).contiguous()
+
+
+def _unit(arr: np.ndarray) -> np.ndarray:
+    """Integer (8-bit scale; uint16: 16-bit) or float [0, 1] values -> float32 in [0, 1]."""
     if arr.dtype.kind in "iu":
         full = 65535.0 if arr.dtype == np.uint16 else 255.0
         if arr.size and (arr.min() < 0 or arr.max() > full):
             raise ValueError(f"integer image values must lie in [0, {full:.0f}]")
-        arr = arr.astype(np.float32) / full
-    elif arr.dtype.kind == "f":
+        return arr.astype(np.float32) / full
+    if arr.dtype.kind == "f":
         if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
             raise ValueError("float image values must be finite and lie in [0, 1]")
-        arr = arr.astype(np.float32)
-    else:
-        raise ValueError(f"unsupported image array dtype {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.ndim == 3 and arr.shape[-1] in (1, 3) and arr.shape[0] not in (1, 3):
-        arr = arr.transpose(2, 0, 1)
-    if arr.ndim != 3 or arr.shape[0] not in (1, 3):
-        raise ValueError(f"image array must be (H,W), (H,W,C) or (C,H,W) with C 1|3: {arr.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).expand(3, -1, -1)
-    if x.shape[-2:] != (size, size):
-        x = torch.nn.functional.interpolate(
-            x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )[0]
-    return x.contiguous()
+        return arr.astype(np.float32)
+    raise ValueError(f"unsupported image array dtype {arr.dtype}")
 
 
 def _items(model_input: Any) -> list[Any]:
@@ -118,9 +137,9 @@ class DZADPyfunc(PythonModel):
     def _tensor(self, item: Any) -> torch.Tensor:
         from dzad.data.images import load_image
 
-        if isinstance(item, (str, Path)):
-            return load_image(item, self.size, self.resample)
-        return array_image(item, self.size)
+        if isinstance(item, (str, Path)):  # full decode, then the arrays' resize
+            return load_image(item, self.size, self.resample, draft=False)
+        return array_image(item, self.size, self.resample)
 
     def _batches(self, items: list[Any]) -> Iterable[torch.Tensor]:
         for s in range(0, len(items), self.batch_size):

@@ -73,7 +73,7 @@ def run(
     from flows.tracking.promotion import promote
     from flows.tracking.registry import register
     from flows.tracking.results import log_evaluation
-    from flows.tracking.runs import start_run
+    from flows.tracking.runs import run_label, start_run
     from flows.tracking.training import log_training
 
     cfg = config.load(params)
@@ -81,7 +81,8 @@ def run(
     # Without --metrics: every target of the study, as `dzad stage evaluate` exported it.
     metrics = metrics or [eval_root / target / "summary.json" for target in cfg.sets.targets]
     summaries = [_read_summary(Path(m)) for m in metrics]
-    with start_run(cfg, "register", tags={"dzad.stage": "register"}) as active:
+    name = run_label("register", cfg, f"seed{cfg.seed}")
+    with start_run(cfg, name, tags={"dzad.stage": "register"}) as active:
         log_training(active, cfg, checkpoint, manifest_hashes(cfg))
         for summary in summaries:
             target = summary["target"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.states import State
 
 import dzad as dzad_package
-from dzad.config import DZADConfig
+from dzad.config import DZADConfig, flatten
 from dzad.io_utils import sha256_file
 from dzad.launch import train_launched
 from dzad.study.ablations import ablate
@@ -30,7 +31,7 @@ from dzad.study.layout import checkpoints, with_seed
 from dzad.study.summaries import KEY_METRICS
 from flows.tracking import registry
 from flows.tracking.results import log_evaluation, log_table
-from flows.tracking.runs import log_metrics, set_tags, start_run
+from flows.tracking.runs import log_metrics, run_label, set_tags, start_run
 from flows.tracking.training import log_training, training_callbacks
 
 Models = dict[int, dict[str, str | None]]  # seed -> checkpoint, fingerprint, MLflow run id
@@ -59,10 +60,49 @@ def _code_key(context: Any, parameters: dict[str, Any]) -> str:
     return code_version()
 
 
+# What training reads (training, then the source-only calibration, which scores with the map
+# settings): flattened config keys by prefix. The targets, the ablation and tracking are not read.
+TRAINING_READS = (
+    "seed",
+    "data.",
+    "model.",
+    "train.",
+    "noise.",
+    "weighting.",
+    "detection.",
+    "reconstruction.",
+    "anomaly_map.",
+    "evaluate.batch_size",
+    "sets.source",
+)
+
+
+def training_inputs(cfg: DZADConfig) -> dict[str, Any]:
+    """The settings training reads (:data:`TRAINING_READS`), flattened."""
+    flat = flatten(cfg)
+    return {
+        k: v
+        for k, v in flat.items()
+        if k in TRAINING_READS or k[: k.find(".") + 1] in TRAINING_READS
+    }
+
+
+def _training_key(context: Any, parameters: dict[str, Any]) -> str:
+    text = json.dumps(training_inputs(parameters["cfg"]), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # The parent MLflow run differs per flow run and resuming yields the same checkpoint: neither
 # may defeat the cache.
 EXPENSIVE = (
     (INPUTS - "parent_run_id" - "resume") + TASK_SOURCE + CachePolicy.from_cache_key_fn(_code_key)
+)
+# Training is keyed on what it reads only: another target list reuses the checkpoint.
+TRAINING = (
+    (INPUTS - "cfg" - "parent_run_id" - "resume")
+    + TASK_SOURCE
+    + CachePolicy.from_cache_key_fn(_code_key)
+    + CachePolicy.from_cache_key_fn(_training_key)
 )
 # Tasks that run a model carry MODEL_TAG: `prefect concurrency-limit create dzad-model 1` keeps
 # them to one at a time on a small GPU.
@@ -73,9 +113,10 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120], "retry_conditio
 
 # ------------------------------------------------------------------------------------- tasks
 @task(name="prepare-data", **IO_RETRIES)
-def prepare_task(cfg: DZADConfig) -> dict[str, Path]:
-    """Synthesise, download + convert (resumable) or check every dataset root."""
-    return prepare_data(cfg)
+def prepare_task(cfg: DZADConfig, raw_dir: Path) -> dict[str, Path]:
+    """Synthesise, download + convert (resumable) or check every dataset root; the record of the
+    roots (``datasets.json``) goes to ``raw_dir`` (the flow's own, never DVC's ``data/raw``)."""
+    return prepare_data(cfg, raw_dir=raw_dir)
 
 
 @task(name="preprocess-data")
@@ -100,7 +141,7 @@ def resolve_task(cfg: DZADConfig, checkpoint: str) -> Models:
     return {s: _model(p, None) for s, p in checkpoints(checkpoint, cfg.seeds).items()}
 
 
-@task(name="train", task_run_name="train-seed{seed}", **CACHED)
+@task(name="train", task_run_name="train-seed{seed}", **{**CACHED, "cache_policy": TRAINING})
 def train_task(
     cfg: DZADConfig,
     ckpt_dir: Path,
@@ -114,7 +155,7 @@ def train_task(
     ``resume`` continues the checkpoint a crashed run left in ``ckpt_dir`` (same config only).
     ``train.processes`` > 1 launches them with ``accelerate launch`` (:mod:`dzad.launch`; only
     the totals reach MLflow then, not the per-step metrics)."""
-    name = f"train-seed{seed}"
+    name = run_label("train", cfg, f"seed{seed}")
     seeded = with_seed(cfg, seed)
     with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
         result = train_launched(
@@ -145,7 +186,7 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """The paper's protocol on one target with one seed's checkpoint; stores F for Table 4."""
     cfg = with_seed(cfg, seed)
-    name = f"evaluate-{target}-seed{seed}"
+    name = run_label("evaluate", cfg, target, f"seed{seed}")
     with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
         metrics = evaluate_target(Path(model["checkpoint"]), cfg, target, eval_dir)
         log_evaluation(run, target, metrics, eval_dir, cfg=cfg)
@@ -196,7 +237,7 @@ def arm_task(
     """One arm: weight functions rescore the stored F (no model run); ``t_start`` reruns the
     evaluation; Table 3 trains its SD model. ``upstream``: fingerprints of models and evaluations
     (a retrained model or a new evaluation invalidates the cached arm)."""
-    name = f"arm-{arm['kind']}={arm['value']}"
+    name = run_label("arm", cfg, f"{arm['kind']}={arm['value']}")
     with start_run(cfg, name, nested=True, parent_run_id=parent_run_id) as run:
         set_tags(run, cfg, {"dzad.ablation": arm["kind"], "dzad.setting": arm["value"]})
         frame = ablate(arm_config(cfg, arm), models_dir, eval_dirs, arm_dir)

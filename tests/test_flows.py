@@ -6,9 +6,9 @@ the test's folder. The study is ``studies/tiny.yaml`` with the overrides ``SMALL
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,10 +26,12 @@ from flows import parameters, pipeline, serve
 from flows import tasks as flow_tasks
 
 TINY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
-# -p overrides that keep the tiny study to seconds: one target, two Table-4 weight functions and one
-# Figure-4 start timestep (every run of this file passes the same ones, so caches are shared)
-SMALL = {"targets": ["objects"], "weightings": ["uniform", "dzad"], "t_starts": [500]}
+# -p overrides that keep the tiny study to seconds: both targets (mapped evaluate tasks load the
+# checkpoint in parallel threads: issue 15), two Table-4 weight functions and one Figure-4 start
+# timestep (every in-process run of this file passes the same ones, so caches are shared)
+SMALL = {"weightings": ["uniform", "dzad"], "t_starts": [500]}
 ARMS = {("weighting", "uniform"), ("weighting", "dzad"), ("timesteps", "500")}
+TARGETS = {"objects", "mesh"}
 ENV = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -167,7 +169,7 @@ def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
     result = study["result"]
     table = pd.read_csv(result["table"], dtype={"setting": str})
     assert set(zip(table["ablation"], table["setting"], strict=True)) == ARMS
-    assert (table["target"] == "objects").all()
+    assert set(table["target"]) == TARGETS and len(table) == len(ARMS) * len(TARGETS)
     assert table["image_auroc"].between(0, 1).all()
     # the Figure-4 rerun has pixel metrics, Table-4 rescoring has none (image score only)
     assert table.loc[table.ablation == "timesteps", "pixel_auroc"].between(0, 1).all()
@@ -177,9 +179,9 @@ def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
     tasks = _subflow_task_runs(flow_run_id)
     arms = {n for n in tasks if n.startswith("arm-")}
     assert arms == {f"arm-{k}={v}" for k, v in ARMS}
-    assert {"train-seed0", "evaluate-objects-seed0", "prepare-data", "preprocess-data"} <= {
-        re.sub(r"-[0-9a-f]{3}$", "", n) for n in tasks
-    }
+    assert {"train-seed0", "prepare-data", "preprocess-data"} | {
+        f"evaluate-{t}-seed0" for t in TARGETS
+    } <= {re.sub(r"-[0-9a-f]{3}$", "", n) for n in tasks}
     assert set(tasks.values()) == {"Completed"}
     (artifact,) = _artifacts("tiny-ablation-auroc")  # the table in the Prefect UI
     assert artifact.data == table.to_markdown(index=False)
@@ -190,14 +192,22 @@ def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
     assert parent.data.params["model.profile"] == "tiny"
     pd.testing.assert_frame_equal(_artifact_table(parent.info.run_id), table)
     children = {r.info.run_name: r for r in _children(parent.info.run_id)}
-    assert set(children) == {"train-seed0", "evaluate-objects-seed0"} | {
-        f"arm-{k}={v}" for k, v in ARMS
+    assert set(children) == {"train-tiny-seed0"} | {f"evaluate-tiny-{t}-seed0" for t in TARGETS} | {
+        f"arm-tiny-{k}={v}" for k, v in ARMS
     }
     for kind, setting in ARMS:
-        arm = children[f"arm-{kind}={setting}"]
-        row = table[(table.ablation == kind) & (table.setting == setting)].iloc[0]
-        assert arm.data.metrics["objects/image_auroc"] == pytest.approx(row["image_auroc"])
-    assert "objects/mean/image_auroc" in children["evaluate-objects-seed0"].data.metrics
+        arm = children[f"arm-tiny-{kind}={setting}"]
+        for target in TARGETS:
+            row = table[(table.ablation == kind) & (table.setting == setting)]
+            row = row[row.target == target].iloc[0]
+            assert arm.data.metrics[f"{target}/image_auroc"] == pytest.approx(row["image_auroc"])
+    for target in TARGETS:
+        assert (
+            f"{target}/mean/image_auroc" in children[f"evaluate-tiny-{target}-seed0"].data.metrics
+        )
+    # the flow's data is its own: nothing under the working directory's data/ (DVC's outputs)
+    assert not (workdir / "data").exists()
+    assert (workdir / "out" / "tiny" / "data" / "raw" / "datasets.json").is_file()
 
 
 def test_rerun_reuses_cached_results(study, workdir):
@@ -207,12 +217,21 @@ def test_rerun_reuses_cached_results(study, workdir):
     assert state.is_completed(), state.message
     tasks = _subflow_task_runs(state.state_details.flow_run_id)
     expensive = {n: s for n, s in tasks.items() if n.startswith(("train-", "evaluate-", "arm-"))}
-    assert len(expensive) == 5 and set(expensive.values()) == {"Cached"}
+    assert len(expensive) == 1 + len(TARGETS) + len(ARMS)
+    assert set(expensive.values()) == {"Cached"}
     assert ckpt.stat().st_mtime_ns == before
     result = state.result()
     assert _children(result["mlflow_run_id"]) == []  # nothing reran, so no nested run
     first = pd.read_csv(study["result"]["table"], dtype={"setting": str})
     pd.testing.assert_frame_equal(_artifact_table(result["mlflow_run_id"]), first)
+
+
+def test_training_cache_ignores_what_training_does_not_read(study, workdir):
+    """Another target list (and its manifests) reuses the trained checkpoint."""
+    state = _run(stage="evaluate", targets=["mesh"])
+    assert state.is_completed(), state.message
+    tasks = _subflow_task_runs(state.state_details.flow_run_id)
+    assert tasks["train-seed0"] == "Cached"
 
 
 def test_seed_override_retrains_and_names_the_run(study, workdir):
@@ -230,11 +249,11 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
     calls = []
     real = flow_tasks.prepare_data
 
-    def flaky(cfg):
+    def flaky(cfg, **kwargs):
         calls.append(cfg)
         if len(calls) == 1:
             raise ConnectionResetError("download interrupted")
-        return real(cfg)
+        return real(cfg, **kwargs)
 
     monkeypatch.setattr(flow_tasks, "prepare_data", flaky)
     monkeypatch.setattr(
@@ -244,7 +263,7 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
     assert state.is_completed(), state.message
     assert len(calls) == 2
 
-    def bad(cfg):
+    def bad(cfg, **kwargs):
         calls.append(cfg)
         raise ValueError("sets.fetch: unknown dataset 'x'")
 
@@ -300,7 +319,9 @@ def _get(url: str) -> bool:
 
 @pytest.fixture
 def served(workdir, tmp_path) -> Iterator[dict[str, str]]:
-    """``prefect server start`` + ``python -m flows.serve``; both always terminated."""
+    """``prefect server start`` + ``python -m flows.serve`` in a folder holding ``studies/``; both
+    always terminated."""
+    shutil.copytree(TINY.parent, workdir / "studies", dirs_exist_ok=True)
     port = _free_port()
     env = {**os.environ, **ENV, "PREFECT_HOME": str(tmp_path / "home")}
     env["PREFECT_API_URL"] = api = f"http://127.0.0.1:{port}/api"
@@ -312,7 +333,7 @@ def served(workdir, tmp_path) -> Iterator[dict[str, str]]:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         _wait(lambda: _get(f"{api}/health"), "prefect server", procs[0], server_log)
         with serve_log.open("w") as log:
-            cmd = [sys.executable, "-m", "flows.serve", "--out-dir", "out"]
+            cmd = [sys.executable, "-m", "flows.serve"]  # as the README says
             procs.append(
                 subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
             )
@@ -328,32 +349,44 @@ def served(workdir, tmp_path) -> Iterator[dict[str, str]]:
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["prefect", *args], env=env, capture_output=True, text=True, timeout=500)
+    return subprocess.run(["prefect", *args], env=env, capture_output=True, text=True, timeout=1200)
 
 
 @pytest.mark.slow
-def test_served_ablation_deployment_runs_through_the_cli(study, served, workdir):
-    """The CLI run's flow-run subprocess finds the results the in-process run persisted (same
-    params, same code): nothing is retrained, the table is collected, written and logged anew."""
-    table_file = Path(study["result"]["table"])
-    ckpt = Path(study["result"]["models"][0]["checkpoint"]) / "dzad.json"
-    before = table_file.stat().st_mtime_ns, ckpt.stat().st_mtime_ns
-    params = [f"params_file={TINY}", *(f"{k}={json.dumps(v)}" for k, v in SMALL.items())]
-    options = [a for p in params for a in ("-p", p)]
-    run = _cli(served, "deployment", "run", "dzad/ablation", "--watch", *options)
+def test_served_ablation_deployment_runs_the_readme_command(study, served, workdir):
+    """The README's commands, literally: `python -m flows.serve` and `prefect deployment run
+    dzad/ablation --watch -p params_file=studies/tiny.yaml`: the whole tiny study (two targets,
+    every arm of its ablation section) through Prefect's default task runner."""
+    from dzad.config import load
+
+    readme = [
+        "deployment",
+        "run",
+        "dzad/ablation",
+        "--watch",
+        "-p",
+        "params_file=studies/tiny.yaml",
+    ]
+    run = _cli(served, *readme)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ablation-tiny-seed0" in run.stdout and "Completed" in run.stdout
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
-    assert table_file.stat().st_mtime_ns > before[0] and ckpt.stat().st_mtime_ns == before[1]
-    table = pd.read_csv(table_file, dtype={"setting": str})
-    assert set(zip(table["ablation"], table["setting"], strict=True)) == ARMS
+    table = pd.read_csv(
+        workdir / "runs" / "prefect" / "tiny" / "ablation" / "ablation_auroc.csv",
+        dtype={"setting": str},
+    )
+    abl = load(TINY).ablation
+    arms = {("weighting", w) for w in abl.weightings} | {
+        ("timesteps", str(t)) for t in abl.t_starts
+    }
+    assert set(zip(table["ablation"], table["setting"], strict=True)) == arms
+    assert set(table["target"]) == TARGETS and len(table) == len(arms) * len(TARGETS)
     assert table["image_auroc"].between(0, 1).all()
     c = _mlflow()
     exp = c.get_experiment_by_name("dzad").experiment_id
     (parent,) = c.search_runs([exp], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert parent.info.status == "FINISHED" and parent.info.run_name == "ablation-tiny-seed0"
     pd.testing.assert_frame_equal(_artifact_table(parent.info.run_id), table)
-    assert _children(parent.info.run_id) == []  # train, evaluate, arms: all cached
 
     missing = "params_file=gone.yaml"
     bad = _cli(served, "deployment", "run", "dzad/ablation", "--watch", "-p", missing)

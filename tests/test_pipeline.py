@@ -131,3 +131,76 @@ def test_metrics_and_plots_commands_read_the_outputs(repo):
     assert {"plots/roc_objects.csv", "plots/pr_mesh.csv", "plots/ablation_weighting.csv"} <= set(
         plotted["data"]
     )
+
+
+def _registry_versions(repo: Path) -> dict[str, set[str]]:
+    """``{version: aliases}`` of model `dzad` in the copy's MLflow store."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    aliases = c.get_registered_model("dzad").aliases
+    return {
+        str(mv.version): {a for a, v in aliases.items() if str(v) == str(mv.version)}
+        for mv in c.search_model_versions("name = 'dzad'")
+    }
+
+
+@pytest.mark.slow
+def test_register_stage_is_never_restored_without_registering(repo):
+    """With the registry gone, `dvc repro` must register again, not restore register.json from
+    the run cache: the registry then holds the version (and alias) the output claims."""
+    for name in ("mlflow.db", "mlartifacts", "runs/register.json"):
+        path = repo / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    log = sh(["dvc", "repro"], repo).stdout
+    assert "Running stage 'register'" in log  # run, not restored from the run cache
+    claimed = json.loads((repo / "runs" / "register.json").read_text())
+    versions = _registry_versions(repo)
+    assert str(claimed["version"]) in versions
+    if claimed["promoted"]:
+        assert "champion" in versions[str(claimed["version"])]
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_set_param(repo):
+    """`dvc exp run -S` rewrites params.yaml without quotes (`mixed_precision: no`); the study
+    must still load it as the string 'no' and train with the new value."""
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "before the experiment", "--allow-empty"], repo)
+    sh(["dvc", "exp", "run", "-S", "train.steps=30"], repo, timeout=1500)
+    meta = json.loads((repo / "models" / "seed_0" / "dzad.json").read_text())
+    assert meta["train"]["step"] == 30 and meta["train"]["complete"]
+    assert meta["config"]["train"]["mixed_precision"] == "no"
+    assert meta["data"]["images"] > 0 and meta["data"]["categories"] == ["grain", "weave"]
+    assert json.loads((repo / "metrics" / "eval_mesh.json").read_text())["dzad"]
+
+
+def _defects_only(repo: Path) -> Path:
+    """An MVTec-layout root whose one category has defect images and masks only (no good ones),
+    from the tiny study's synthetic `washer`."""
+    src, root = repo / "data" / "raw" / "synth" / "objects" / "washer", repo / "defects_only"
+    for part in ("test", "ground_truth"):
+        shutil.copytree(src / part, root / "washer" / part, ignore=shutil.ignore_patterns("good"))
+    assert not (root / "washer" / "test" / "good").exists()
+    return root
+
+
+@pytest.mark.slow
+def test_defects_only_target_gets_pixel_metrics_through_dvc_repro(repo):
+    from ruamel.yaml import YAML  # round trip: YAML 1.2 as DVC writes it (`no` stays a string)
+
+    root = _defects_only(repo)
+    yaml = YAML()
+    params = yaml.load(repo / "params.yaml")
+    params["sets"]["targets"]["only"] = {"root": root.name, "categories": []}
+    yaml.dump(params, repo / "params.yaml")
+    log = sh(["dvc", "repro"], repo, timeout=1500).stdout
+    assert "Running stage 'evaluate@only'" in log
+    m = json.loads((repo / "metrics" / "eval_only.json").read_text())
+    for metric in ("pixel_auroc", "aupro"):
+        assert 0.0 <= m["dzad"][metric]["mean"] <= 1.0
+    assert m["dzad"]["image_auroc"]["mean"] is None
+    assert "no good (normal) test images" in m["undefined"]["washer"]["image_auroc"]
+    assert pd.read_csv(repo / "plots" / "roc_only.csv").empty  # no image-level curve
+    index = (repo / "reports" / "index.md").read_text()
+    assert "only: pixel_auroc" in index and "Undefined metrics" in index

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from dzad.checkpoint import read_meta
 from dzad.config import DatasetRef, TrackingConfig, flatten, to_dict
 
 promotion = pytest.importorskip("flows.tracking.promotion")
@@ -28,6 +30,7 @@ results = pytest.importorskip("flows.tracking.results")
 runs = pytest.importorskip("flows.tracking.runs")
 training = pytest.importorskip("flows.tracking.training")
 mlflow = pytest.importorskip("mlflow")
+pyfunc = pytest.importorskip("flows.pyfunc")
 
 TARGET = "textures"
 STEPS = 30  # tiny_config.train.steps
@@ -209,6 +212,64 @@ def test_pyfunc_champion_predicts_like_the_library(study):
     np.testing.assert_allclose(by_array["image_score"], by_path["image_score"], rtol=1e-6)
 
 
+def test_pyfunc_scores_a_path_and_its_array_the_same(study, tmp_path):
+    """Images of another size than the model's: a file and the uint8 array of its pixels take
+    the same resize, so they score the same (PNG and JPEG)."""
+    from PIL import Image
+
+    src = sorted((Path(study["cfg"].sets.targets[TARGET].root) / "grain" / "test").rglob("*.png"))
+    paths = []
+    for i, p in enumerate(src[:3]):
+        big = Image.open(p).convert("RGB").resize((77, 90), Image.Resampling.BICUBIC)
+        for suffix in (".png", ".jpg"):
+            paths.append(tmp_path / f"{i}{suffix}")
+            big.save(paths[-1], quality=90)
+    pyfunc = mlflow.pyfunc.load_model("models:/dzad@champion")
+    by_path = pyfunc.predict(pd.DataFrame({"image": [str(p) for p in paths]}))
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    by_array = pyfunc.predict(pd.DataFrame({"image": arrays}))
+    np.testing.assert_allclose(by_array["image_score"], by_path["image_score"], rtol=1e-6)
+    np.testing.assert_allclose(by_array["detection_score"], by_path["detection_score"], rtol=1e-6)
+
+
+SCORING_PROBE = """
+import json, sys
+from importlib.metadata import packages_distributions
+import mlflow, numpy as np, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+model.predict(pd.DataFrame({"image": [np.full((40, 40, 3), 100, np.uint8)]}))
+import dzad
+names = packages_distributions()
+dists = {d.lower() for m in list(sys.modules) for d in names.get(m.split(".")[0], [])}
+print(json.dumps({"dists": sorted(dists), "dzad": dzad.__file__}))
+"""
+
+
+def test_logged_model_is_self_contained_and_described(study, tmp_path):
+    """requirements.txt pins what scoring imports (of dzad's dependencies) and nothing else (no
+    DVC, Prefect); the dzad code travels with the model and is what it runs; the version's
+    description says what the input is and how to load it elsewhere."""
+    from importlib.metadata import requires
+
+    c = study["client"]
+    mv = c.get_model_version("dzad", study["version"].version)
+    local = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path)))
+    pinned = {registry._name(r) for r in (local / "requirements.txt").read_text().split()}
+    assert not pinned & {"dvc", "prefect", "typer", "rich", "matplotlib", "scikit-learn"}
+    probe = subprocess.run(
+        [sys.executable, "-c", SCORING_PROBE, str(local)],
+        capture_output=True, text=True, timeout=600, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    own = {registry._name(r) for r in requires("dzad") or [] if "extra ==" not in r}
+    assert own & set(seen["dists"]) == pinned - {"dzad"}  # imported by scoring = pinned
+    assert Path(seen["dzad"]).is_relative_to(local / "code")  # the model's own dzad code
+    meta = mlflow.models.Model.load(str(local)).metadata
+    assert meta["input"] == pyfunc.INPUT_DOC
+    assert "pip install -r requirements.txt" in mv.description
+    assert "Trained on" in mv.description and mv.tags["dzad.data.manifest_sha256"]
+
+
 def test_resolve_model_works_offline_in_place(study, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network disabled in this test")
@@ -249,6 +310,8 @@ def test_dvc_register_stage_logs_registers_and_promotes(study):
         study["metrics"]["mean"]["image_auroc"]
     )
     assert run.data.tags["dzad.manifest.source_0"]
+    assert run.info.run_name == f"register-{cfg.study}-seed{cfg.seed}"  # not just "register"
+    assert run.data.tags["dzad.data.images"] == str(read_meta(study["ckpt"])["data"]["images"])
     assert str(c.get_model_version_by_alias("dzad", "champion").version) == decision["version"]
     seeds = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, f"evaluation/{TARGET}")}
     assert "seed_0" in seeds

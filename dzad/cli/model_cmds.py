@@ -37,24 +37,32 @@ def _with_overrides(
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
-    """SOURCE normals (train split) and, if the config needs it, the labelled SOURCE test split."""
+    """The config with ``--data`` as its SOURCE (``sets.source``: the resolved root and the
+    categories used), the SOURCE normals (train split), the record of them, and, if the config
+    needs it, the labelled SOURCE test split."""
     import torch
 
     from dzad.calibration import needs_labelled
+    from dzad.config import DatasetRef
     from dzad.data.dataset import ImageDataset, iter_samples, list_categories
     from dzad.errors import DZADInputError
+    from dzad.training_data import data_record
 
+    if not data.is_dir():
+        raise DZADInputError(data, "dataset root is not a folder")
     cats = categories or list_categories(data)
     normals = [s for c in cats for s in iter_samples(data, c, "train") if s.label == 0]
     if not normals:
         raise DZADInputError(data, f"no normal training images in categories {cats}")
+    ref = DatasetRef(str(data.resolve()), tuple(cats))
+    cfg = dataclasses.replace(cfg, sets=dataclasses.replace(cfg.sets, source=(ref,)))
     train_set = ImageDataset(normals, cfg.data.image_size, cfg.data)
     labelled = None
     if needs_labelled(cfg):
         test = [s for c in cats for s in iter_samples(data, c, "test", allow_missing_masks=True)]
         labels = torch.tensor([s.label for s in test])
         labelled = (ImageDataset(test, cfg.data.image_size, cfg.data), labels)
-    return train_set, labelled
+    return cfg, train_set, data_record([ref], normals), labelled
 
 
 @app.command("train")
@@ -69,17 +77,23 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     device: Device | None = typer.Option(None, help="Training device (overrides params)."),
 ) -> None:
-    """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint."""
+    """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint.
+
+    The checkpoint records its SOURCE (``sets.source`` = --data and the categories used) and the
+    training data (roots, categories, image count, manifest hash): ``dzad evaluate`` reads its
+    controls' SOURCE from there; ``--resume`` refuses other data or a folder without a checkpoint.
+    """
     from dzad.training import train
+    from dzad.training_data import describe
 
     cfg = load_config(params)
     values = [None if v is None else v.value for v in (profile, device)]  # plain str in the config
     cfg = _with_overrides(cfg, values[0], steps, values[1])
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = split_list(source_categories)
-    images, labelled = _source_sets(cfg, data, cats)
-    typer.echo(f"training on {len(images)} SOURCE normals ({cfg.model.profile} profile)")
-    result = train(cfg, images, out, resume=resume, labelled=labelled)
+    cfg, images, record, labelled = _source_sets(cfg, data, cats)
+    typer.echo(f"training on {describe(record)} ({cfg.model.profile} profile)")
+    result = train(cfg, images, out, resume=resume, labelled=labelled, data=record)
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     typer.echo(
         f"checkpoint: {result.checkpoint} (step {result.steps}, final loss {final}, "

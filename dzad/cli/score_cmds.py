@@ -263,6 +263,11 @@ def evaluate_cmd(
 
     check_writable(out)  # before the model is loaded and anything evaluated
     dzad = load_model(model, random_backbone)
+    if not json_out:
+        from dzad.checkpoint import read_meta
+        from dzad.training_data import describe
+
+        typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
     eval_cfg = dzad.cfg.evaluate
     given = (("batch_size", batch_size), ("max_images", max_images))
     changes = {k: v for k, v in given if v is not None}

@@ -59,10 +59,11 @@ def models_cmd(params: Path | None = typer.Option(None, help=_PARAMS_HELP)) -> N
         typer.echo(f"no registered model {cfg.tracking.model_name!r}")
         return
     metrics = cfg.tracking.promotion_metrics
-    typer.echo("\t".join(["version", "aliases", "decision", *metrics, "run_id"]))
+    typer.echo("\t".join(["version", "aliases", "decision", *metrics, "run_id", "trained_on"]))
     for r in rows:
         tags = r["tags"]
         cells = [tags.get(f"dzad.promotion.{m}", "-") for m in metrics]
         decision = tags.get("dzad.promotion.decision", "-")
         aliases = ",".join(r["aliases"]) or "-"
-        typer.echo("\t".join([r["version"], aliases, decision, *cells, r["run_id"] or "-"]))
+        data = tags.get("dzad.data", "-")
+        typer.echo("\t".join([r["version"], aliases, decision, *cells, r["run_id"] or "-", data]))

@@ -142,29 +142,43 @@ def _target_hw(w: int, h: int, size: Size | None, max_side: int | None) -> tuple
     return None
 
 
+def pil_to_tensor(
+    im: Image.Image, size: Size | None = None, resample: str = "bilinear"
+) -> torch.Tensor:
+    """A display-mode image (``L``, ``RGB``, or ``F`` in [0, 1]) -> ``(C, H, W)`` float32 in
+    [0, 1] (C = 1 or 3), resized by PIL with ``resample`` (box reduction first): the one resize and
+    conversion of image files and image arrays alike (``flows/pyfunc.py``)."""
+    if size is not None:
+        h, w = _hw(size)
+        if im.size != (w, h):
+            im = im.resize((w, h), RESAMPLE[resample], reducing_gap=2.0)
+    arr = np.array(im, dtype=np.float32)  # a writable copy
+    if im.mode != "F":
+        arr = arr / 255.0
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
 def load_image(
     path: str | Path,
     size: Size | None = None,
     resample: str = "bilinear",
     max_side: int | None = None,
+    *,
+    draft: bool = True,
 ) -> torch.Tensor:
     """Read an image file as a ``(3, H, W)`` float32 tensor in ``[0, 1]``.
 
     ``size``: ``int`` (square) or ``(H, W)``; the image is resized to exactly that (aspect ratio not
     kept, as in the MVTec protocol). ``None`` keeps the native size, except that ``max_side`` (when
-    given) shrinks larger images keeping the aspect ratio.
+    given) shrinks larger images keeping the aspect ratio. ``draft`` False decodes JPEGs at full
+    size (then the result equals :func:`pil_to_tensor` of the decoded pixels).
     """
     path = Path(path)
     w, h = image_size(path)
     target = _target_hw(w, h, size, max_side)
-    im = _to_display_mode(open_image(path, draft_hw=target), path)
-    if target is not None and im.size != (target[1], target[0]):
-        im = im.resize((target[1], target[0]), RESAMPLE[resample], reducing_gap=2.0)
-    arr = np.array(im, dtype=np.float32)  # a writable copy
-    if im.mode != "F":
-        arr = arr / 255.0
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t.unsqueeze(0).expand(3, -1, -1).contiguous() if t.ndim == 2 else t.permute(2, 0, 1)
+    im = _to_display_mode(open_image(path, draft_hw=target if draft else None), path)
+    return pil_to_tensor(im, target, resample).expand(3, -1, -1).contiguous()
 
 
 def mask_values(path: str | Path) -> np.ndarray:

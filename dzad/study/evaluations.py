@@ -164,13 +164,18 @@ def first_seed_scores(eval_dir: str | Path) -> tuple[int, pd.DataFrame]:
 
 def curve_points(eval_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Image-level ROC ``(fpr, tpr)`` and PR ``(recall, precision)`` points of the first seed's
-    image score, pooled over the target's categories (the per-category curves are PNG figures)."""
+    image score, pooled over the target's categories (the per-category curves are PNG figures).
+
+    A target with one class only (e.g. defect images only) has no image-level curve: both frames
+    are empty (header only) and a warning says why; its pixel metrics are unaffected.
+    """
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     _, scores = first_seed_scores(eval_dir)
     y, s = scores["label"].to_numpy(), scores["image_score"].to_numpy()
-    if y.min() == y.max():
-        raise DZADInputError(eval_dir, "one class only: no ROC/PR curve")
+    if y.size == 0 or y.min() == y.max():
+        log.warning("%s: one class only: no image-level ROC/PR curve", eval_dir)
+        return pd.DataFrame(columns=["fpr", "tpr"]), pd.DataFrame(columns=["recall", "precision"])
     fpr, tpr, _ = roc_curve(y, s)
     precision, recall, _ = precision_recall_curve(y, s)
     roc = pd.DataFrame({"fpr": fpr, "tpr": tpr})

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from dzad.config import DZADConfig
-from dzad.errors import DZADInputError
+from dzad.errors import CheckpointError, DZADInputError
 from dzad.study.data import cached
 from dzad.study.layout import seed_dir, source_caches, with_seed
+from dzad.training_data import data_record
 
 
 def source_normals(cfg: DZADConfig) -> list:
@@ -58,16 +59,33 @@ def train_model(
         cfg = with_seed(cfg, seed)
     if device is not None:
         cfg = replace(cfg, train=replace(cfg.train, device=device))
-    images = ImageDataset(source_normals(cfg), cfg.data.image_size, cfg.data)
+    normals = source_normals(cfg)
+    images = ImageDataset(normals, cfg.data.image_size, cfg.data)
     labelled = source_labelled(cfg) if needs_labelled(cfg) else None
-    return train(cfg, images, out_dir, resume, callbacks, labelled=labelled, progress=False)
+    data = data_record(cfg.sets.source, normals)
+    return train(
+        cfg, images, out_dir, resume, callbacks, labelled=labelled, progress=False, data=data
+    )
 
 
-def train_seeds(cfg: DZADConfig, models_dir: str | Path, **kwargs: Any) -> dict[int, Any]:
-    """:func:`train_model` once per ``cfg.seeds`` into ``models_dir/seed_<s>``, on
-    ``train.processes`` processes (:func:`dzad.launch.train_launched`)."""
+def resumable(models_dir: str | Path, seeds: Sequence[int]) -> dict[int, bool]:
+    """``{seed: has a checkpoint to continue}`` for a study-wide resume: the seeds a crash left
+    behind continue, the others start; with nothing to continue at all it is an error."""
+    found = {s: (seed_dir(models_dir, s) / "dzad.json").is_file() for s in seeds}
+    if not any(found.values()):
+        raise CheckpointError(models_dir, "nothing to resume: no seed_<s>/ checkpoint here")
+    return found
+
+
+def train_seeds(
+    cfg: DZADConfig, models_dir: str | Path, *, resume: bool = False, **kwargs: Any
+) -> dict[int, Any]:
+    """:func:`train_model` once per ``cfg.seeds`` into ``models_dir/seed_<s>`` (``resume``: see
+    :func:`resumable`), on ``train.processes`` processes (:func:`dzad.launch.train_launched`)."""
     from dzad.launch import train_launched
 
+    cont = resumable(models_dir, cfg.seeds) if resume else dict.fromkeys(cfg.seeds, False)
     return {
-        s: train_launched(with_seed(cfg, s), seed_dir(models_dir, s), **kwargs) for s in cfg.seeds
+        s: train_launched(with_seed(cfg, s), seed_dir(models_dir, s), resume=cont[s], **kwargs)
+        for s in cfg.seeds
     }

@@ -62,6 +62,8 @@ def report(
             sections.append((f"{target}: ROC curves", "", figure.name))
         reports.summary_table(runs_by_target).write(tmp, "summary")
         sections.insert(0, ("Summary: macro means over categories", "summary", None))
+        if _write_undefined(runs_by_target, tmp):
+            sections.insert(1, ("Undefined metrics (n/a in the tables) and why", "undefined", None))
         record = json.loads((Path(ablation_dir) / ABLATION_JSON).read_text())
         if record["weighting"]:
             table = reports.weighting_table(record["weighting"])
@@ -102,6 +104,25 @@ def report(
             )
         atomic_write_text(tmp / "index.md", _index(cfg, tmp, sections))
     return sorted(p for p in Path(out_dir).rglob("*") if p.is_file())
+
+
+def _write_undefined(runs_by_target: dict[str, dict[str, list]], folder: Path) -> bool:
+    """``undefined.md|csv``: each metric that is undefined (n/a) for a target's category and the
+    reason (e.g. a defects-only category has no image AUROC); False when there is none."""
+    import pandas as pd
+
+    rows = [
+        {"target": t, "category": c, "metric": m, "reason": why}
+        for t, runs in runs_by_target.items()
+        for c, reasons in runs["DZAD"][0].get("skipped", {}).get("metrics", {}).items()
+        for m, why in reasons.items()
+    ]
+    if not rows:
+        return False
+    frame = pd.DataFrame(rows)
+    atomic_write_text(folder / "undefined.csv", frame.to_csv(index=False))
+    atomic_write_text(folder / "undefined.md", frame.to_markdown(index=False) + "\n")
+    return True
 
 
 def _index(cfg: DZADConfig, folder: Path, sections: list[tuple[str, str, Any]]) -> str:

