@@ -15,6 +15,7 @@ matplotlib's ``Figure`` directly (Agg canvas, no pyplot state); every file is wr
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -264,11 +265,18 @@ def plot_weighting_bars(table: Table, path: str | Path, ylabel: str = "image AUR
 
 def heat_colours(m: np.ndarray, vmax: float | None = None) -> np.ndarray:
     """``(H, W)`` map -> ``(H, W, 3)`` float RGB in [0, 1] (``inferno``; 0..vmax, default max)."""
-    from matplotlib import colormaps
-
     top = float(m.max()) if vmax is None else vmax
     norm = np.clip((m - float(m.min())) / max(top - float(m.min()), 1e-12), 0, 1)
-    return colormaps["inferno"](norm)[..., :3]
+    return _inferno()(norm)[..., :3]
+
+
+@functools.cache
+def _inferno():
+    """matplotlib's ``inferno``, looked up once: ``colormaps[name]`` copies the colour map and its
+    table is rebuilt on the copy's first call, which cost more than colouring a 64 px map."""
+    from matplotlib import colormaps
+
+    return colormaps["inferno"]
 
 
 def overlay(image: np.ndarray, m: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from dzad.data.images import image_size, load_image, load_mask, mask_values
+from dzad.data.images import image_size, load_image, load_image_pair, load_mask, mask_values
 from dzad.errors import DZADInputError
 
 RNG = np.random.default_rng(0)
@@ -145,6 +145,29 @@ def test_large_jpeg_is_decoded_reduced(tmp_path, monkeypatch):
     reference = torch.from_numpy(arr[12::25, 18::37][:64, :64] / 255).permute(2, 0, 1).float()
     assert t.shape == (3, 64, 64)
     assert (t[:2] - reference[:2]).abs().mean() < 0.03  # the two smooth ramps survive
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "mode"),
+    [
+        ("wide.png", (300, 700, 3), "RGB"),  # shown image shrunk, model input squashed
+        ("grey.png", (40, 24), "L"),  # shown at its own size
+        ("alpha.png", (90, 60, 4), "RGBA"),
+        ("big.jpg", (1600, 1200, 3), "RGB"),  # draft: a DCT scale per target, decoded twice
+    ],
+)
+def test_image_pair_equals_two_loads_from_one_decode(tmp_path, monkeypatch, name, shape, mode):
+    from dzad.data import images
+
+    Image.fromarray(RNG.integers(0, 256, shape, dtype=np.uint8), mode).save(tmp_path / name)
+    model_input = load_image(tmp_path / name, 48, "bicubic")
+    shown = load_image(tmp_path / name, max_side=512)
+    decodes = []
+    opened = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: decodes.append(1) or opened(*a, **k))
+    pair = load_image_pair(tmp_path / name, 48, "bicubic", 512)
+    assert torch.equal(pair[0], model_input) and torch.equal(pair[1], shown)
+    assert len(decodes) == (2 if name.endswith(".jpg") else 1)
 
 
 def test_image_size_reads_header(tmp_path):

@@ -23,7 +23,12 @@ import typer
 
 from dzad.cli._app import app, clean_errors
 from dzad.cli.score_inputs import check_images, collect_inputs
-from dzad.cli.score_outputs import print_metrics, print_scores, write_image_outputs
+from dzad.cli.score_outputs import (
+    SHOWN_MAX_SIDE,
+    print_metrics,
+    print_scores,
+    write_image_outputs,
+)
 from dzad.errors import BackboneUnavailable, DZADInputError
 from dzad.io_utils import (
     atomic_write_text,
@@ -83,6 +88,21 @@ def _progress(enabled: bool, total: int, what: str):
     return prog, prog.add_task(what, total=total)
 
 
+def _runtime(dzad, threads: int | None, compile_: str | None):
+    """The checkpoint's ``runtime`` config with ``--threads`` / ``--compile`` on top, applied
+    (thread count, compiled network) before anything is scored."""
+    from dzad.config import validate
+    from dzad.runtime import apply_runtime
+
+    changes = {k: v for k, v in (("threads", threads), ("compile", compile_)) if v is not None}
+    cfg = validate(replace(dzad.cfg, runtime=replace(dzad.cfg.runtime, **changes)))
+    apply_runtime(cfg.runtime, dzad)
+
+
+_THREADS_HELP = "torch threads (default: the checkpoint's runtime.threads; 0 = torch's default)."
+_COMPILE_HELP = "auto | on | off: torch.compile the network (default: runtime.compile)."
+
+
 def _parse_threshold(value: str) -> float | None:
     if value == "auto":
         return None
@@ -114,6 +134,8 @@ def score_cmd(
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable inputs."),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
+    threads: int = typer.Option(None, min=0, help=_THREADS_HELP),
+    compile_: str = typer.Option(None, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Score images: scores.csv, one heat-map overlay per image, a summary table.
 
@@ -127,6 +149,7 @@ def score_cmd(
     check_writable(out)  # before the model is loaded and any image scored
     with lock_folder(out, "dzad score run"):
         dzad = load_model(model, random_backbone)
+        _runtime(dzad, threads, compile_)
         inputs, bad = check_images(inputs, dzad.image_size, dzad.cfg.data.resample, skip_bad)
         if not inputs:
             raise DZADInputError(paths[0], "none of the given paths holds a readable image")
@@ -157,7 +180,7 @@ def _score_into(
     import pandas as pd
     import torch
 
-    from dzad.data.images import load_image
+    from dzad.data.images import load_image_pair
 
     size, resample = dzad.image_size, dzad.cfg.data.resample
     rows: list[dict[str, Any]] = []
@@ -165,7 +188,9 @@ def _score_into(
     try:
         with prog, replace_outputs(out, _SCORE_OUTPUTS) as stage:
             for batch in _batches(inputs, batch_size):
-                images = torch.stack([load_image(i.path, size, resample) for i in batch])
+                # each file decoded once for the model's input and the overlay's picture
+                pairs = [load_image_pair(i.path, size, resample, SHOWN_MAX_SIDE) for i in batch]
+                images = torch.stack([model_input for model_input, _ in pairs])
                 result = dzad(images)
                 maps = result.anomaly_map[:, 0].float().cpu().numpy()
                 for k, item in enumerate(batch):
@@ -177,7 +202,9 @@ def _score_into(
                             "image_score": img_score,
                             "detection_score": float(result.detection_score[k]),
                             "decision": "anomalous" if anomalous else "normal",
-                            "heatmap": write_image_outputs(item, stage, maps[k], save_maps),
+                            "heatmap": write_image_outputs(
+                                item, stage, maps[k], save_maps, pairs[k][1]
+                            ),
                             "error": None,
                         }
                     )
@@ -226,12 +253,15 @@ def evaluate_cmd(
     save_maps: bool = typer.Option(False, help="Write maps/<category>.npy."),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    threads: int = typer.Option(None, min=0, help=_THREADS_HELP),
+    compile_: str = typer.Option(None, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """The paper's protocol on every category under --data: metrics, scores, figures."""
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
     check_writable(out)  # before the model is loaded and anything evaluated
     dzad = load_model(model, random_backbone)
+    _runtime(dzad, threads, compile_)
     eval_cfg = dzad.cfg.evaluate
     given = (("batch_size", batch_size), ("max_images", max_images))
     changes = {k: v for k, v in given if v is not None}

@@ -7,26 +7,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dzad.cli.score_inputs import ScoreInput
 
+if TYPE_CHECKING:
+    import torch
+
 _TABLE_ROWS = 30
+SHOWN_MAX_SIDE = 512  # overlays are drawn on the image shrunk to at most this side
 
 
-def write_image_outputs(item: ScoreInput, out: Path, score_map, save_maps: bool) -> str:
-    """Overlay PNG (and raw map) for one image; returns the overlay's path relative to ``out``."""
+def write_image_outputs(
+    item: ScoreInput, out: Path, score_map, save_maps: bool, shown: torch.Tensor
+) -> str:
+    """Overlay PNG (and raw map) for one image; returns the overlay's path relative to ``out``.
+
+    ``shown`` ``(3, H, W)`` in [0, 1]: the image at most ``SHOWN_MAX_SIDE`` px a side, decoded
+    with the batch (:func:`dzad.data.images.load_image_pair`), not read again here.
+    """
     import numpy as np
     from PIL import Image
 
-    from dzad.data.images import load_image
     from dzad.io_utils import atomic_path
     from dzad.reports import overlay
 
-    shown = load_image(item.path, max_side=512).permute(1, 2, 0).numpy()
     rel = Path("heatmaps") / item.rel.with_name(item.rel.name + ".heatmap.png")
     with atomic_path(out / rel) as tmp:
-        Image.fromarray(overlay(shown, score_map)).save(tmp, format="PNG")
+        Image.fromarray(overlay(shown.permute(1, 2, 0).numpy(), score_map)).save(tmp, format="PNG")
     if save_maps:
         with atomic_path(out / "maps" / item.rel.with_name(item.rel.name + ".npy")) as tmp:
             np.save(tmp, score_map.astype(np.float32))

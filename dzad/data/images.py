@@ -104,15 +104,19 @@ def open_image(path: str | Path, draft_hw: tuple[int, int] | None = None) -> Ima
         raise DZADInputError(path, f"unreadable or truncated image ({exc})") from None
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """Displayed ``(W, H)`` from the file header alone (cheap; does not decode the pixels)."""
-    path = Path(path)
+def _header(path: Path) -> tuple[tuple[int, int], str | None]:
+    """Displayed ``(W, H)`` and PIL's format name, from the file header alone."""
     _check_file(path)
     try:
         with Image.open(path) as im:
-            return im.size[::-1] if _transposed(im) else im.size
+            return (im.size[::-1] if _transposed(im) else im.size), im.format
     except _READ_ERRORS as exc:
         raise DZADInputError(path, f"not a readable image ({exc})") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """Displayed ``(W, H)`` from the file header alone (cheap; does not decode the pixels)."""
+    return _header(Path(path))[0]
 
 
 def _to_display_mode(im: Image.Image, path: Path) -> Image.Image:
@@ -157,7 +161,28 @@ def load_image(
     path = Path(path)
     w, h = image_size(path)
     target = _target_hw(w, h, size, max_side)
-    im = _to_display_mode(open_image(path, draft_hw=target), path)
+    return _as_tensor(_to_display_mode(open_image(path, draft_hw=target), path), target, resample)
+
+
+def load_image_pair(
+    path: str | Path, size: Size, resample: str, max_side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``load_image(path, size, resample)`` (a model's input) and ``load_image(path,
+    max_side=max_side)`` (the image as shown under its heat map), equal to those two calls but
+    decoded once: the file is opened and decompressed a single time and resized twice. A JPEG is
+    decoded twice, because ``draft`` picks its DCT scale from each target size."""
+    path = Path(path)
+    (w, h), fmt = _header(path)
+    if fmt == "JPEG":
+        return load_image(path, size, resample), load_image(path, max_side=max_side)
+    im = _to_display_mode(open_image(path), path)  # draft_hw only matters for JPEG
+    model = _as_tensor(im, _target_hw(w, h, size, None), resample)
+    return model, _as_tensor(im, _target_hw(w, h, None, max_side), "bilinear")
+
+
+def _as_tensor(im: Image.Image, target: tuple[int, int] | None, resample: str) -> torch.Tensor:
+    """A decoded ``L``/``RGB``/``F`` image resized to ``target`` ``(H, W)`` (None: as it is) as
+    ``(3, H, W)`` float32 in [0, 1]."""
     if target is not None and im.size != (target[1], target[0]):
         im = im.resize((target[1], target[0]), RESAMPLE[resample], reducing_gap=2.0)
     arr = np.array(im, dtype=np.float32)  # a writable copy
