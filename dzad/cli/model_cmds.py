@@ -17,16 +17,23 @@ from dzad.io_utils import check_writable
 
 
 def _with_overrides(
-    cfg: DZADConfig, profile: str | None, steps: int | None, device: str | None
+    cfg: DZADConfig,
+    profile: str | None,
+    steps: int | None,
+    device: str | None,
+    threads: int | None = None,
 ) -> DZADConfig:
-    model, train = cfg.model, cfg.train
+    model, train, runtime = cfg.model, cfg.train, cfg.runtime
     if profile is not None:
         model = dataclasses.replace(model, profile=profile)
     if steps is not None:
         train = dataclasses.replace(train, steps=steps)
     if device is not None:
         train = dataclasses.replace(train, device=device)
-    return validate(dataclasses.replace(cfg, model=model, train=train))  # as strict as params.yaml
+    if threads is not None:
+        runtime = dataclasses.replace(runtime, threads=threads)
+    changed = dataclasses.replace(cfg, model=model, train=train, runtime=runtime)
+    return validate(changed)  # as strict as params.yaml
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
@@ -61,12 +68,17 @@ def train_cmd(
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda (overrides params)."),
+    threads: int | None = typer.Option(
+        None, min=0, help="torch threads (overrides runtime.threads; 0 = torch's default)."
+    ),
 ) -> None:
     """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint."""
+    from dzad.runtime import set_threads
     from dzad.training import train
 
     cfg = load_config(params)
-    cfg = _with_overrides(cfg, profile, steps, device)
+    cfg = _with_overrides(cfg, profile, steps, device, threads)
+    set_threads(cfg.runtime.threads)
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = [c.strip() for c in source_categories.split(",") if c.strip()]
     images, labelled = _source_sets(cfg, data, cats)
