@@ -4,13 +4,13 @@
 other jobs, two threads were measured 3-77x slower than one (docs/benchmarks.md), so a busy
 machine wants 1; 0 keeps torch's default (the core count, or ``OMP_NUM_THREADS``).
 
-``runtime.compile`` (``--compile``) wraps the denoiser+SG forward, which is ~85 % of scoring, in
-``torch.compile`` (inductor, static shapes). Scores equal the eager ones to 1e-5 relative
-(``tests/test_runtime.py``). ``auto`` takes :data:`COMPILE_DEFAULT` for the model's device,
-measured with ``python -m benchmarks.score``: on this project's 2-core CPU a compiled forward was
-1.3-1.4x faster but each batch shape costs 8 s (warm inductor cache) to 500 s (cold, loaded
-machine) to compile, more than a typical scoring run saves, so CPU defaults to off. CUDA has not
-been measured yet, so it defaults to off as well.
+``runtime.compile`` (``--compile``) wraps the denoiser+SG forward, ~85 % of scoring, in
+``torch.compile`` (inductor, static shapes). Measured (docs/benchmarks.md): on this project's
+2-core CPU a compiled forward was 1.3-1.4x faster, but each batch shape cost 8 s (warm inductor
+cache) to 340-500 s (cold, loaded machine) to compile, and the compiled scores moved by up to 6e-5
+relative (image score, tiny model: ``tests/test_runtime.py``), above the project's 1e-5 bar. So
+``auto`` (:data:`COMPILE_DEFAULT`) compiles on no device: ``on`` is an explicit opt-in for long
+scoring jobs that accept that difference. CUDA has not been measured yet.
 """
 
 from __future__ import annotations
