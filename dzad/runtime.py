@@ -7,8 +7,9 @@ machine wants 1; 0 keeps torch's default (the core count, or ``OMP_NUM_THREADS``
 ``runtime.compile`` (``--compile``) wraps the denoiser+SG forward, ~85 % of scoring, in
 ``torch.compile`` (inductor, static shapes). Measured (docs/benchmarks.md): on this project's
 2-core CPU a compiled forward was 1.3-1.4x faster, but each batch shape cost 8 s (warm inductor
-cache) to 340-500 s (cold, loaded machine) to compile, and the compiled scores moved by up to 6e-5
-relative (image score, tiny model: ``tests/test_runtime.py``), above the project's 1e-5 bar. So
+cache) to 340-500 s (cold, loaded machine) to compile, and the compiled detection score moved by
+6e-5 relative on one image of the tiny model (``tests/test_runtime.py``; image score and map under
+1e-6), above the project's 1e-5 bar. So
 ``auto`` (:data:`COMPILE_DEFAULT`) compiles on no device: ``on`` is an explicit opt-in for long
 scoring jobs that accept that difference. CUDA has not been measured yet.
 """

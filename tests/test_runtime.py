@@ -58,8 +58,9 @@ def test_train_threads_override_is_validated():
 
 @pytest.mark.slow  # compiling the tiny network took 340 s on 2 busy cores (cold inductor cache)
 def test_compiled_scores_match_eager_ones(tiny_checkpoint, synth_root):
-    """Compiled scores are close to the eager ones, but not within the 1e-5 relative bar: the
-    image score moved by 6e-5 relative when measured, which is why ``auto`` never compiles."""
+    """Compiled scores are close to the eager ones, but not all within the 1e-5 relative bar: in
+    two runs the detection score moved by 1.5e-5 of its largest value (6e-5 of one image's), the
+    image score, map and F by under 1e-6; which is why ``auto`` never compiles."""
     from dzad.data.images import load_image
     from dzad.model import DZAD
     from dzad.runtime import apply_runtime
