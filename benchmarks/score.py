@@ -120,6 +120,8 @@ def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Spa
             skip_bad=False,
             random_backbone=False,
             batch_size=batch,
+            threads=None,  # the process's own (``--threads``), applied by setup()
+            compile_=None,  # the checkpoint's runtime.compile: the library's default
         )
         return lap()
 

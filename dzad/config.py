@@ -245,6 +245,16 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """How commands run, not what they compute (``dzad.runtime``): never changes a result beyond
+    1e-5 relative, so no DVC stage declares it."""
+
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (cores or OMP_NUM_THREADS)
+    # torch.compile the denoiser+SG for scoring; auto = dzad.runtime.COMPILE_DEFAULT per device
+    compile: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass(frozen=True)
 class DZADConfig:
     study: str = "demo"
     seed: int = 0
@@ -262,6 +272,7 @@ class DZADConfig:
     evaluate: EvalConfig = EvalConfig()
     ablation: AblationConfig = AblationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
 
 @dataclass(frozen=True)

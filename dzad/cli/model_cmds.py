@@ -24,16 +24,23 @@ Device = StrEnum("Device", {d: d for d in DEVICES})
 
 
 def _with_overrides(
-    cfg: DZADConfig, profile: str | None, steps: int | None, device: str | None
+    cfg: DZADConfig,
+    profile: str | None,
+    steps: int | None,
+    device: str | None,
+    threads: int | None = None,
 ) -> DZADConfig:
-    model, train = cfg.model, cfg.train
+    model, train, runtime = cfg.model, cfg.train, cfg.runtime
     if profile is not None:
         model = dataclasses.replace(model, profile=profile)
     if steps is not None:
         train = dataclasses.replace(train, steps=steps)
     if device is not None:
         train = dataclasses.replace(train, device=device)
-    return validate(dataclasses.replace(cfg, model=model, train=train))  # as strict as params.yaml
+    if threads is not None:
+        runtime = dataclasses.replace(runtime, threads=threads)
+    changed = dataclasses.replace(cfg, model=model, train=train, runtime=runtime)
+    return validate(changed)  # as strict as params.yaml
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
@@ -76,6 +83,9 @@ def train_cmd(
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     device: Device | None = typer.Option(None, help="Training device (overrides params)."),
+    threads: int | None = typer.Option(
+        None, min=0, help="torch threads (overrides runtime.threads; 0 = torch's default)."
+    ),
 ) -> None:
     """Train DZAD on the SOURCE normals, calibrate on SOURCE data, write a checkpoint.
 
@@ -83,12 +93,14 @@ def train_cmd(
     training data (roots, categories, image count, manifest hash): ``dzad evaluate`` reads its
     controls' SOURCE from there; ``--resume`` refuses other data or a folder without a checkpoint.
     """
+    from dzad.runtime import set_threads
     from dzad.training import train
     from dzad.training_data import describe
 
     cfg = load_config(params)
     values = [None if v is None else v.value for v in (profile, device)]  # plain str in the config
-    cfg = _with_overrides(cfg, values[0], steps, values[1])
+    cfg = _with_overrides(cfg, values[0], steps, values[1], threads)
+    set_threads(cfg.runtime.threads)
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = split_list(source_categories)
     cfg, images, record, labelled = _source_sets(cfg, data, cats)

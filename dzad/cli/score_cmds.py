@@ -87,6 +87,21 @@ def _progress(enabled: bool, total: int, what: str):
     return prog, prog.add_task(what, total=total)
 
 
+def _runtime(dzad, threads: int | None, compile_: str | None):
+    """The checkpoint's ``runtime`` config with ``--threads`` / ``--compile`` on top, applied
+    (thread count, compiled network) before anything is scored."""
+    from dzad.config import validate
+    from dzad.runtime import apply_runtime
+
+    changes = {k: v for k, v in (("threads", threads), ("compile", compile_)) if v is not None}
+    cfg = validate(replace(dzad.cfg, runtime=replace(dzad.cfg.runtime, **changes)))
+    apply_runtime(cfg.runtime, dzad)
+
+
+_THREADS_HELP = "torch threads (default: the checkpoint's runtime.threads; 0 = torch's default)."
+_COMPILE_HELP = "auto | on | off: torch.compile the network (default: runtime.compile)."
+
+
 def _parse_threshold(value: str) -> float | None:
     if value == "auto":
         return None
@@ -121,6 +136,8 @@ def score_cmd(
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable inputs."),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
+    threads: int = typer.Option(None, min=0, help=_THREADS_HELP),
+    compile_: str = typer.Option(None, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Score images: scores.csv, a heat-map overlay and panel per image, report.html, a table.
 
@@ -134,6 +151,7 @@ def score_cmd(
     check_writable(out)  # before the model is loaded and any image scored
     with lock_folder(out, "dzad score run"):
         dzad = load_model(model, random_backbone)
+        _runtime(dzad, threads, compile_)
         rule, pictures, map_note = run_pictures(dzad, thr, save_masks, model)
         inputs, bad = check_images(inputs, dzad.image_size, dzad.cfg.data.resample, skip_bad)
         if not inputs:
@@ -256,6 +274,8 @@ def evaluate_cmd(
     ),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    threads: int = typer.Option(None, min=0, help=_THREADS_HELP),
+    compile_: str = typer.Option(None, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
     panel per image and report.html."""
@@ -263,6 +283,7 @@ def evaluate_cmd(
 
     check_writable(out)  # before the model is loaded and anything evaluated
     dzad = load_model(model, random_backbone)
+    _runtime(dzad, threads, compile_)
     if not json_out:
         from dzad.checkpoint import read_meta
         from dzad.training_data import describe
