@@ -186,12 +186,28 @@ def evaluate_cmd(
     save_maps: bool = typer.Option(False, help="Write maps/<category>.npy."),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    batch_zero_shot: bool = typer.Option(
+        False, "--batch-zero-shot", help="Regime: each category's test images scored together."
+    ),
+    few_shot: int = typer.Option(
+        0, "--few-shot", min=0, help="Regime: K train/good references per category (0 = off)."
+    ),
+    regime_params: Path = typer.Option(
+        None, "--regime-params", help="Take the `regime` section of this params file."
+    ),
 ) -> None:
     """The paper's protocol on every category under --data: metrics, scores, figures."""
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
     dzad = load_model(model, random_backbone)
     eval_cfg = dzad.cfg.evaluate
+    if batch_zero_shot and few_shot:
+        raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
+    if batch_zero_shot or few_shot:
+        return _evaluate_regime(
+            dzad, data, out, _categories(categories), regime_params, eval_cfg, few_shot,
+            batch_size, max_images, skip_bad, json_out,
+        )  # fmt: skip
     given = (("batch_size", batch_size), ("max_images", max_images))
     changes = {k: v for k, v in given if v is not None}
     eval_cfg = replace(eval_cfg, **changes)
@@ -233,6 +249,48 @@ def evaluate_cmd(
             skip_bad=skip_bad,
             progress=lambda n: prog.advance(task, n),
         )
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_metrics(result, out)
+
+
+def regime_config(dzad, regime_params: Path | None):
+    """The checkpoint's ``regime`` section, or that of ``--regime-params`` (errors name it)."""
+    if regime_params is None:
+        return dzad.cfg.regime
+    from dzad.config import load
+
+    if not regime_params.is_file():
+        raise DZADInputError(regime_params, "--regime-params is not a file")
+    try:
+        return load(regime_params).regime
+    except ValueError as exc:
+        raise DZADInputError(regime_params, str(exc).split(": ", 1)[-1]) from None
+
+
+def _evaluate_regime(
+    dzad, data, out, cats, regime_params, eval_cfg, few_shot, batch_size, max_images, skip_bad,
+    json_out,
+) -> None:  # fmt: skip
+    """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`)."""
+    from dzad.data.dataset import list_categories
+    from dzad.evaluation import category_samples, control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = regime_config(dzad, regime_params)
+    given = (("batch_size", batch_size), ("max_images", max_images))
+    eval_cfg = replace(eval_cfg, **{k: v for k, v in given if v is not None})
+    if not data.is_dir():
+        raise DZADInputError(data, "dataset root is not a folder")
+    names = cats or list_categories(data)
+    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
+    prog, task = _progress(not json_out, total, "evaluating")
+    with prog:
+        result = evaluate_regime(
+            dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
+            few_shot=few_shot, skip_bad=skip_bad, progress=lambda n: prog.advance(task, n),
+        )  # fmt: skip
     if json_out:
         print(json.dumps(result))
     else:
