@@ -77,7 +77,9 @@ def adapt_network(
     per_round = math.ceil(cfg.adapt_steps / rounds)
     for r in range(rounds):
         for _ in range(per_round):
-            idx = keep[torch.randint(len(keep), (min(cfg.adapt_batch_size, len(keep)),), generator=gen)]
+            idx = keep[
+                torch.randint(len(keep), (min(cfg.adapt_batch_size, len(keep)),), generator=gen)
+            ]
             z, x = z0[idx], x0[idx]
             t = torch.randint(0, t_max, (len(idx),), generator=gen).to(z.device)
             eps = torch.randn(z.shape, generator=gen).to(z)

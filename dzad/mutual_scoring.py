@@ -125,4 +125,6 @@ def rescore_images(scores: Tensor, descriptors: Tensor, k: int) -> Tensor:
 
 def upsample(grid: Tensor, size: int) -> Tensor:
     """``(B, h, w)`` -> ``(B, 1, size, size)`` bilinear (maps at the mask resolution)."""
-    return F.interpolate(grid[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(
+        grid[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
+    )

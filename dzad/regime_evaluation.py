@@ -106,9 +106,7 @@ def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[
 
 
 def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {
-        k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()
-    }
+    return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
 
 
 def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths):
@@ -122,7 +120,9 @@ def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, pat
         for k, (s, mp) in _part_grids_to_maps(scored, x.shape[-1]).items():
             _accumulate(accs, f"part:{k}", y, s, m, mp, pixel)
         for i, j in enumerate(group):
-            rows.append({"path": paths[j], "label": int(y[i]), "draw": "", "score": float(scored.scores[i])})
+            rows.append(
+                {"path": paths[j], "label": int(y[i]), "draw": "", "score": float(scored.scores[i])}
+            )
     return [_results(accs, pixel)]
 
 
@@ -140,7 +140,9 @@ def _few_shot_category(model, backbone, rc, images, masks, labels, pixel, rows, 
         for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
         for i, p in enumerate(paths):
-            rows.append({"path": p, "label": int(labels[i]), "draw": d, "score": float(scored.scores[i])})
+            rows.append(
+                {"path": p, "label": int(labels[i]), "draw": d, "score": float(scored.scores[i])}
+            )
         draws.append(_results(accs, pixel))
     return draws
 
