@@ -67,14 +67,20 @@ def backbone_grids(args, rc, images, train_samples, cfg_data):
     t0 = time.time()
     for g in seeded_groups(len(images), rc.group_size, rc.seed):
         feats, glob = patch_features(bb, images[g], rc.levels, rc.degrees)
-        grids = {r: mutual_patch_scores(f, rc.mutual_fraction) for r, f in zip(rc.degrees, feats, strict=True)}
+        grids = {
+            r: mutual_patch_scores(f, rc.mutual_fraction)
+            for r, f in zip(rc.degrees, feats, strict=True)
+        }
         out["groups"].append({"index": torch.as_tensor(g), "grids": grids, "glob": glob})
     feats, _ = patch_features(bb, images, rc.levels, rc.degrees)
     for d in range(rc.few_shot_draws):
         refs = draw_references(train_samples, args.k, rc.seed + d)
         ref_images, _, _ = load(None, None, rc.image_size, 0, cfg_data, samples=refs)
         rfeats, _ = patch_features(bb, ref_images, rc.levels, rc.degrees)
-        grids = {r: reference_patch_scores(f, q) for r, f, q in zip(rc.degrees, feats, rfeats, strict=True)}
+        grids = {
+            r: reference_patch_scores(f, q)
+            for r, f, q in zip(rc.degrees, feats, rfeats, strict=True)
+        }
         out["draws"].append({"grids": grids, "refs": ref_images})
     out["seconds"] = time.time() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
