@@ -190,3 +190,22 @@ def test_evaluate_regimes_write_their_controls(
         app, [*base[:-1], str(tmp_path / "nope.yaml"), "--out", str(out), "--few-shot", "4"]
     )
     assert bad.exit_code == 2 and "nope.yaml" in bad.stderr
+
+
+def test_score_regimes(tiny_checkpoint, synth_root, tmp_path, regime_params):
+    test = synth_root / "grain" / "test"
+    base = ["score", str(test), "--model", str(tiny_checkpoint), "--random-backbone"]
+    base += ["--regime-params", str(regime_params), "--json"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--batch-zero-shot"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["regime"] == "batch zero-shot" and len(doc["rows"]) == 10
+    assert all((tmp_path / "b" / r["heatmap"]).is_file() for r in doc["rows"])
+    refs = synth_root / "grain" / "train" / "good"
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "f"), "--reference", str(refs)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["regime"] == "few-shot"
+    missing = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "m"), "--reference", str(tmp_path / "nope")]
+    )
+    assert missing.exit_code == 2 and "nope" in missing.stderr

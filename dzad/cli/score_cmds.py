@@ -101,6 +101,15 @@ def score_cmd(
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable inputs."),
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
+    batch_zero_shot: bool = typer.Option(
+        False, "--batch-zero-shot", help="Regime: score the given images together (unlabelled)."
+    ),
+    reference: Path = typer.Option(
+        None, "--reference", help="Regime few-shot: folder of known-good images of the product."
+    ),
+    regime_params: Path = typer.Option(
+        None, "--regime-params", help="Take the `regime` section of this params file."
+    ),
 ) -> None:
     """Score images: scores.csv, one heat-map overlay per image, a summary table."""
     import pandas as pd
@@ -120,6 +129,15 @@ def score_cmd(
     if not inputs:
         raise DZADInputError(paths[0], "none of the given paths holds a readable image")
     rows: list[dict[str, Any]] = []
+    regime = "zero-shot"
+    if batch_zero_shot and reference is not None:
+        raise typer.BadParameter("choose one regime: --batch-zero-shot or --reference DIR")
+    if batch_zero_shot or reference is not None:
+        from dzad.cli.score_regimes import score_regime
+
+        rc = regime_config(dzad, regime_params)
+        rows, regime = score_regime(dzad, rc, inputs, out, reference, thr, save_maps)
+        inputs = []  # scored
     prog, task = _progress(not json_out and len(inputs) > batch_size, len(inputs), "scoring")
     with prog:
         for batch in _batches(inputs, batch_size):
@@ -145,9 +163,10 @@ def score_cmd(
     table = pd.DataFrame.from_records(rows, columns=columns)
     atomic_write_text(out / "scores.csv", table.to_csv(index=False))
     if json_out:
-        print(json.dumps({"model": model, "out": str(out), "threshold": threshold, "rows": rows}))
+        doc = {"model": model, "out": str(out), "threshold": threshold, "regime": regime}
+        print(json.dumps({**doc, "rows": rows}))
     else:
-        print_scores(rows, out, threshold)
+        print_scores(rows, out, f"{threshold}; regime {regime}")
 
 
 def _categories(values: list[str] | None) -> list[str]:
