@@ -6,7 +6,7 @@ every fusion weight is scored from the same grids. Prints one JSON line per (che
 setting) with image / pixel AUROC and AUPRO. Library functions only (dzad.regimes and friends).
 
     python studies/explore_regimes.py --data ROOT --category C --ckpt CKPT [--ckpt ...] \\
-        --cache DIR [--max-images N] [--steps 0 20 100] [--weights 0.1 0.25 0.5]
+        --cache DIR [--max-images N] [--image-size S] [--steps 0 20 100] [--weights 0.1 0.25 0.5]
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=[0, 20, 100])
     ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--image-size", type=int, default=RegimeConfig().image_size)
     args = ap.parse_args()
-    rc = replace(RegimeConfig(), adapt_rounds=args.rounds)
+    rc = replace(RegimeConfig(), adapt_rounds=args.rounds, image_size=args.image_size)
     from dzad.config import DataConfig
 
     cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
