@@ -142,8 +142,9 @@ def main() -> None:
                  **metrics(lab, torch.cat(dgrid), msk, size))  # fmt: skip
             for w in args.weights:
                 fused = torch.cat([fuse(b, d, w) for b, d in zip(bgrid, dgrid, strict=True)])
-                emit(ckpt=ckpt, regime="batch", part="fusion", steps=steps, weight=w,
-                     **metrics(lab, fused, msk, size))  # fmt: skip
+                for k in (0, 5):
+                    emit(ckpt=ckpt, regime="batch", part="fusion", steps=steps, weight=w,
+                         rescore_k=k, **metrics(lab, fused, msk, size, glob, k))  # fmt: skip
             for i, d in enumerate(cache["draws"]):
                 bg = torch.stack([d["grids"][r] for r in rc.degrees]).mean(0)
                 dz, _ = dzad_grids(model, images, d["refs"], rcs)
