@@ -42,7 +42,7 @@ from dzad.io_utils import atomic_write_text
 from dzad.metrics import PIXEL_METRICS, MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import rescore_images, upsample
-from dzad.regimes import REGIME_LABELS, Scored, robust_scale, score_batch, score_few_shot
+from dzad.regimes import REGIME_LABELS, Scored, score_batch, score_few_shot
 
 CONTROL_LABELS = {
     "mutual": "control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)",
@@ -82,7 +82,7 @@ def _load(ds: ImageDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _backbone_only(scored: Scored, rescore_k: int, glob: torch.Tensor | None, size: int):
     """The control's (scores, maps) from the regime's own backbone grid (no DZAD signal)."""
-    grid = robust_scale(scored.parts["backbone"])
+    grid = scored.parts["backbone"]
     scores = grid.flatten(1).amax(1)
     if glob is not None:
         scores = rescore_images(scores, glob, rescore_k)

@@ -63,10 +63,11 @@ def robust_scale(grid: Tensor) -> Tensor:
 
 
 def fuse(backbone_grid: Tensor, dzad_grid: Tensor | None, weight: float) -> Tensor:
-    """``(B,h,w)`` backbone and ``(B,h',w')`` DZAD grids -> ``(B,h,w)`` weighted robust sum."""
-    fused = robust_scale(backbone_grid)
+    """``(B,h,w)`` backbone and ``(B,h',w')`` DZAD grids -> ``(B,h,w)`` weighted robust sum;
+    the backbone grid unchanged when there is no DZAD signal (so it equals the control)."""
     if dzad_grid is None or weight <= 0:
-        return fused
+        return backbone_grid
+    fused = robust_scale(backbone_grid)
     size = backbone_grid.shape[-2:]
     d = F.interpolate(dzad_grid[:, None].float(), size=size, mode="bilinear", align_corners=False)
     return (1 - weight) * fused + weight * robust_scale(d[:, 0])

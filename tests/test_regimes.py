@@ -100,7 +100,7 @@ def test_fusion_weight_zero_is_backbone_order_and_dzad_moves_it():
     g = torch.Generator().manual_seed(0)
     bb, dz = torch.rand(4, 4, 4, generator=g), torch.zeros(4, 2, 2)
     dz[2, 1, 1] = 50.0
-    assert torch.equal(fuse(bb, dz, 0.0).flatten().argsort(), bb.flatten().argsort())
+    assert torch.equal(fuse(bb, dz, 0.0), bb)  # no DZAD signal: the control's grid itself
     assert int(fuse(bb, dz, 0.9).flatten(1).amax(1).argmax()) == 2
     assert robust_scale(bb).flatten().median().abs() < 1e-6
 
