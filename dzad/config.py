@@ -206,6 +206,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RegimeConfig:
+    """Scoring regimes beside per-image zero-shot (issue 17; :mod:`dzad.regimes`).
+
+    ``batch-zero-shot``: the images of one call (one category in evaluate) are scored together,
+    unlabelled; ``few-shot``: against ``few_shot_k`` known-good images of the target. Both use the
+    backbone at ``image_size`` (chosen on SOURCE data, the study files say why) and, with
+    ``dzad_weight > 0``, the noise-error map of a copy of the DZAD model adapted to the batch or
+    the references for ``adapt_steps`` steps.
+    """
+
+    image_size: int = 256  # input of the backbone path; DZAD sees the images at its own size
+    levels: tuple[int, ...] = (1, 2)  # backbone levels (stride 8, 16), pooled onto the first
+    degrees: tuple[int, ...] = (1, 3, 5)  # MuSc multi-degree local aggregation (r x r)
+    mutual_fraction: float = 0.3  # interval averaging: mean of the nearest 30% of other images
+    group_size: int = 100  # evaluate: images scored together (seeded groups); 0 = the category
+    rescore_k: int = 0  # image re-scoring among the k most similar images; 0/1 = off
+    dzad_weight: float = 0.0  # weight of the DZAD map in the fusion; 0 = backbone only
+    adapt_steps: int = 0  # self-training / fine-tuning steps of the DZAD copy; 0 = frozen source
+    adapt_rounds: int = 2  # batch mode: drop the highest-error images between rounds
+    adapt_drop: float = 0.2  # fraction of the batch dropped after each round but the last
+    adapt_lr: float = 1e-4
+    adapt_batch_size: int = 16
+    few_shot_k: int = 4  # evaluate --few-shot default
+    few_shot_draws: int = 3  # seeded draws of the references (mean +- std over draws)
+    seed: int = 0  # groups, reference draws, adaptation noise
+
+
+@dataclass(frozen=True)
 class AblationConfig:
     """Table 4 (``weightings``, rescored from stored F), Figure 4 and Table 3 (dzad.ablation)."""
 
@@ -270,6 +298,7 @@ class DZADConfig:
     reconstruction: ReconstructionConfig = ReconstructionConfig()
     anomaly_map: MapConfig = MapConfig()
     evaluate: EvalConfig = EvalConfig()
+    regime: RegimeConfig = RegimeConfig()
     ablation: AblationConfig = AblationConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()

@@ -30,6 +30,7 @@ from torch import Tensor
 from dzad.anomaly_map import smooth
 from dzad.backbones import Backbone, feature_grid
 from dzad.config import EvalConfig
+from dzad.mutual_scoring import mutual_patch_scores
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 _CDIST_ELEMENTS = 1 << 24  # ~64 MB of float32 distances per chunk
@@ -187,24 +188,11 @@ class MutualScoringControl(_FeatureControl):
 
     def score(self, images: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(images)
-        b, c, h, w = f.shape
-        if b < 2:
+        if f.shape[0] < 2:
             raise ValueError("control 'mutual' needs at least 2 test images scored together")
-        patches = f.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, P, C)
-        p = h * w
-        k = max(1, math.ceil(self.cfg.mutual_fraction * (b - 1)))
-        group = max(1, _CDIST_ELEMENTS // (p * p))
-        out = torch.empty(b, p)
-        for i in range(b):
-            per_image = []  # (P, g): distance of each patch of i to its nearest patch in image j
-            for start in range(0, b, group):
-                others = patches[start : start + group]
-                d = torch.cdist(patches[i], others.reshape(-1, c)).view(p, -1, p).amin(2)
-                per_image.append(d)
-            d = torch.cat(per_image, dim=1)
-            d[:, i] = math.inf  # never compare an image with itself
-            out[i] = d.topk(k, dim=1, largest=False).values.mean(1).cpu()
-        return self._finish_map(out.view(b, h, w), tuple(images.shape[-2:]))
+        # one degree (control_local_pool); the full MuSc recipe: dzad.regimes.score_batch
+        grid = mutual_patch_scores(f.permute(0, 2, 3, 1).cpu(), self.cfg.mutual_fraction)
+        return self._finish_map(grid, tuple(images.shape[-2:]))
 
 
 CONTROLS: dict[str, type[Control]] = {

@@ -236,6 +236,7 @@ def evaluate(
     if not per_cat:
         raise DZADInputError(root, f"no test images in any of the categories {cats}")
     result = assemble(per_cat, variants, ctrl, controls, skipped, counts)
+    result["regime"] = "zero-shot"  # per image, the paper's method (dzad.regime_evaluation: others)
     result["protocol"] = {
         "data": str(root),
         "image_size": model.image_size,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,15 @@ def score_cmd(
     batch_size: int = typer.Option(8, min=1, help="Images per forward."),
     threads: int = typer.Option(None, min=0, help=_THREADS_HELP),
     compile_: str = typer.Option(None, "--compile", help=_COMPILE_HELP),
+    batch_zero_shot: bool = typer.Option(
+        False, "--batch-zero-shot", help="Regime: score the given images together (unlabelled)."
+    ),
+    reference: Path = typer.Option(
+        None, "--reference", help="Regime few-shot: folder of known-good images of the product."
+    ),
+    regime_params: Path = typer.Option(
+        None, "--regime-params", help="Take the `regime` section of this params file."
+    ),
 ) -> None:
     """Score images: scores.csv, a heat-map overlay and panel per image, report.html, a table.
 
@@ -148,21 +157,36 @@ def score_cmd(
     if out.exists() and not out.is_dir():
         raise DZADInputError(out, "--out exists and is not a folder")
     inputs, skipped = collect_inputs(paths, skip_bad, out)
+    if batch_zero_shot and reference is not None:
+        raise typer.BadParameter("choose one regime: --batch-zero-shot or --reference DIR")
     check_writable(out)  # before the model is loaded and any image scored
     with lock_folder(out, "dzad score run"):
         dzad = load_model(model, random_backbone)
         _runtime(dzad, threads, compile_)
-        rule, pictures, map_note = run_pictures(dzad, thr, save_masks, model)
         inputs, bad = check_images(inputs, dzad.image_size, dzad.cfg.data.resample, skip_bad)
         if not inputs:
             raise DZADInputError(paths[0], "none of the given paths holds a readable image")
-        report = settings(model, threshold, rule, map_note)
-        run = _Run(thr, rule, pictures, save_maps, save_masks, report)
-        rows = _score_into(dzad, inputs, skipped + bad, out, run, json_out, batch_size)
+        if batch_zero_shot or reference is not None:
+            if save_masks:
+                raise DZADInputError(model, "--save-masks: the regimes' maps have no map threshold")
+            from dzad.cli.score_regimes import score_regime
+
+            rc = regime_config(dzad, regime_params)
+            rows, maps, rule, regime = score_regime(dzad, rc, inputs, out, reference, thr)
+            pictures, map_note = RunPictures(None), f"{regime}: one colour scale, no map threshold"
+            scored: Iterable = [(inputs, rows, maps)]
+        else:
+            rule, pictures, map_note = run_pictures(dzad, thr, save_masks, model)
+            scored, regime = _model_batches(dzad, inputs, batch_size, thr, rule), "zero-shot"
+        report = {**settings(model, threshold, rule, map_note), "regime": regime}
+        run = _Run(rule, pictures, save_maps, save_masks, report)
+        quiet = json_out or len(inputs) <= batch_size
+        rows = _score_into(scored, inputs, skipped + bad, out, run, quiet)
     if json_out:
-        print(json.dumps({"model": model, "out": str(out), "threshold": threshold, "rows": rows}))
+        doc = {"model": model, "out": str(out), "threshold": threshold, "regime": regime}
+        print(json.dumps({**doc, "rows": rows}))
     else:
-        print_scores(rows, out, threshold)
+        print_scores(rows, out, f"{threshold}; regime {regime}")
 
 
 # replaced whole by each run; the report and the scores table last (they list the pictures)
@@ -174,7 +198,6 @@ class _Run:
     """What one ``dzad score`` run writes besides the scores: its threshold, decision rule and
     pictures, the optional raw maps / masks, and the settings its HTML report states."""
 
-    threshold: float | None
     rule: Threshold
     pictures: RunPictures
     save_maps: bool
@@ -183,22 +206,26 @@ class _Run:
 
 
 def _score_into(
-    dzad, inputs: list, skipped: list[dict[str, Any]], out: Path, run: _Run, quiet: bool, batch: int
+    scored: Iterable, inputs: list, skipped: list[dict[str, Any]], out: Path, run: _Run, quiet: bool
 ) -> list[dict[str, Any]]:
-    """Score ``inputs`` in batches of ``batch``, stage the pictures (and maps), scores.csv and
-    report.html, then swap them into ``out`` (``skipped`` rows last); a full disk or any other write
-    error leaves ``out`` as it was. Returns the rows."""
+    """Stage the pictures (and maps), scores.csv and report.html of the ``scored`` batches
+    ``(items, rows, maps (B, h, w))`` of ``inputs``, then swap them into ``out`` (``skipped`` rows
+    last); a full disk or any other write error leaves ``out`` as it was. Returns the rows."""
     import pandas as pd
 
     from dzad.html_report import write_score_report
     from dzad.run_panels import FILES
 
     rows: list[dict[str, Any]] = []
-    prog, task = _progress(not quiet and len(inputs) > batch, len(inputs), "scoring")
+    prog, task = _progress(not quiet, len(inputs), "scoring")
     try:
         with prog, replace_outputs(out, _SCORE_OUTPUTS) as stage:
-            for items in _batches(inputs, batch):
-                rows += _score_batch(dzad, items, stage, run)
+            for items, batch_rows, maps in scored:
+                for item, row, m in zip(items, batch_rows, maps, strict=True):
+                    run.pictures.add(picture(item.path, item.rel, row, run.rule), m)
+                    if run.save_maps:
+                        save_raw_map(item, stage, m)
+                rows += batch_rows
                 prog.advance(task, len(items))
             files = run.pictures.write(stage, run.save_masks)
             for row, item in zip(rows, inputs, strict=True):
@@ -213,32 +240,30 @@ def _score_into(
     return rows
 
 
-def _score_batch(dzad, items: list, stage: Path, run: _Run) -> list[dict[str, Any]]:
-    """One forward over ``items``: their rows; each map goes to the run's pictures (and, with
-    ``--save-maps``, to ``stage/maps``)."""
+def _model_batches(
+    dzad, inputs: list, batch: int, thr: float | None, rule: Threshold
+) -> Iterator[tuple[list, list[dict[str, Any]], Any]]:
+    """Per-image (zero-shot) scoring, ``batch`` images per forward: ``(items, rows, maps (B, h,
+    w))``; the decision is the checkpoint's (``thr`` None) or ``image_score > thr``."""
     import torch
 
     from dzad.data.images import load_image
 
     size, resample = dzad.image_size, dzad.cfg.data.resample
-    result = dzad(torch.stack([load_image(i.path, size, resample) for i in items]))
-    maps = result.anomaly_map[:, 0].float().cpu().numpy()
-    rows = []
-    for k, item in enumerate(items):
-        img_score = float(result.image_score[k])
-        anomalous = bool(result.decision[k]) if run.threshold is None else img_score > run.threshold
-        row = {
-            "path": item.shown,
-            "image_score": img_score,
-            "detection_score": float(result.detection_score[k]),
-            "decision": "anomalous" if anomalous else "normal",
-        }
-        row["normalised_score"] = run.rule.normalise(row[run.rule.key])
-        rows.append(row)
-        run.pictures.add(picture(item.path, item.rel, row, run.rule), maps[k])
-        if run.save_maps:
-            save_raw_map(item, stage, maps[k])
-    return rows
+    for items in _batches(inputs, batch):
+        result = dzad(torch.stack([load_image(i.path, size, resample) for i in items]))
+        rows = []
+        for k, item in enumerate(items):
+            img_score = float(result.image_score[k])
+            anomalous = bool(result.decision[k]) if thr is None else img_score > thr
+            row = {
+                "path": item.shown,
+                "image_score": img_score,
+                "detection_score": float(result.detection_score[k]),
+                "decision": "anomalous" if anomalous else "normal",
+            }
+            rows.append({**row, "normalised_score": rule.normalise(row[rule.key])})
+        yield items, rows, result.anomaly_map[:, 0].float().cpu().numpy()
 
 
 def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
@@ -276,6 +301,15 @@ def evaluate_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
     threads: int = typer.Option(None, min=0, help=_THREADS_HELP),
     compile_: str = typer.Option(None, "--compile", help=_COMPILE_HELP),
+    batch_zero_shot: bool = typer.Option(
+        False, "--batch-zero-shot", help="Regime: each category's test images scored together."
+    ),
+    few_shot: int = typer.Option(
+        0, "--few-shot", min=0, help="Regime: K train/good references per category (0 = off)."
+    ),
+    regime_params: Path = typer.Option(
+        None, "--regime-params", help="Take the `regime` section of this params file."
+    ),
 ) -> None:
     """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
     panel per image and report.html."""
@@ -290,6 +324,13 @@ def evaluate_cmd(
 
         typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
     eval_cfg = dzad.cfg.evaluate
+    if batch_zero_shot and few_shot:
+        raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
+    if batch_zero_shot or few_shot:
+        return _evaluate_regime(
+            dzad, data, out, split_list(categories), regime_params, eval_cfg, few_shot,
+            batch_size, max_images, skip_bad, json_out,
+        )  # fmt: skip
     given = (("batch_size", batch_size), ("max_images", max_images))
     changes = {k: v for k, v in given if v is not None}
     eval_cfg = replace(eval_cfg, **changes)
@@ -333,6 +374,48 @@ def evaluate_cmd(
             pictures=True,
             save_masks=save_masks,
         )
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_metrics(result, out)
+
+
+def regime_config(dzad, regime_params: Path | None):
+    """The checkpoint's ``regime`` section, or that of ``--regime-params`` (errors name it)."""
+    if regime_params is None:
+        return dzad.cfg.regime
+    from dzad.config import load
+
+    if not regime_params.is_file():
+        raise DZADInputError(regime_params, "--regime-params is not a file")
+    try:
+        return load(regime_params).regime
+    except ValueError as exc:
+        raise DZADInputError(regime_params, str(exc).split(": ", 1)[-1]) from None
+
+
+def _evaluate_regime(
+    dzad, data, out, cats, regime_params, eval_cfg, few_shot, batch_size, max_images, skip_bad,
+    json_out,
+) -> None:  # fmt: skip
+    """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`)."""
+    from dzad.data.dataset import list_categories
+    from dzad.evaluation import category_samples, control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = regime_config(dzad, regime_params)
+    given = (("batch_size", batch_size), ("max_images", max_images))
+    eval_cfg = replace(eval_cfg, **{k: v for k, v in given if v is not None})
+    if not data.is_dir():
+        raise DZADInputError(data, "dataset root is not a folder")
+    names = cats or list_categories(data)
+    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
+    prog, task = _progress(not json_out, total, "evaluating")
+    with prog:
+        result = evaluate_regime(
+            dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
+            few_shot=few_shot, skip_bad=skip_bad, progress=lambda n: prog.advance(task, n),
+        )  # fmt: skip
     if json_out:
         print(json.dumps(result))
     else:

@@ -68,7 +68,9 @@ def print_metrics(result: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="DZAD evaluation (controls labelled)", caption="all metrics: metrics.json")
+    regime = result.get("regime", "zero-shot")
+    title = f"DZAD evaluation, regime: {regime} (controls labelled)"
+    table = Table(title=title, caption="all metrics: metrics.json")
     metrics = ("image_auroc", "pixel_auroc", "aupro")
     table.add_column("method", overflow="fold", max_width=26)
     table.add_column("category", overflow="fold", max_width=18)

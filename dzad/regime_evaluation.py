@@ -1,0 +1,235 @@
+"""``dzad evaluate --batch-zero-shot`` / ``--few-shot K`` (issue 17): the regimes on a test root.
+
+Per category, the test images are loaded at ``regime.image_size`` (masks too) and scored:
+
+- batch zero-shot: in seeded groups of ``regime.group_size`` images (the category at once when 0),
+  each group one unlabelled batch (:func:`dzad.regimes.score_batch`); the control ``mutual`` is
+  the same MuSc recipe on the backbone alone (the regime's own backbone grid, so the only
+  difference is the DZAD signal);
+- few-shot: ``K`` images drawn from the category's ``train/good`` with seed ``regime.seed + d``
+  for each of ``regime.few_shot_draws`` draws (never test images), all test images scored against
+  them (:func:`dzad.regimes.score_few_shot`); the control ``fewshot_patchcore`` is PatchCore
+  (nearest reference patch, local aggregation 3) with the same backbone, levels and draws.
+  Metrics are the mean over draws, their sample std under ``std``.
+
+``metrics.json`` has the layout of :func:`dzad.evaluation_outputs.assemble` (``categories``,
+``mean``, ``variants`` = each signal alone, ``controls``) plus ``regime`` (the label every table
+must carry) and the regime's settings under ``protocol``; ``scores.csv`` has one row per image (and
+draw). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dzad.backbones import Backbone
+from dzad.category_run import why_undefined
+from dzad.config import RegimeConfig, to_dict
+from dzad.data.dataset import ImageDataset, Sample, collect_samples, list_categories
+from dzad.errors import DZADInputError
+from dzad.evaluation import category_samples
+from dzad.evaluation_outputs import assemble, metrics_frame
+from dzad.io_utils import atomic_write_text
+from dzad.metrics import PIXEL_METRICS, MetricAccumulator
+from dzad.model import DZAD
+from dzad.mutual_scoring import rescore_images, upsample
+from dzad.regimes import REGIME_LABELS, Scored, score_batch, score_few_shot
+
+CONTROL_LABELS = {
+    "mutual": "control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)",
+    "fewshot_patchcore": "control: few-shot PatchCore (same backbone and draws)",
+}
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+    label: str
+
+
+def draw_references(train: Sequence[Sample], k: int, seed: int) -> list[Sample]:
+    """``k`` of the ``train/good`` samples, drawn with ``seed`` (listing order kept)."""
+    if k < 1 or k > len(train):
+        raise ValueError(f"few-shot k = {k} needs 1 <= k <= {len(train)} train/good images")
+    keep = np.random.default_rng(seed).choice(len(train), k, replace=False)
+    return [train[i] for i in sorted(keep)]
+
+
+def seeded_groups(n: int, group_size: int, seed: int) -> list[np.ndarray]:
+    """Indices ``0..n-1`` in a seeded order, split into near-equal groups of <= ``group_size``."""
+    order = np.random.default_rng(seed).permutation(n)
+    if group_size <= 0 or n <= group_size:
+        return [np.sort(order)]
+    parts = math.ceil(n / group_size)
+    return [np.sort(g) for g in np.array_split(order, parts)]
+
+
+def _load(ds: ImageDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([it["image"] for it in items])  # (n,3,S,S)
+    masks = torch.stack([it["mask"] for it in items])  # (n,1,S,S)
+    return images, masks, torch.tensor([it["label"] for it in items])
+
+
+def _backbone_only(scored: Scored, rescore_k: int, glob: torch.Tensor | None, size: int):
+    """The control's (scores, maps) from the regime's own backbone grid (no DZAD signal)."""
+    grid = scored.parts["backbone"]
+    scores = grid.flatten(1).amax(1)
+    if glob is not None:
+        scores = rescore_images(scores, glob, rescore_k)
+    return scores, upsample(grid, size)
+
+
+def _accumulate(accs: dict[str, MetricAccumulator], name: str, labels, scores, masks, maps, pixel):
+    accs.setdefault(name, MetricAccumulator()).add(
+        labels, scores, masks if pixel else None, maps if pixel else None
+    )
+
+
+def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, acc in accs.items():
+        m = acc.result()
+        if not pixel:
+            m.update(dict.fromkeys(PIXEL_METRICS, math.nan))
+        out[name] = m
+    return out
+
+
+def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
+
+
+def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths):
+    accs: dict[str, MetricAccumulator] = {}
+    for group in seeded_groups(len(images), rc.group_size, rc.seed):
+        x, m, y = images[group], masks[group], labels[group]
+        scored = score_batch(backbone, x, rc, model)
+        _accumulate(accs, "regime", y, scored.scores, m, scored.maps, pixel)
+        c_s, c_m = _backbone_only(scored, rc.rescore_k, scored.descriptors, x.shape[-1])
+        _accumulate(accs, "control:mutual", y, c_s, m, c_m, pixel)
+        for k, (s, mp) in _part_grids_to_maps(scored, x.shape[-1]).items():
+            _accumulate(accs, f"part:{k}", y, s, m, mp, pixel)
+        for i, j in enumerate(group):
+            rows.append(
+                {"path": paths[j], "label": int(y[i]), "draw": "", "score": float(scored.scores[i])}
+            )
+    return [_results(accs, pixel)]
+
+
+def _few_shot_category(model, backbone, rc, images, masks, labels, pixel, rows, paths, train, k):
+    draws = []
+    for d in range(rc.few_shot_draws):
+        refs = draw_references(train, k, rc.seed + d)
+        ref_ds = ImageDataset(refs, rc.image_size, model.cfg.data)
+        ref_images = torch.stack([ref_ds[i]["image"] for i in range(len(ref_ds))])
+        accs: dict[str, MetricAccumulator] = {}
+        scored = score_few_shot(backbone, images, ref_images, rc, model)
+        _accumulate(accs, "regime", labels, scored.scores, masks, scored.maps, pixel)
+        ctrl = score_few_shot(backbone, images, ref_images, rc, None, degrees=(3,))
+        _accumulate(accs, "control:fewshot_patchcore", labels, ctrl.scores, masks, ctrl.maps, pixel)
+        for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
+            _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
+        for i, p in enumerate(paths):
+            rows.append(
+                {"path": p, "label": int(labels[i]), "draw": d, "score": float(scored.scores[i])}
+            )
+        draws.append(_results(accs, pixel))
+    return draws
+
+
+def _mean_std(draws: list[dict[str, dict[str, float]]], name: str) -> tuple[dict, dict]:
+    keys = draws[0][name].keys()
+    vals = {m: np.array([d[name][m] for d in draws], dtype=float) for m in keys}
+    mean = {m: float(v.mean()) for m, v in vals.items()}
+    std = {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in vals.items()}
+    return mean, std
+
+
+def evaluate_regime(
+    model: DZAD,
+    backbone: Backbone,
+    root: str | Path,
+    categories: Sequence[str],
+    out_dir: str | Path,
+    rc: RegimeConfig,
+    eval_cfg,
+    *,
+    few_shot: int = 0,
+    skip_bad: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw."""
+    root, out_dir = Path(root), Path(out_dir)
+    mode = "few-shot" if few_shot else "batch-zero-shot"
+    cats = list(categories) or list_categories(root)
+    data_cfg = replace(model.cfg.data, skip_bad=False)
+    per_cat, std_cat, variants, ctrl = {}, {}, {}, {}
+    skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
+    counts, rows = {}, []
+    for cat in cats:
+        samples = category_samples(root, cat, eval_cfg, model.cfg.seed, skip_bad)
+        if not samples:
+            skipped["categories"][cat] = "no test images"
+            continue
+        ds = ImageDataset(samples, rc.image_size, data_cfg)
+        images, masks, labels = _load(ds)
+        paths = [str(s.path) for s in samples]
+        pixel = all(s.mask_path is not None for s in samples if s.label == 1)
+        if few_shot:
+            train = collect_samples(root, (cat,), ("train",), skip_bad=skip_bad)
+            if not train:
+                raise DZADInputError(root / cat, "few-shot needs train/good images to draw from")
+            draws = _few_shot_category(
+                model, backbone, rc, images, masks, labels, pixel, rows, paths, train, few_shot
+            )
+        else:
+            draws = _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths)
+        for name in draws[0]:
+            mean, std = _mean_std(draws, name)
+            if name == "regime":
+                per_cat[cat], std_cat.setdefault("regime", {})[cat] = mean, std
+            elif name.startswith("control:"):
+                ctrl.setdefault(name[8:], {})[cat] = mean
+                std_cat.setdefault(name[8:], {})[cat] = std
+            else:
+                variants.setdefault(name[5:], {})[cat] = mean
+        n_defect = int(labels.sum())
+        counts[cat] = {"images": len(samples), "good": len(samples) - n_defect, "defect": n_defect}
+        no_mask = sum(s.label == 1 and s.mask_path is None for s in samples)
+        reasons = why_undefined(len(samples) - n_defect, n_defect, int(masks.sum()), no_mask)
+        if reasons:
+            skipped["metrics"][cat] = reasons
+        if progress is not None:
+            progress(len(samples))
+    if not per_cat:
+        raise DZADInputError(root, f"no test images in any of the categories {cats}")
+    named = [_Named(n, CONTROL_LABELS[n]) for n in ctrl]
+    result = assemble(per_cat, variants, ctrl, named, skipped, counts)
+    result["regime"] = REGIME_LABELS[mode]
+    if few_shot:
+        result["std"] = std_cat
+    result["protocol"] = {
+        "data": str(root),
+        "regime": REGIME_LABELS[mode],
+        "few_shot_k": few_shot,
+        "model_image_size": model.image_size,
+        "settings": to_dict(rc),
+        "max_images": eval_cfg.max_images,
+        "backbone": backbone.name,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.csv", metrics_frame(result).to_csv(index=False))
+    table = pd.DataFrame.from_records(rows, columns=["path", "label", "draw", "score"])
+    atomic_write_text(out_dir / "scores.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
+    return result

@@ -1,0 +1,211 @@
+"""Issue 17: mutual / reference patch scores, re-scoring, adaptation, reference draws, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dzad.adaptation import adapt_network, encode, excess_grid, noise_error
+from dzad.cli import app
+from dzad.config import RegimeConfig
+from dzad.data.dataset import collect_samples
+from dzad.mutual_scoring import (
+    interval_count,
+    mutual_patch_scores,
+    reference_patch_scores,
+    rescore_images,
+)
+from dzad.regime_evaluation import draw_references, seeded_groups
+from dzad.regimes import fuse, robust_scale
+
+runner = CliRunner()
+
+
+def normal_batch(b: int, h: int = 4, w: int = 4, c: int = 8, seed: int = 0) -> torch.Tensor:
+    """``(b, h, w, c)`` patches drawn from 5 shared prototypes plus small noise (a normal batch)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(5, c, generator=g)
+    pick = torch.randint(5, (b, h, w), generator=g)
+    return protos[pick] + 0.05 * torch.randn(b, h, w, c, generator=g)
+
+
+def brute_mutual(patches: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Direct triple loop of the definition (slow, obviously right)."""
+    b, h, w, c = patches.shape
+    flat = patches.reshape(b, h * w, c)
+    k = interval_count(fraction, b - 1)
+    out = torch.empty(b, h * w)
+    for i in range(b):
+        for p in range(h * w):
+            d = [(flat[j] - flat[i, p]).norm(dim=1).min() for j in range(b) if j != i]
+            out[i, p] = torch.stack(d).sort().values[:k].mean()
+    return out.view(b, h, w)
+
+
+def test_planted_defect_patch_ranks_top():
+    x = normal_batch(8)
+    x[3, 2, 1] += 4.0  # one defect patch in image 3
+    scores = mutual_patch_scores(x, 0.3)
+    assert scores.shape == (8, 4, 4)
+    assert int(scores.flatten().argmax()) == 3 * 16 + 2 * 4 + 1
+    assert int(scores.flatten(1).amax(1).argmax()) == 3
+
+
+def test_mutual_matches_definition_and_chunking_changes_nothing():
+    x = normal_batch(6, seed=1)
+    want = brute_mutual(x, 0.5)
+    torch.testing.assert_close(mutual_patch_scores(x, 0.5), want, rtol=1e-4, atol=1e-4)
+    # 1 query row x 1 image per chunk: the smallest possible chunks
+    torch.testing.assert_close(
+        mutual_patch_scores(x, 0.5, max_elements=1), want, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_interval_averaging_ignores_the_far_minority():
+    """A patch shared with 2 of 5 other images but far from the rest: the nearest 40% average
+    is 0, the mean over all others is not (the anomalous images never enter the interval)."""
+    x = normal_batch(6, seed=2)
+    x[0, 0, 0] = x[1, 0, 0] = x[2, 0, 0] = torch.full((8,), 9.0)
+    assert mutual_patch_scores(x, 0.4)[0, 0, 0] < 1e-4
+    assert mutual_patch_scores(x, 1.0)[0, 0, 0] > 1.0
+    with pytest.raises(ValueError, match="fraction"):
+        mutual_patch_scores(x, 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        mutual_patch_scores(x[:1], 0.3)
+
+
+def test_reference_scores_are_nearest_reference_patch():
+    q, r = normal_batch(3, seed=3), normal_batch(2, seed=4)
+    got = reference_patch_scores(q, r, max_elements=7)
+    bank = r.reshape(-1, 8)
+    want = torch.cdist(q.reshape(-1, 8), bank).amin(1).view(3, 4, 4)
+    torch.testing.assert_close(got, want)
+    assert reference_patch_scores(r, r).abs().max() < 1e-2  # its own neighbour (mm rounding)
+
+
+def test_rescore_averages_over_similar_images():
+    scores = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    desc = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    torch.testing.assert_close(
+        rescore_images(scores, desc, 2), torch.tensor([2.0, 2.0, 15.0, 15.0])
+    )
+    torch.testing.assert_close(rescore_images(scores, desc, 0), scores)
+
+
+def test_fusion_weight_zero_is_backbone_order_and_dzad_moves_it():
+    g = torch.Generator().manual_seed(0)
+    bb, dz = torch.rand(4, 4, 4, generator=g), torch.zeros(4, 2, 2)
+    dz[2, 1, 1] = 50.0
+    assert torch.equal(fuse(bb, dz, 0.0), bb)  # no DZAD signal: the control's grid itself
+    assert int(fuse(bb, dz, 0.9).flatten(1).amax(1).argmax()) == 2
+    assert robust_scale(bb).flatten().median().abs() < 1e-6
+
+
+def test_excess_grid_flags_the_position_above_the_references():
+    g = torch.Generator().manual_seed(0)
+    ref = 1.0 + 0.1 * torch.randn(5, 3, 4, 4, generator=g)
+    x = 1.0 + 0.1 * torch.randn(4, 3, 4, 4, generator=g)
+    x[1, :, 2, 3] += 2.0
+    grid = excess_grid(x, ref, torch.ones(3))
+    assert int(grid.flatten().argmax()) == 1 * 16 + 2 * 4 + 3
+    x[0] = 0.0  # far BELOW the references everywhere: no excess
+    assert excess_grid(x, ref, torch.ones(3))[0].abs().max() == 0
+
+
+def test_adaptation_copies_and_drops_the_outlier(tiny_model, synth_root):
+    from dzad.data.dataset import ImageDataset
+    from tests.conftest import TINY_SIZE
+
+    samples = collect_samples(synth_root, ("weave",), ("test",))
+    goods = [s for s in samples if s.label == 0][:4]
+    ds = ImageDataset(goods, TINY_SIZE, tiny_model.cfg.data)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    images = torch.cat([images, torch.rand(1, 3, TINY_SIZE, TINY_SIZE)])  # image 4: pure noise
+    before = {k: v.clone() for k, v in tiny_model.net.state_dict().items()}
+    x0, z0 = encode(tiny_model, images)
+    cfg = RegimeConfig(adapt_steps=4, adapt_rounds=2, adapt_drop=0.2, adapt_batch_size=4)
+    net, kept = adapt_network(tiny_model, x0, z0, cfg, robust=True)
+    assert 4 not in kept and len(kept) == 4
+    assert all(torch.equal(v, tiny_model.net.state_dict()[k]) for k, v in before.items())
+    changed = any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert changed
+    assert noise_error(tiny_model, net, x0, z0).shape[:2] == (5, tiny_model.bank.n_stages)
+
+
+def test_reference_draw_is_seeded_and_from_train(synth_root):
+    train = collect_samples(synth_root, ("grain",), ("train",))
+    a, b = draw_references(train, 4, 0), draw_references(train, 4, 0)
+    assert a == b and len(a) == 4
+    assert draw_references(train, 4, 1) != a
+    assert all(s.split == "train" and s.label == 0 for s in a)
+    test = {s.path for s in collect_samples(synth_root, ("grain",), ("test",))}
+    assert not test & {s.path for s in a}
+    with pytest.raises(ValueError, match="few-shot k"):
+        draw_references(train, len(train) + 1, 0)
+
+
+def test_seeded_groups_partition():
+    groups = seeded_groups(10, 4, 0)
+    assert [len(g) for g in groups] == [4, 3, 3]
+    assert sorted(int(i) for g in groups for i in g) == list(range(10))
+    assert [g.tolist() for g in groups] == [g.tolist() for g in seeded_groups(10, 4, 0)]
+    assert len(seeded_groups(10, 0, 0)) == 1
+
+
+@pytest.fixture()
+def regime_params(tmp_path):
+    p = tmp_path / "regime.yaml"
+    p.write_text(
+        "regime:\n  image_size: 32\n  degrees: [1, 3]\n  dzad_weight: 0.5\n  adapt_steps: 2\n"
+        "  adapt_batch_size: 4\n  few_shot_draws: 2\n  group_size: 0\n"
+    )
+    return p
+
+
+def test_evaluate_regimes_write_their_controls(
+    tiny_checkpoint, synth_root, tmp_path, regime_params
+):
+    base = ["evaluate", "--model", str(tiny_checkpoint), "--data", str(synth_root)]
+    base += ["--categories", "grain", "--random-backbone", "--regime-params", str(regime_params)]
+    out = tmp_path / "batch"
+    res = runner.invoke(app, [*base, "--out", str(out), "--batch-zero-shot", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["regime"] == "batch zero-shot" and m["counts"]["grain"]["images"] == 10
+    assert set(m["controls"]) == {"mutual"} and "grain" in m["categories"]
+    assert {"backbone", "dzad"} <= set(m["variants"])
+    out = tmp_path / "few"
+    res = runner.invoke(app, [*base, "--out", str(out), "--few-shot", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["regime"] == "few-shot" and set(m["controls"]) == {"fewshot_patchcore"}
+    assert not math.isnan(m["std"]["regime"]["grain"]["image_auroc"])
+    both = runner.invoke(app, [*base, "--out", str(out), "--few-shot", "4", "--batch-zero-shot"])
+    assert both.exit_code == 2
+    bad = runner.invoke(
+        app, [*base[:-1], str(tmp_path / "nope.yaml"), "--out", str(out), "--few-shot", "4"]
+    )
+    assert bad.exit_code == 2 and "nope.yaml" in bad.stderr
+
+
+def test_score_regimes(tiny_checkpoint, synth_root, tmp_path, regime_params):
+    test = synth_root / "grain" / "test"
+    base = ["score", str(test), "--model", str(tiny_checkpoint), "--random-backbone"]
+    base += ["--regime-params", str(regime_params), "--json"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--batch-zero-shot"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["regime"] == "batch zero-shot" and len(doc["rows"]) == 10
+    assert all((tmp_path / "b" / r["heatmap"]).is_file() for r in doc["rows"])
+    refs = synth_root / "grain" / "train" / "good"
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "f"), "--reference", str(refs)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["regime"] == "few-shot"
+    missing = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "m"), "--reference", str(tmp_path / "nope")]
+    )
+    assert missing.exit_code == 2 and "nope" in missing.stderr
