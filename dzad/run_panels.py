@@ -82,7 +82,7 @@ class RunPictures:
                 over, big = draw(shown, m, scale, text, anomalous, truth)
                 files = {"heatmap": _save(over, out, "heatmaps", pic.name, ".heatmap.png")}
                 files["panel"] = _save(big, out, "panels", pic.name, ".panel.png")
-                big.thumbnail(THUMB)
+                big.thumbnail(THUMB, Image.Resampling.BOX)  # averaging: 2-3x faster than bicubic
                 files["thumb"] = _save(big, out, "thumbs", pic.name, ".png")
                 if save_masks and self.threshold is not None:
                     w, h = image_size(pic.image)

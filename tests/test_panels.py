@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dzad.cli import app
 from dzad.decisions import Threshold, decision_threshold, map_threshold
-from dzad.panels import BAR_W, CAPTION_H, REGION, MapScale, draw, predicted_mask
+from dzad.panels import BAR_W, CAPTION_H, REGION, MapScale, _outline, draw, inferno, predicted_mask
 
 runner = CliRunner()
 
@@ -29,6 +29,25 @@ def test_one_scale_fades_below_threshold_and_colours_alike_across_images():
     np.testing.assert_allclose(rgb_w[1, 1], rgb_s[0, 1])
     assert alpha_s[1, 1] > alpha_w[1, 1]  # higher values are more opaque
     assert MapScale.of_run(5.0, 0.0, 3.0).top == 5.0  # top never below the threshold
+
+
+def test_colours_are_matplotlibs_inferno_to_one_level():
+    from matplotlib import colormaps
+
+    level = np.linspace(0, 1, 1001)
+    expected = colormaps["inferno"](level)[:, :3] * 255
+    rgb, _ = MapScale.of_run(None, 0.0, 1.0).colours(level)
+    assert rgb.dtype == np.uint8 and np.abs(rgb - expected).max() <= 0.5
+    assert inferno().shape == (256, 3)
+
+
+def test_outline_is_the_region_border_not_the_image_border():
+    mask = np.zeros((8, 8), bool)
+    mask[:, :4] = True  # left half, touching three image borders
+    edge = _outline(mask, 1)
+    np.testing.assert_array_equal(np.nonzero(edge.any(axis=0))[0], [3, 4])  # columns 3 and 4 only
+    assert edge[:, 3:5].all()
+    assert not _outline(np.ones((8, 8), bool), 1).any()
 
 
 def test_panel_draws_the_predicted_region_and_truth():
