@@ -212,14 +212,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def tidy(v: Any) -> Any:
+    """Floats to 4 significant digits, recursively."""
+    if isinstance(v, float):
+        return float(f"{v:.4g}")
+    if isinstance(v, dict):
+        return {k: tidy(x) for k, x in v.items()}
+    return v
+
+
 def emit(figures: dict[str, Any]) -> None:
     """Print the one JSON line of a benchmark (floats rounded to 4 significant digits)."""
-
-    def tidy(v: Any) -> Any:
-        if isinstance(v, float):
-            return float(f"{v:.4g}")
-        if isinstance(v, dict):
-            return {k: tidy(x) for k, x in v.items()}
-        return v
-
     print(json.dumps(tidy({**figures, **machine()})), flush=True)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import REPO, build_model, synthetic_images
+from benchmarks._common import REPO, build_model, synthetic_images, tidy
 
 PAPER_STUDY = REPO / "studies" / "paper.yaml"
 
@@ -288,15 +288,6 @@ def e2e(cfg, root: Path, size: int, steps: int) -> dict[str, Any]:
         os.chdir(here)
     return {"size": size, "steps": steps, **seconds, "metrics_json": str(metrics),
             "image_auroc": result["mean"]["image_auroc"]}  # fmt: skip
-
-
-def tidy(v: Any) -> Any:
-    """Floats to 4 significant digits, recursively."""
-    if isinstance(v, float):
-        return float(f"{v:.4g}")
-    if isinstance(v, dict):
-        return {k: tidy(x) for k, x in v.items()}
-    return v
 
 
 def phase(name: str, fn: Callable[[], dict[str, Any]], failed: list[str]) -> Any:

@@ -122,6 +122,9 @@ def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Spa
             batch_size=batch,
             threads=None,  # the process's own (``--threads``), applied by setup()
             compile_=None,  # the checkpoint's runtime.compile: the library's default
+            batch_zero_shot=False,  # the per-image (zero-shot) regime
+            reference=None,
+            regime_params=None,
         )
         return lap()
 

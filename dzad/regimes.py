@@ -18,6 +18,7 @@ and image scores, so one run yields the ablation rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,19 +102,26 @@ def dzad_grids(
     return grid.cpu(), {"adapt_steps": cfg.adapt_steps, "adapted_on": len(kept)}
 
 
+def _with_dzad(
+    grid: Tensor, model: DZAD | None, images: Tensor, references: Tensor | None, cfg: RegimeConfig
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
+    """The backbone ``grid`` ``(B,h,w)`` fused with the adapted DZAD copy's grid when
+    ``cfg.dzad_weight > 0`` (adapted on the batch, or on ``references``): (fused, parts, info)."""
+    parts: dict[str, Tensor] = {"backbone": grid}
+    if model is None or cfg.dzad_weight <= 0:
+        return fuse(grid, None, cfg.dzad_weight), parts, {"dzad_weight": 0.0}
+    dz, info = dzad_grids(model, images, references, cfg)
+    parts["dzad"] = dz
+    return fuse(grid, dz, cfg.dzad_weight), parts, {**info, "dzad_weight": cfg.dzad_weight}
+
+
 def score_batch(
     backbone: Backbone, images: Tensor, cfg: RegimeConfig, model: DZAD | None = None
 ) -> Scored:
     """Batch zero-shot: ``images`` ``(B,3,S,S)`` at ``cfg.image_size`` scored together."""
     feats, glob = patch_features(backbone, images, cfg.levels, cfg.degrees)
     grid = torch.stack([mutual_patch_scores(f, cfg.mutual_fraction) for f in feats]).mean(0)
-    parts, info = {"backbone": grid}, {"dzad_weight": 0.0}
-    dz = None
-    if model is not None and cfg.dzad_weight > 0:
-        dz, info = dzad_grids(model, images, None, cfg)
-        parts["dzad"] = dz
-        info["dzad_weight"] = cfg.dzad_weight
-    fused = fuse(grid, dz, cfg.dzad_weight)
+    fused, parts, info = _with_dzad(grid, model, images, None, cfg)
     scores, maps = _finish(fused, images.shape[-1], glob, cfg.rescore_k)
     return Scored(scores, maps, parts, info, glob)
 
@@ -135,12 +143,6 @@ def score_few_shot(
     grid = torch.stack(
         [reference_patch_scores(f, r) for f, r in zip(feats, refs, strict=True)]
     ).mean(0)
-    parts, info = {"backbone": grid}, {"dzad_weight": 0.0}
-    dz = None
-    if model is not None and cfg.dzad_weight > 0:
-        dz, info = dzad_grids(model, images, references, cfg)
-        parts["dzad"] = dz
-        info["dzad_weight"] = cfg.dzad_weight
-    fused = fuse(grid, dz, cfg.dzad_weight)
+    fused, parts, info = _with_dzad(grid, model, images, references, cfg)
     scores, maps = _finish(fused, images.shape[-1], None, 0)
     return Scored(scores, maps, parts, info)
