@@ -33,7 +33,11 @@ ENV = {
 
 
 def sh(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV}
+    # the study's own store (params: sqlite:///mlflow.db in the repo), never a store URI that an
+    # earlier test's in-process MLflow call left in this process's environment
+    leftover = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    inherited = {k: v for k, v in os.environ.items() if k not in leftover}
+    env = {**inherited, **ENV}
     done = subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
