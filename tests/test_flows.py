@@ -75,7 +75,8 @@ def _run(**params):
 
 
 def _mlflow() -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    return mlflow.MlflowClient(uri, registry_uri=uri)  # not a registry set process-wide earlier
 
 
 def _children(parent_id: str) -> list:

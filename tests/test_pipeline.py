@@ -33,11 +33,7 @@ ENV = {
 
 
 def sh(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    # the study's own store (params: sqlite:///mlflow.db in the repo), never a store URI that an
-    # earlier test's in-process MLflow call left in this process's environment
-    leftover = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    inherited = {k: v for k, v in os.environ.items() if k not in leftover}
-    env = {**inherited, **ENV}
+    env = {**os.environ, **ENV}
     done = subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -141,7 +137,8 @@ def _registry_versions(repo: Path) -> dict[str, set[str]]:
     """``{version: aliases}`` of model `dzad` in the copy's MLflow store."""
     from mlflow import MlflowClient
 
-    c = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    c = MlflowClient(uri, registry_uri=uri)  # not a registry an earlier test set process-wide
     aliases = c.get_registered_model("dzad").aliases
     return {
         str(mv.version): {a for a, v in aliases.items() if str(v) == str(mv.version)}
