@@ -145,7 +145,7 @@ def test_version_without_metrics_is_refused_unless_forced(cfg):
 
 
 def test_cli_promote_and_models(cfg, tmp_path):
-    from dzad.cli import app
+    from flows.cli import app
 
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -247,7 +247,7 @@ def _closed_port() -> int:
 def test_dead_tracking_server_fails_fast_naming_it(tmp_path, monkeypatch, command):
     import time
 
-    from dzad.cli import app
+    from flows.cli import app
 
     uri = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -260,7 +260,7 @@ def test_dead_tracking_server_fails_fast_naming_it(tmp_path, monkeypatch, comman
 
 
 def test_registry_look_up_without_a_store_creates_nothing(tmp_path, monkeypatch):
-    from dzad.cli import app
+    from flows.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

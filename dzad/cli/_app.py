@@ -26,6 +26,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 CATEGORIES_HELP = "Categories (repeat the option or comma-separate); default: every category."
 MODEL_HELP = "Checkpoint folder or MLflow registry URI models:/<name>@<alias> (or /<version>)."
 
+# ``--model`` URI scheme -> its checkpoint folder; the tracking edge plugs the MLflow registry in
+# (``flows.cli``: ``models:/``), so the library's CLI never imports it
+MODEL_RESOLVERS: dict[str, Callable[[str], Path]] = {}
+
 
 def split_list(values: list[str] | None) -> list[str]:
     """Values of a repeatable option that also takes comma-separated lists, flattened."""

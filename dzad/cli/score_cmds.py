@@ -22,7 +22,14 @@ from typing import Any
 
 import typer
 
-from dzad.cli._app import CATEGORIES_HELP, MODEL_HELP, app, clean_errors, split_list
+from dzad.cli._app import (
+    CATEGORIES_HELP,
+    MODEL_HELP,
+    MODEL_RESOLVERS,
+    app,
+    clean_errors,
+    split_list,
+)
 from dzad.cli.score_inputs import check_images, collect_inputs
 from dzad.cli.score_outputs import print_metrics, print_scores, save_raw_map
 from dzad.cli.score_pictures import SCORE_COLUMNS, picture, run_pictures, settings
@@ -40,11 +47,13 @@ from dzad.run_panels import RunPictures
 
 # ------------------------------------------------------------------------------------- helpers
 def resolve_model(uri: str) -> Path:
-    """The checkpoint folder a ``--model`` value names (registry URIs plug in here)."""
+    """The checkpoint folder a ``--model`` value names: a folder, or a URI of a scheme that is
+    plugged into :data:`dzad.cli._app.MODEL_RESOLVERS` (``models:/`` by the ``dzad`` command)."""
+    for scheme, resolve in MODEL_RESOLVERS.items():
+        if uri.startswith(scheme):
+            return resolve(uri)
     if uri.startswith("models:/"):
-        from flows.tracking.registry import resolve_model as resolve_registry  # lazy: MLflow only
-
-        return resolve_registry(uri)
+        raise DZADInputError(uri, "registry URIs need the `dzad` command (flows.cli), not -m dzad")
     return Path(uri)
 
 

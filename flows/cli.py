@@ -1,7 +1,10 @@
-"""Registry commands: ``dzad promote`` and ``dzad models`` (MLflow, imported lazily).
+"""The ``dzad`` command: the library's CLI (:mod:`dzad.cli`) plus what needs the tracking edge.
 
-The store is ``tracking.tracking_uri`` of ``--params`` (default ``sqlite:///mlflow.db``) unless
-``MLFLOW_TRACKING_URI`` is set. No other command imports MLflow.
+Adds the registry commands ``dzad promote`` and ``dzad models`` (MLflow, imported lazily) and plugs
+the MLflow registry in as the resolver of ``models:/<name>@<alias>`` for ``--model``. The store is
+``tracking.tracking_uri`` of ``--params`` (default ``sqlite:///mlflow.db``) unless
+``MLFLOW_TRACKING_URI`` is set. The library itself (``python -m dzad``, the DVC stages) never
+imports this module.
 """
 
 from __future__ import annotations
@@ -10,7 +13,17 @@ from pathlib import Path
 
 import typer
 
-from dzad.cli._app import app, clean_errors, load_config
+from dzad.cli import app
+from dzad.cli._app import MODEL_RESOLVERS, clean_errors, load_config
+
+
+def _registry_checkpoint(uri: str) -> Path:
+    from flows.tracking.registry import resolve_model  # lazy: MLflow only when a URI needs it
+
+    return resolve_model(uri)
+
+
+MODEL_RESOLVERS["models:/"] = _registry_checkpoint
 
 _PARAMS_HELP = "Study params (tracking section, targets); default ./params.yaml if present."
 
@@ -67,3 +80,6 @@ def models_cmd(params: Path | None = typer.Option(None, help=_PARAMS_HELP)) -> N
         aliases = ",".join(r["aliases"]) or "-"
         data = tags.get("dzad.data", "-")
         typer.echo("\t".join([r["version"], aliases, decision, *cells, r["run_id"] or "-", data]))
+
+
+__all__ = ["app"]
