@@ -30,18 +30,17 @@ from torch import Tensor
 from dzad.anomaly_map import smooth
 from dzad.backbones import Backbone, feature_grid
 from dzad.config import EvalConfig
-from dzad.mutual_scoring import mutual_patch_scores
+from dzad.mutual_scoring import MAX_ELEMENTS, mutual_patch_scores
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-_CDIST_ELEMENTS = 1 << 24  # ~64 MB of float32 distances per chunk
 
 
 def nearest_distance(queries: Tensor, bank: Tensor) -> Tensor:
     """``(Q,)`` Euclidean distance from each query ``(Q, C)`` to its nearest bank row ``(K, C)``.
 
-    Chunked over queries so at most ``_CDIST_ELEMENTS`` distances exist at a time.
+    Chunked over queries so at most ``MAX_ELEMENTS`` distances exist at a time.
     """
-    step = max(1, _CDIST_ELEMENTS // max(1, bank.shape[0]))
+    step = max(1, MAX_ELEMENTS // max(1, bank.shape[0]))
     return torch.cat([torch.cdist(q, bank).amin(1) for q in queries.split(step)])
 
 

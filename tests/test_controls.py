@@ -116,7 +116,7 @@ def test_greedy_coreset_covers_every_cluster():
 def test_nearest_distance_chunks_agree(monkeypatch):
     q, bank = torch.randn(300, 8), torch.randn(70, 8)
     expected = torch.cdist(q, bank).amin(1)
-    monkeypatch.setattr(controls, "_CDIST_ELEMENTS", 100)  # many small chunks
+    monkeypatch.setattr(controls, "MAX_ELEMENTS", 100)  # many small chunks
     torch.testing.assert_close(nearest_distance(q, bank), expected)
 
 

@@ -30,7 +30,7 @@ from dzad.cli._app import (
     clean_errors,
     split_list,
 )
-from dzad.cli.score_inputs import check_images, collect_inputs
+from dzad.cli.score_inputs import check_images, collect_inputs, load_batch
 from dzad.cli.score_outputs import print_metrics, print_scores, save_raw_map
 from dzad.cli.score_pictures import SCORE_COLUMNS, picture, run_pictures, settings
 from dzad.decisions import Threshold
@@ -254,13 +254,9 @@ def _model_batches(
 ) -> Iterator[tuple[list, list[dict[str, Any]], Any]]:
     """Per-image (zero-shot) scoring, ``batch`` images per forward: ``(items, rows, maps (B, h,
     w))``; the decision is the checkpoint's (``thr`` None) or ``image_score > thr``."""
-    import torch
-
-    from dzad.data.images import load_image
-
     size, resample = dzad.image_size, dzad.cfg.data.resample
     for items in _batches(inputs, batch):
-        result = dzad(torch.stack([load_image(i.path, size, resample) for i in items]))
+        result = dzad(load_batch(items, size, resample))
         rows = []
         for k, item in enumerate(items):
             img_score = float(result.image_score[k])

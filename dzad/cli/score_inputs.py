@@ -12,9 +12,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dzad.errors import DZADInputError
+
+if TYPE_CHECKING:
+    import torch
 
 _GLOB_CHARS = set("*?[")
 
@@ -123,3 +126,12 @@ def check_images(inputs: list[ScoreInput], size: int, resample: str, skip_bad: b
             _warn(f"skipped: {item.shown}: {exc.reason}")
             skipped.append(_skipped_row(item.shown, DZADInputError(item.shown, exc.reason)))
     return good, skipped
+
+
+def load_batch(items: list[ScoreInput], size: int, resample: str) -> torch.Tensor:
+    """The images of ``items`` at ``size`` as one batch ``(B, 3, size, size)`` in [0, 1]."""
+    import torch
+
+    from dzad.data.images import load_image
+
+    return torch.stack([load_image(i.path, size, resample) for i in items])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dzad.cli.score_inputs import ScoreInput, check_images, collect_inputs
+from dzad.cli.score_inputs import ScoreInput, check_images, collect_inputs, load_batch
 from dzad.decisions import Threshold
 from dzad.errors import DZADInputError
 from dzad.regimes import REGIME_LABELS, score_batch, score_few_shot
@@ -27,12 +27,6 @@ def outlier_threshold(scores: torch.Tensor) -> float:
     """``median + 3 * 1.4826 * MAD`` of ``scores`` ``(B,)``: the ``auto`` rule of the regimes."""
     med = scores.median()
     return float(med + 3 * 1.4826 * (scores - med).abs().median())
-
-
-def _stack(items: list[ScoreInput], size: int, resample: str) -> torch.Tensor:
-    from dzad.data.images import load_image
-
-    return torch.stack([load_image(i.path, size, resample) for i in items])
 
 
 def score_regime(
@@ -48,7 +42,7 @@ def score_regime(
     from dzad.evaluation import control_backbone
 
     resample = dzad.cfg.data.resample
-    images = _stack(inputs, rc.image_size, resample)  # (B,3,S,S)
+    images = load_batch(inputs, rc.image_size, resample)  # (B,3,S,S)
     backbone = control_backbone(dzad)
     if reference is None:
         if len(inputs) < 2:
@@ -59,7 +53,7 @@ def score_regime(
         refs, _ = check_images(refs, rc.image_size, resample, skip_bad=False)
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
-        ref_images = _stack(refs, rc.image_size, resample)
+        ref_images = load_batch(refs, rc.image_size, resample)
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
     thr = outlier_threshold(scored.scores) if threshold is None else threshold
     scores = scored.scores.double()
