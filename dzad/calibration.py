@@ -1,4 +1,4 @@
-"""SOURCE-only calibration (method-notes 4) of a trained network, and rank-fusion references.
+"""SOURCE-only calibration (docs/method.md §7) of a trained network, and rank-fusion references.
 
 The held-out SOURCE normals (:func:`split_holdout`: never used by eq. 8's loop, never target data)
 give the per-stage statistics, tau and the eq. 15 gating bank (:func:`dzad.detection.calibrate`),
@@ -132,7 +132,7 @@ def calibrate_on_source(
     *,
     backbone: Backbone | None,
 ) -> Calibration:
-    """Calibration (method-notes 4) on held-out SOURCE normals (+ a labelled SOURCE split).
+    """Calibration (docs/method.md §7) on held-out SOURCE normals (+ a labelled SOURCE split).
 
     Then the pipeline itself (:class:`dzad.model.DZAD`; ``backbone``: ``dzad.model.map_backbone``)
     scores the same normals: their map and detection scores are the rank-fusion references.

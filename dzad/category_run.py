@@ -1,4 +1,4 @@
-"""One category's test images streamed through the model and the controls (method-notes 6).
+"""One category's test images streamed through the model and the controls (docs/method.md §11).
 
 :func:`run_category` runs :class:`dzad.model.DZAD` and every control batch by batch on the same
 images and accumulates their metrics (:class:`dzad.metrics.MetricAccumulator`), the per-image rows

@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses that mirror ``params.yaml`` section by section.
 
 YAML is parsed once, at the edge (CLI, DVC stages, Prefect flows); the library only ever sees these
-objects. Every reading of the paper that ``method-notes.md`` fixes is a field here, never a constant
+objects. Every reading of the paper that ``docs/method.md`` fixes is a field here, never a constant
 buried in code. ``from_dict`` rejects unknown keys so a typo in ``params.yaml`` fails loudly, and
 checks every value before any work: its type and ``Literal`` choice from the type hints, its range
 from :data:`RANGES` (ints and floats >= 0 unless listed; floats finite). One error names the key,
@@ -49,7 +49,7 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class SetsConfig:
-    """Cross-dataset protocol: train on ``source`` normals, test on each target (method-notes 6).
+    """Cross-dataset protocol: train on ``source`` normals, test on each target (method.md §11).
 
     The ``prepare`` stage makes the roots exist: it generates ``synth.families`` into ``synth.dest``
     (none when empty) and downloads the ``fetch`` datasets into ``data/raw/<name>``; other roots
@@ -72,10 +72,10 @@ class ModelConfig:
     block_out_channels: tuple[int, ...] = ()  # empty = the profile's (dzad.networks.PROFILES)
     use_sg: bool = True  # False = the paper's "SD" ablation row (no SG network at all)
     only_mid_control: bool = True  # DiAD default: control reaches only middle + SFF-fused skips
-    sff_norm: Literal["instance", "group"] = "group"  # method-notes 1: allowed deviation from DiAD
+    sff_norm: Literal["instance", "group"] = "group"  # docs/method.md §3.3: deviation from DiAD
     hint_channels: int = 3  # channels of the image hint (sg_hint: image)
     # SG's hint c of eq. 9: the image x0 (the paper) or its latent z0, i.e. the frozen backbone's
-    # features for the backbone_features latent (issue 9: "SG hints made of backbone features")
+    # features for the backbone_features latent (docs/method.md §3.2)
     sg_hint: Literal["image", "latent"] = "image"
     pretrained: str | None = None  # local diffusers folder or hub id (paper profile)
     freeze_unet_encoder: bool = False
@@ -88,7 +88,7 @@ class ModelConfig:
     context: Literal["zeros", "empty_prompt"] = "zeros"  # paper profile's fixed text context
     vae: str | None = None  # AutoencoderKL folder / hub id; None = ``pretrained``'s "vae" subfolder
     random_vae: bool = False  # tests only: a randomly initialised VAE; never a silent fallback
-    feature_backbone: str = "efficientnet_lite0"  # backbone_features latent (issue 9)
+    feature_backbone: str = "efficientnet_lite0"  # backbone_features latent (docs/method.md §2)
     random_backbone: bool = False  # tests only
     feature_stride: int = 8  # grid of the backbone_features latent
     feature_local_pool: int = 1  # PatchCore-style k x k local averaging before gridding (1 = off)
@@ -120,7 +120,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Multi-timestep noise-feature matrix F (eq. 11-12, method-notes 2)."""
+    """Multi-timestep noise-feature matrix F (eq. 11-12, docs/method.md §5)."""
 
     n_stages: int = 10
     m_samples: int = 1
@@ -135,7 +135,7 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class WeightingConfig:
-    """Weight function of eq. 13 / Table 4 (method-notes 3)."""
+    """Weight function of eq. 13 / Table 4 (docs/method.md §6)."""
 
     name: Literal["dzad", "uniform", "snr", "snr_prime", "exp6", "exp7", "learned"] = "dzad"
     k: float = 3.0
@@ -144,7 +144,7 @@ class WeightingConfig:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    """Detection (eq. 10-12, method-notes 4)."""
+    """Detection (eq. 10-12, docs/method.md §7)."""
 
     mode: Literal["self", "prototype", "contrast"] = "self"
     standardise: bool = True  # per-stage z-score with SOURCE-normal statistics
@@ -161,7 +161,7 @@ class DetectionConfig:
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """DDIM reconstruction (method-notes 5)."""
+    """DDIM reconstruction (docs/method.md §8)."""
 
     steps: int = 10
     t_start: int = 999
@@ -173,7 +173,7 @@ class ReconstructionConfig:
 
 @dataclass(frozen=True)
 class MapConfig:
-    """Two-branch anomaly map (eq. 14-15) and image score (method-notes 5)."""
+    """Two-branch anomaly map (eq. 14-15) and image score (docs/method.md §9-§10)."""
 
     backbone: Literal["resnet50", "wide_resnet50_2", "efficientnet_lite0"] = "efficientnet_lite0"
     random_backbone: bool = False  # tests only; never a silent fallback
@@ -187,7 +187,7 @@ class MapConfig:
     latent_distance: Literal["cosine", "l2"] = "cosine"  # map of a latent without a decoder
     # what the gate weighs: "reconstruction" = eq. 14-15's feature distance to the DDIM
     # reconstruction; "noise_excess" = the spatial noise error's excess over SOURCE normals at
-    # each position (dzad.detection.excess_map), no reconstruction (issue 9)
+    # each position (dzad.detection.excess_map), no reconstruction (docs/method.md §9.4)
     base: Literal["reconstruction", "noise_excess"] = "reconstruction"
 
 
@@ -207,7 +207,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RegimeConfig:
-    """Scoring regimes beside per-image zero-shot (issue 17; :mod:`dzad.regimes`).
+    """Scoring regimes beside per-image zero-shot (docs/method.md §11.1; :mod:`dzad.regimes`).
 
     ``batch-zero-shot``: the images of one call (one category in evaluate) are scored together,
     unlabelled; ``few-shot``: against ``few_shot_k`` known-good images of the target. Both use the

@@ -1,4 +1,4 @@
-"""Controls (issue 9): simple detectors scored on the same images with the same metric code.
+"""Controls (method.md §11): simple detectors scored on the same images with the same metric code.
 
 A detector that cannot beat these is not worth its training, so every results table carries them:
 

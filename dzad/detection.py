@@ -1,4 +1,4 @@
-"""Detection (eq. 10-12, method-notes 4): calibration on SOURCE data only, and the three modes.
+"""Detection (eq. 10-12, docs/method.md §7): calibration on SOURCE data only, and the three modes.
 
 - ``self`` (default): c = x0 through the SG network; ``s = sum_n w_n mean_m F[n, m]`` (standardised
   per stage with SOURCE-normal statistics when ``standardise``); anomalous when ``s > tau``, tau a
@@ -147,7 +147,7 @@ def excess_map(spatial: Tensor, calib: Calibration) -> Tensor:
     ``z_n(p)`` standardises the spatial error of stage n at position p with the SOURCE normals'
     statistics at that stage AND position: the denoiser's error has a positional pattern of its
     own (e.g. higher along the borders) that a per-stage z-score (:func:`weighted_map`) leaves
-    in, and that pattern, not the defects, dominated the maps measured in issue 9. Only an error
+    in, and that pattern, not the defects, dominated real-image maps (method.md §9.4). Only an error
     above what SOURCE normals show there counts (the sign eq. 15's gate uses); squared so that a
     few clearly-exceeding stages outweigh many marginal ones. Weights w_n as eq. 13.
     """

@@ -1,8 +1,8 @@
-"""The evaluation protocol (method-notes 6) over an MVTec-layout root, streamed batch by batch.
+"""The evaluation protocol (docs/method.md §11) over an MVTec-layout root, streamed batch by batch.
 
 For every category's test split: run :class:`dzad.model.DZAD`, accumulate image and pixel metrics
 (:class:`dzad.metrics.MetricAccumulator` holds the only in-memory copy of the maps), score the
-controls (issue 9) on the same images with the same metric code, and write to ``out_dir``:
+controls (method.md §11) on the same images with the same metric code, and write to ``out_dir``:
 
 - ``metrics.json``: ``{"categories": {cat: {metric: v}}, "mean": {...}, "variants":
   {"map_score" | "detection_score" | "fusion": {"categories", "mean"}}, "controls": {name: {"label",
@@ -104,7 +104,7 @@ def source_batches(
 def build_controls(
     model: DZAD, eval_cfg: EvalConfig, source: Callable[[], Iterable[torch.Tensor]]
 ) -> list[Control]:
-    """The issue-9 controls, fitted on SOURCE normals (``source()`` yields fresh batches).
+    """The controls (method.md §11), fitted on SOURCE normals (``source()`` yields fresh batches).
 
     Mutual scoring is added only for the transductive ("batch zero-shot") gating.
     """

@@ -1,7 +1,7 @@
-"""Encoders E (method-notes 1): images ``(B,3,H,W)`` in [0,1] -> latents ``z0`` ``(B,C,h,w)``.
+"""Encoders E (docs/method.md §2): images ``(B,3,H,W)`` in [0,1] -> latents ``z0`` ``(B,C,h,w)``.
 
 ``pixel`` and ``pixel_unshuffle`` are the small-scale latents, ``vae`` is SD's AutoencoderKL
-(posterior mean x scaling factor, paper scale) and ``backbone_features`` (issue 9) is a frozen
+(posterior mean x scaling factor, paper scale) and ``backbone_features`` (method.md §2) is a frozen
 ImageNet backbone's multi-scale features on one grid, standardised and PCA-reduced with statistics
 fitted on SOURCE normals only. Every encoder is frozen: only the denoiser, the SG network and SFF
 are trained (eq. 8).
@@ -148,7 +148,7 @@ class BackboneFeatureEncoder(_FittedRange):
     Every level of the backbone's pyramid goes onto the grid (``dzad.backbones.feature_grid``:
     optional local averaging, then average pooling or bilinear upsampling; ``C_in`` channels).
     ``fit`` estimates the per-channel mean/std and the top ``latent_channels`` principal axes of the
-    standardised features over every grid position of the SOURCE normals (issue 9: never target
+    standardised features over every grid position of the SOURCE normals (method.md §11: not target
     data); they are buffers, so they travel in the checkpoint. The latent is divided by one global
     scale (the root mean of the kept eigenvalues) so its variance is ~1 like the diffusion prior
     assumes, or whitened per axis when ``pca_whiten``. Not decodable.

@@ -3,7 +3,7 @@
 ``ModelMixin.from_pretrained`` treats a folder it cannot find as a hub repo id (HEAD requests) and,
 while it builds the model, patches ``torch.nn.init`` and (with accelerate) ``nn.Module``'s
 parameter registration for the whole process: a model built or loaded in another thread at the same
-time gets meta tensors or skipped initialisation (issue 15: concurrent ``DZAD.from_checkpoint``).
+time gets meta tensors or skipped initialisation (concurrent ``DZAD.from_checkpoint`` calls).
 Here the model is built from its ``config.json`` on the meta device (a thread-local torch function
 mode, so other threads are untouched and no random initialisation runs) and its safetensors weights
 are assigned in place, strictly: every parameter and buffer must come from the file.

@@ -1,4 +1,4 @@
-"""Detection and segmentation metrics: the one vetted implementation (method-notes 6).
+"""Detection and segmentation metrics: the one vetted implementation (docs/method.md §11).
 
 Image level: AUROC, average precision (AP, scikit-learn's step-wise definition) and F1-max.
 Pixel level: AUROC, F1-max and AUPRO (mean per-region overlap integrated over FPR in [0, 0.3],

@@ -1,6 +1,6 @@
 """``DZAD``: the whole pipeline as one module, its forward written out step by step.
 
-Like a diffusers pipeline, it only holds parts built elsewhere (method-notes 0): the encoder E
+Like a diffusers pipeline, it only holds parts built elsewhere (docs/method.md §1): the encoder E
 (``dzad.latents``), the SG-conditioned denoiser (``dzad.networks``), the training schedule's
 alpha-bar, the noise bank, the SOURCE-only calibration (``dzad.detection``) and the backbone Phi
 (``dzad.backbones``). A checkpoint folder (``dzad.checkpoint``) rebuilds it with
@@ -55,7 +55,7 @@ class DZADOutput:
     decision: Tensor  # (B,) bool
     anomaly_map: Tensor  # (B, 1, H, W) smoothed, gated map
     F: Tensor  # (B, N, M)
-    map_score: Tensor  # (B,) pooled max of the map (method-notes 5)
+    map_score: Tensor  # (B,) pooled max of the map (docs/method.md §10)
     fused_score: Tensor  # (B,) rank fusion of map and detection scores (SOURCE references)
 
 
@@ -100,7 +100,7 @@ class DZAD(nn.Module):
         if encoder.can_decode and backbone is None:
             raise ValueError("a decodable latent needs the backbone Phi for the anomaly map")
         self.register_buffer("alphas_cumprod", make_scheduler(cfg.model).alphas_cumprod.clone())
-        self.clamp_range = encoder.latent_range()  # SOURCE latent range (issue 9)
+        self.clamp_range = encoder.latent_range()  # SOURCE latent range (docs/method.md §8)
         if cfg.reconstruction.clamp and self.clamp_range is None:
             log.warning(
                 "reconstruction.clamp is on but the %s latent has no SOURCE range (encoder not "

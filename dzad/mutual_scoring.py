@@ -1,4 +1,4 @@
-"""Backbone patch scores without SOURCE statistics (issue 17): mutual (batch) and reference scores.
+"""Backbone patch scores without SOURCE statistics (method.md §11.1): mutual (batch) and reference.
 
 MuSc's recipe (Li et al., ICLR 2024), on the library's frozen backbone:
 

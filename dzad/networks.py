@@ -1,4 +1,4 @@
-"""Denoiser eps_theta + Semantic-Guided (SG) network + SFF block, wired as eq. 9 (method-notes 1).
+"""Denoiser eps_theta + Semantic-Guided (SG) network + SFF block, wired as eq. 9 (method.md §3).
 
 The denoiser is diffusers' ``UNet2DConditionModel``; the SG network is ``ControlNetModel.from_unet``
 (a copy of the UNet encoder that sees z_t plus an embedding of the hint x0, with zero-initialised
@@ -115,7 +115,7 @@ class SFF(nn.Module):
     """Semantic Feature Fusion (DiAD): lowest-level skip r_j -> SiLU(r_j + sum_k g_k(r_k)).
 
     k runs over the skips of the level above; ``g_k = SiLU(Norm(Conv3x3 stride 2 (r_k)))`` with one
-    conv per (upper skip, lowest-level channel count). Deviation allowed by method-notes 1: DiAD
+    conv per (upper skip, lowest-level channel count). Deviation from DiAD (method.md §3.3): DiAD
     zero-initialises the convs before an InstanceNorm, whose gradient explodes on an all-zero map;
     here the convs keep PyTorch's small random init, have no bias, and the norm (GroupNorm by
     default, ``sff_norm``) starts with a zero scale, so SFF outputs exactly zero until trained and
@@ -226,7 +226,7 @@ class DZADNetwork(nn.Module):
     ) -> Tensor:
         """eq. 9: z_t ``(B,C,h,w)``, t ``(B,)``, hint ``(B,3,H,W)`` or None -> eps ``(B,C,h,w)``.
 
-        ``residuals`` replaces SG(z_t, hint) by given ones (prototype conditions, method-notes 4);
+        ``residuals`` replaces SG(z_t, hint) by given ones (prototype conditions, method.md §7);
         ``hint_embedding`` ``(B,C_0,h,w)`` (:meth:`embed_hint`) replaces the embedding of ``hint``.
         """
         kwargs = {}
@@ -399,7 +399,7 @@ def freezes_unet_encoder(cfg: ModelConfig) -> bool:
 
 
 def make_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    """Training noise schedule (eq. 7 with alpha-bar, method-notes 1)."""
+    """Training noise schedule (eq. 7 with alpha-bar, docs/method.md §4)."""
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,

@@ -1,4 +1,4 @@
-"""Multi-timestep noise-feature matrix F (eq. 11-12, method-notes 2).
+"""Multi-timestep noise-feature matrix F (eq. 11-12, docs/method.md §5).
 
 The schedule's T steps are cut into N disjoint buckets ``b_n = [nT/N, (n+1)T/N)`` (n = N-1 the
 noisiest), each probed at M bucket-centred timesteps. One seeded noise bank ``eps[n, m]`` is shared
@@ -220,7 +220,7 @@ def sg_residual_means(
     """Sum over the batch of the SG residuals at every bank entry (divide by B for the mean).
 
     Returns down skips each ``(N*M, C_k, h_k, w_k)`` and middle ``(N*M, C, h', w')``; used to build
-    the prototype conditions of method-notes 4 (per-timestep mean SG residuals of a class of
+    the prototype conditions of docs/method.md §7 (per-timestep mean SG residuals of a class of
     images).
     """
     nm = bank.n_stages * bank.m_samples

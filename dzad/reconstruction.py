@@ -1,4 +1,4 @@
-"""DDIM reconstruction x0_hat with the SG network conditioned on x0 at every step (method-notes 5).
+"""DDIM reconstruction x0_hat with the SG network conditioned on x0 at every step (method.md §8).
 
 z0 is noised to the first timestep of a DDIM grid over [0, t_start] (``t_start`` itself for the
 "trailing" spacing) and denoised with deterministic DDIM (eta 0 by default), no guidance. The grid

@@ -1,4 +1,4 @@
-"""``dzad evaluate --batch-zero-shot`` / ``--few-shot K`` (issue 17): the regimes on a test root.
+"""``dzad evaluate --batch-zero-shot`` / ``--few-shot K`` (method.md §11.1): regimes on a test root.
 
 Per category, the test images are loaded at ``regime.image_size`` (masks too) and scored:
 

@@ -1,4 +1,4 @@
-"""The three scoring regimes (issue 17), one function per regime over a batch of images.
+"""The three scoring regimes (docs/method.md §11.1), one function per regime over a batch of images.
 
 - ``zero-shot``: per image, the paper's method (:class:`dzad.model.DZAD` alone; not here);
 - ``batch zero-shot`` (:func:`score_batch`): the images are scored together, unlabelled: MuSc

@@ -153,7 +153,7 @@ def summary_table(
     metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "aupro"),
     controls: bool = True,
 ) -> Table:
-    """Issue 9 layout: one row per DZAD configuration and per control; columns
+    """Real-image study layout: one row per DZAD configuration and per control; columns
     ``<target>: <metric>``: macro mean over the target's categories (± std over seeds)."""
     means: dict[str, dict[str, float]] = {}
     stds: dict[str, dict[str, float]] = {}

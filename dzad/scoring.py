@@ -1,6 +1,6 @@
 """Image scores: pooled maximum of the anomaly map, and a rank fusion with the detection score.
 
-Image score (method-notes 5): ``rounds`` rounds of ``k x k`` average pooling (stride 1, "same"
+Image score (docs/method.md §10): ``rounds`` rounds of ``k x k`` average pooling (stride 1, "same"
 output size, replicate borders) then the maximum, so an isolated hot pixel counts less than a
 hot region.
 

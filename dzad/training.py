@@ -1,4 +1,4 @@
-"""eq. 8 training on SOURCE normals, then SOURCE-only calibration (method-notes 1 and 4).
+"""eq. 8 training on SOURCE normals, then SOURCE-only calibration (docs/method.md §4 and §7).
 
 The calibration (``dzad.calibration``) runs on SOURCE normals held out of the loop, with the
 weights that will score (EMA when on), and is saved in the same checkpoint.

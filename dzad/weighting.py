@@ -1,4 +1,4 @@
-"""Stage weight functions w_n of eq. 13 / Table 4 and the weighted detection score (method-notes 3).
+"""Stage weight functions w_n of eq. 13 / Table 4 and the weighted detection score (method.md §6).
 
 Every function is one name: ``dzad`` (``1 + exp(-k(N - n))``, n = 0..N-1; the paper writes 10 - n
 for its N = 10, we use N - n so the noisiest bucket keeps the weight 1 + exp(-k) for any N),

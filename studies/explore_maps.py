@@ -1,4 +1,4 @@
-"""Exploration behind issue 9's map choice: candidate anomaly maps from one trained checkpoint.
+"""Exploration behind the real-image map choice (method.md §9.4): candidate maps of one checkpoint.
 
 ``python studies/explore_maps.py STUDY_DIR TARGET [--cache DIR] [--max-images K]`` (in a folder
 where ``dvc repro`` ran a study: ``params.yaml``, ``models/seed_0``, ``data/cache``) prints one

@@ -1,4 +1,4 @@
-"""Ablation of the scoring regimes (issue 17) on one target, reusing the backbone grids.
+"""Ablation of the scoring regimes (docs/method.md §11.1) on one target, reusing the backbone grids.
 
 The backbone grids do not depend on the DZAD seed, so they are computed once per target and
 cached (``--cache``); per checkpoint only the DZAD signal (frozen or adapted copy) is computed and

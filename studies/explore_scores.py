@@ -1,4 +1,4 @@
-"""Exploration behind issue 9's image-score choice: candidate image scores from trained checkpoints.
+"""Exploration behind the real-image score choice: candidate image scores from trained checkpoints.
 
 ``python studies/explore_scores.py STUDY_DIR TARGET [--seeds 0 1 2] [--max-images K]`` (in a
 folder where ``dvc repro`` trained a study: ``params.yaml``, ``models/seed_<s>``, ``data/cache``)
@@ -15,7 +15,7 @@ per-position standardisation of :func:`dzad.detection.excess_map`:
   ``z_peak``: its top-5% mean minus its median (a local rise over the image's own level);
 - ``tta_*``: the same averaged over 4 views (identity, h-flip, v-flip, both);
 - ``detection``: with ``--mode prototype|contrast``, the recalibrated model's detection score in
-  that mode (method-notes 4; prototype conditions from the SOURCE test split);
+  that mode (docs/method.md §7; prototype conditions from the SOURCE test split);
 - ``learned``: s with weights fitted (logistic regression, eq. 13's learned w) on the SOURCE test
   split's labels: source data only, so it is a legitimate zero-shot choice.
 

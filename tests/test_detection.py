@@ -1,4 +1,4 @@
-"""Calibration on SOURCE features and the three detection modes (eq. 10-12, method-notes 4)."""
+"""Calibration on SOURCE features and the three detection modes (eq. 10-12, docs/method.md §7)."""
 
 from __future__ import annotations
 

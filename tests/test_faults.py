@@ -1,4 +1,4 @@
-"""Bad values and faults (issue 16): each case a named row of a table, each failure one clear line.
+"""Bad values and faults: each case a named row of a table, each failure one clear line.
 
 Tables: :data:`CONFIG_FAULTS` (config values refused when loaded), :data:`BAD_THRESHOLDS`
 (``dzad score --threshold``), :data:`WRITE_FAULTS` (unwritable or full output). The archive cases

@@ -27,7 +27,7 @@ from flows import tasks as flow_tasks
 
 TINY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
 # -p overrides that keep the tiny study to seconds: both targets (mapped evaluate tasks load the
-# checkpoint in parallel threads: issue 15), two Table-4 weight functions and one Figure-4 start
+# checkpoint in parallel threads), two Table-4 weight functions and one Figure-4 start
 # timestep (every in-process run of this file passes the same ones, so caches are shared)
 SMALL = {"weightings": ["uniform", "dzad"], "t_starts": [500]}
 ARMS = {("weighting", "uniform"), ("weighting", "dzad"), ("timesteps", "500")}

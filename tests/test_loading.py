@@ -1,4 +1,4 @@
-"""Checkpoint loading: thread-safe (no process-global state), local files only (issues 15, 16)."""
+"""Checkpoint loading: thread-safe (no process-global state), local files only."""
 
 from __future__ import annotations
 

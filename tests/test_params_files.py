@@ -1,4 +1,4 @@
-"""Every shipped params file survives the rewrites DVC makes (issue 15: `dvc exp run -S`)."""
+"""Every shipped params file survives the rewrites DVC makes (`dvc exp run -S`)."""
 
 from __future__ import annotations
 

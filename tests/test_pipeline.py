@@ -1,4 +1,4 @@
-"""`dvc repro` for real: the `tiny` study in a temporary copy of the repository (issue 5).
+"""`dvc repro` for real: the `tiny` study in a temporary copy of the repository.
 
 The copy holds the code, dvc.yaml, the studies and the DVC config, never the outputs of a previous
 run (data/, models/, runs/, metrics/, plots/, reports/, dvc.lock), so everything checked here was

@@ -63,8 +63,8 @@ def test_auto_is_fp32_on_cpu_and_bf16_can_be_forced():
 
 @pytest.mark.slow
 def test_bf16_scores_rank_like_fp32_scores(trained, synth_root):
-    """Issue 18's parity bar: Spearman >= 0.99 between bf16 (forced on CPU, calibrated in bf16)
-    and fp32 scores of the weave and grain test images."""
+    """The bf16 parity bar (method.md §11.2): Spearman >= 0.99 between bf16 (forced on CPU,
+    calibrated in bf16) and fp32 scores of the weave and grain test images."""
     model, source = trained
     x = _images(synth_root, model.cfg, ("weave", "grain"), "test")
     fp32 = model(x)

@@ -1,4 +1,4 @@
-"""Issue 17: mutual / reference patch scores, re-scoring, adaptation, reference draws, CLI."""
+"""Regimes (method.md §11.1): mutual / reference patch scores, rescoring, adaptation, draws, CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SG network's hint is used once trained (issue 9): eq. 9's condition is not ignored.
+"""The SG network's hint is used once trained: eq. 9's condition is not ignored.
 
 A fresh SG network adds exactly nothing (zero-initialised convolutions, tests/test_networks.py), so
 any effect of the hint below comes from training. The `tiny` session checkpoint (30 steps, EMA 0.99)

@@ -1,6 +1,6 @@
 """A checkpoint records what it was trained on; evaluate reads it; resume refuses other data.
 
-Issue 15 (`dzad train --data` then `dzad evaluate --model --data`) and issue 16 item 7 (data part).
+Covers `dzad train --data` then `dzad evaluate --model --data`, and resuming on other data.
 """
 
 from __future__ import annotations

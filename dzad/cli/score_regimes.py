@@ -1,4 +1,4 @@
-"""``dzad score --batch-zero-shot`` / ``--reference DIR`` (issue 17): one call = one batch.
+"""``dzad score --batch-zero-shot`` / ``--reference DIR`` (method.md §11.1): one call = one batch.
 
 The images of the call are loaded at ``regime.image_size`` and scored together
 (:func:`dzad.regimes.score_batch`) or against the known-good images under ``--reference``

@@ -2,7 +2,7 @@
 
 The ``dzad stage ...`` commands, the DVC stages (``dvc.yaml``) and the Prefect flows all call the
 functions of this package; none of them re-implements a step. A study is the cross-dataset protocol
-of method-notes 6: train on the SOURCE normals (one checkpoint per seed), evaluate on every target,
+of method.md §11: train on the SOURCE normals (one checkpoint per seed), evaluate on every target,
 ablate, report. One module per product (a DVC stage depends on the modules it runs):
 
 - :mod:`dzad.study.layout`: dataset names, cache and seed folders, the seeds' checkpoints;

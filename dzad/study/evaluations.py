@@ -98,7 +98,7 @@ def evaluate_model(model, cfg: DZADConfig, target: str, out_dir: Path, *, contro
 def evaluate_target(
     ckpt: Path, cfg: DZADConfig, target: str, out_dir: Path, *, controls: bool | None = None
 ) -> dict:
-    """Evaluate one checkpoint on one target (method-notes 6); returns ``metrics.json``'s content.
+    """Evaluate one checkpoint on one target (method.md §11); returns ``metrics.json``'s content.
 
     ``out_dir`` gets ``metrics.json``, ``metrics.csv``, ``scores.csv``, ``noise_features.npz`` and
     ``figures/``. ``controls`` None = ``cfg.evaluate.controls``.

@@ -38,7 +38,7 @@ def report(
     DZAD) and PNG figures in ``out_dir``, plus ``index.md`` holding them all; returns the files.
 
     Per target: ``<target>_<metric>.*`` (rows = categories + mean, columns = DZAD and controls).
-    ``summary.*`` (issue-9 layout), ``table4_weighting.*``, ``figure4_timesteps.*`` and
+    ``summary.*`` (real-image study layout), ``table4_weighting.*``, ``figure4_timesteps.*`` and
     ``table3_<target>.*`` when those ablations ran.
     """
     from dzad import ablation, reports
