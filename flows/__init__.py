@@ -1,8 +1,10 @@
 """Orchestration and tracking edge of DZAD: Prefect flows, MLflow tracking, DVC stage entry points.
 
-Importing any ``flows`` module turns usage telemetry off before MLflow or Prefect is imported (house
-rule: zero telemetry), and MLflow's artifact progress bars with it. ``setdefault`` keeps an explicit
-user choice.
+Importing a ``flows`` module changes nothing in the process. The entry points (the ``dzad``
+command's callback in :mod:`flows.cli`, ``python -m flows.serve``, the DVC ``register`` stage
+``python -m flows.register``, the test suite's ``conftest.py``) call :func:`telemetry_off` before
+MLflow or Prefect is imported (house rule: zero telemetry). Code that runs the flows from its own
+Python process calls it first too, or exports the variables of :data:`TELEMETRY_OFF`.
 """
 
 import os
@@ -16,9 +18,14 @@ TELEMETRY_OFF = {
     "HF_HUB_OFFLINE": "1",
     "DVC_NO_ANALYTICS": "1",
 }
+QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # keeps CLI / DVC logs readable
 
-for _name, _value in {
-    **TELEMETRY_OFF,
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # keeps CLI / DVC logs readable
-}.items():
-    os.environ.setdefault(_name, _value)
+
+def telemetry_off() -> None:
+    """Set :data:`TELEMETRY_OFF` and :data:`QUIET` in ``os.environ``; a value the user set is kept.
+
+    MLflow decides whether to start its telemetry client when it is imported, so call this before
+    importing MLflow or Prefect (child processes, e.g. served flow runs, inherit the variables).
+    """
+    for name, value in {**TELEMETRY_OFF, **QUIET}.items():
+        os.environ.setdefault(name, value)

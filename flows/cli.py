@@ -15,6 +15,7 @@ import typer
 
 from dzad.cli import app
 from dzad.cli._app import MODEL_RESOLVERS, clean_errors, load_config
+from flows import telemetry_off
 
 
 def _registry_checkpoint(uri: str) -> Path:
@@ -24,6 +25,13 @@ def _registry_checkpoint(uri: str) -> Path:
 
 
 MODEL_RESOLVERS["models:/"] = _registry_checkpoint
+
+
+@app.callback()
+def _edge() -> None:
+    # before any command: the registry commands and models:/ URIs import MLflow (lazily)
+    telemetry_off()
+
 
 _PARAMS_HELP = "Study params (tracking section, targets); default ./params.yaml if present."
 

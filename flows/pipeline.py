@@ -32,10 +32,10 @@ from prefect.runtime import flow_run
 
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text
+from dzad.overrides import Overrides, apply_overrides
 from dzad.study.layout import seed_dir
 from dzad.study.models import resumable
 from flows.parameters import (
-    apply_overrides,
     flow_run_name,
     load_params,
     own_data,
@@ -199,9 +199,9 @@ def dzad(
     continue the checkpoints a crashed training left behind (finished tasks are cached anyway).
     ``dask_address``: run the ablation arms on Dask (``local`` or ``tcp://scheduler:8786``).
     """
-    overrides = dict(seed=seed, profile=profile, steps=steps, device=device, targets=targets)
-    overrides.update(weightings=weightings, t_starts=t_starts, architecture=architecture)
-    cfg = apply_overrides(load_params(params_file), **overrides)
+    # the parameters that are overrides (dzad.overrides.Overrides), as this flow run received them
+    overrides = Overrides.from_mapping(flow_run.parameters)
+    cfg = apply_overrides(load_params(params_file), overrides)
     runner = task_runner(dask_address) if stage == "ablation" else None
     out = Path(out_dir) / cfg.study
     cfg = own_data(cfg, out)  # never DVC's data/raw or data/cache

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dzad.errors import DZADError
+from flows import telemetry_off
 
 
 def manifest_hashes(cfg) -> dict[str, str]:
@@ -96,6 +97,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    telemetry_off()  # before run() imports MLflow
     parser = argparse.ArgumentParser(prog="python -m flows.register", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or models/")

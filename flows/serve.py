@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from prefect import serve
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from flows import telemetry_off
 
-from flows.pipeline import STAGES, dzad
+# Prefect and the flow (which imports MLflow) load inside the functions: main() turns telemetry
+# off first.
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
 
 DESCRIPTIONS = {
     "train": "Prepare + preprocess the data, train every seed on the SOURCE normals, calibrate.",
@@ -27,6 +30,10 @@ def deployments(
     params_file: str = "params.yaml", out_dir: str = "runs/prefect"
 ) -> list[RunnerDeployment]:
     """One deployment per stage; every other parameter keeps the flow's default (None = YAML)."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.pipeline import STAGES, dzad
+
     return [
         dzad.to_deployment(
             name=stage,
@@ -53,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="flow runs executed at once (1: two trainings never share one GPU)",
     )
     args = parser.parse_args(argv)
+    telemetry_off()  # before Prefect and MLflow are imported; served flow runs inherit it
+    from prefect import serve
+
     serve(*deployments(args.params_file, args.out_dir), limit=args.limit)
 
 

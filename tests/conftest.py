@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from dzad.config import ModelConfig
-from flows import TELEMETRY_OFF
+from flows import TELEMETRY_OFF, telemetry_off
 
 os.environ.update(TELEMETRY_OFF)  # also before collection, for modules reading them on import
+telemetry_off()  # and MLflow's progress bars, as the entry points do
 torch.set_num_threads(1)
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from dzad.overrides import Overrides, apply_overrides
 from flows import parameters, pipeline, serve
 from flows import tasks as flow_tasks
 
@@ -121,12 +122,13 @@ def test_overrides_make_a_one_seed_study_and_name_it(tmp_path):
     path.write_text(yaml.safe_dump({**yaml.safe_load(TINY.read_text()), "seeds": [0, 1, 2]}))
     cfg = parameters.load_params(path)
     assert parameters.run_name("evaluate", cfg) == "evaluate-tiny-seeds0-1-2"
-    one = parameters.apply_overrides(cfg, seed=3, device="cuda:1", weightings=["snr"], t_starts=[])
+    given = Overrides(seed=3, device="cuda:1", weightings=["snr"], t_starts=[])
+    one = apply_overrides(cfg, given)
     assert (one.seed, one.seeds, one.train.device) == (3, (3,), "cuda:1")
     assert (one.ablation.weightings, one.ablation.t_starts) == (("snr",), ())
     assert parameters.run_name("ablation", one) == "ablation-tiny-seed3"
     with pytest.raises(ValueError, match=r"\['nope'\] are not in sets.targets"):
-        parameters.apply_overrides(cfg, targets=["nope"])
+        apply_overrides(cfg, Overrides(targets=["nope"]))
 
 
 def test_params_are_parsed_once_per_content(tmp_path, monkeypatch):

@@ -47,13 +47,13 @@ def test_score_threads_and_compile_options(tiny_checkpoint, synth_root, tmp_path
 
 
 def test_train_threads_override_is_validated():
-    from dzad.cli.model_cmds import _with_overrides
     from dzad.config import DZADConfig
+    from dzad.overrides import Overrides, apply_overrides
 
-    assert _with_overrides(DZADConfig(), None, None, None, 1).runtime.threads == 1
-    assert _with_overrides(DZADConfig(), None, None, None).runtime.threads == 0
+    assert apply_overrides(DZADConfig(), Overrides(threads=1)).runtime.threads == 1
+    assert apply_overrides(DZADConfig(), Overrides()).runtime.threads == 0
     with pytest.raises(ValueError, match=r"runtime\.threads"):
-        _with_overrides(DZADConfig(), None, None, None, -1)
+        apply_overrides(DZADConfig(), Overrides(threads=-1))
 
 
 @pytest.mark.slow  # compiling the tiny network took 340 s on 2 busy cores (cold inductor cache)

@@ -1,7 +1,7 @@
 """Model commands: ``dzad train`` (eq. 8 + SOURCE calibration) and ``dzad profiles``.
 
 Thin edges over :func:`dzad.training.train` and :func:`dzad.networks.model_stats`; the config comes
-from ``--params`` (else the defaults) with the command-line overrides applied on top.
+from ``--params`` (else the defaults), the command-line overrides on top (:mod:`dzad.overrides`).
 """
 
 from __future__ import annotations
@@ -14,33 +14,14 @@ from pathlib import Path
 import typer
 
 from dzad.cli._app import CATEGORIES_HELP, app, clean_errors, load_config, split_list
-from dzad.config import DEVICES, DZADConfig, ModelConfig, validate
+from dzad.config import DEVICES, DZADConfig, ModelConfig
 from dzad.io_utils import check_writable
+from dzad.overrides import Overrides, apply_overrides
 
 # choices shown in --help, taken from the config's own allowed values
 _PROFILES = typing.get_args(typing.get_type_hints(ModelConfig)["profile"])
 Profile = StrEnum("Profile", {p: p for p in _PROFILES})
 Device = StrEnum("Device", {d: d for d in DEVICES})
-
-
-def _with_overrides(
-    cfg: DZADConfig,
-    profile: str | None,
-    steps: int | None,
-    device: str | None,
-    threads: int | None = None,
-) -> DZADConfig:
-    model, train, runtime = cfg.model, cfg.train, cfg.runtime
-    if profile is not None:
-        model = dataclasses.replace(model, profile=profile)
-    if steps is not None:
-        train = dataclasses.replace(train, steps=steps)
-    if device is not None:
-        train = dataclasses.replace(train, device=device)
-    if threads is not None:
-        runtime = dataclasses.replace(runtime, threads=threads)
-    changed = dataclasses.replace(cfg, model=model, train=train, runtime=runtime)
-    return validate(changed)  # as strict as params.yaml
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
@@ -99,7 +80,8 @@ def train_cmd(
 
     cfg = load_config(params)
     values = [None if v is None else v.value for v in (profile, device)]  # plain str in the config
-    cfg = _with_overrides(cfg, values[0], steps, values[1], threads)
+    given = Overrides(profile=values[0], steps=steps, device=values[1], threads=threads)
+    cfg = apply_overrides(cfg, given)
     set_threads(cfg.runtime.threads)
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = split_list(source_categories)

@@ -3,7 +3,7 @@
 Store: ``TrackingConfig.tracking_uri`` (default ``sqlite:///mlflow.db``, relative to the working
 directory) unless ``MLFLOW_TRACKING_URI`` names another one (a shared server). An experiment created
 here keeps its artifacts under ``TrackingConfig.artifact_root`` (``mlartifacts/``) when the store is
-local. Telemetry is off (``flows/__init__.py`` sets ``MLFLOW_DISABLE_TELEMETRY`` before the import).
+local. Telemetry: the entry points call :func:`flows.telemetry_off` before MLflow is imported.
 
 Runs are passed around as an ``ActiveRun``, a ``Run`` or a run id, and every write goes through an
 ``MlflowClient`` with that explicit id, so Prefect tasks in worker threads can log to one run.
