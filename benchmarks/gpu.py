@@ -151,7 +151,7 @@ def training_parts(cfg, device: torch.device):
 def train_steps(cfg, encoder, net, batch: int, checkpointing: bool, steps: int) -> dict:
     """Images/s (median step after one warm-up) and peak memory of ``steps`` training steps."""
     from dzad.networks import make_scheduler
-    from dzad.training import enable_gradient_checkpointing
+    from dzad.training_loop import enable_gradient_checkpointing
 
     device = next(net.parameters()).device
     if checkpointing:

@@ -127,7 +127,7 @@ def test_gradient_checkpointing_saves_activations_and_keeps_the_gradients():
     compute the same gradients."""
     from dzad.config import ModelConfig
     from dzad.networks import build_network
-    from dzad.training import enable_gradient_checkpointing
+    from dzad.training_loop import enable_gradient_checkpointing
 
     # latent hint: at this width the image hint's embedding (not checkpointed) would dominate
     cfg = ModelConfig(profile="paper", latent="vae", block_out_channels=(8, 8), sg_hint="latent")
@@ -163,9 +163,9 @@ def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch)
     streamed run trains exactly what the in-process reading trains."""
     from torch.utils.data import TensorDataset
 
-    import dzad.training
+    import dzad.training_loop
     from dzad.calibration import ImageSource
-    from dzad.training import StepBatches, step_loader
+    from dzad.training_loop import StepBatches, step_loader
 
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     batches = StepBatches(ImageSource(images), torch.arange(10), 4, 0, rank=1, world=2)
@@ -182,7 +182,7 @@ def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch)
         used.append(workers)
         return step_loader(batches, start, steps, workers)
 
-    monkeypatch.setattr(dzad.training, "step_loader", spy)
+    monkeypatch.setattr(dzad.training_loop, "step_loader", spy)
     losses = []
     for workers_n in (0, 2):
         tc = replace(base.train, steps=3, num_workers=workers_n, preload_max_mb=0)

@@ -24,7 +24,8 @@ from dzad.errors import CheckpointError
 from dzad.latents import build_encoder
 from dzad.networks import build_network
 from dzad.noise_features import NoiseBank
-from dzad.training import batch_indices, train
+from dzad.training import train
+from dzad.training_loop import batch_indices
 
 CFG = DZADConfig(
     model=ModelConfig(profile="tiny", latent="pixel", num_train_timesteps=100),
