@@ -35,7 +35,7 @@ class CategoryRun:
     controls: dict[str, MetricAccumulator]
     dzad: MetricAccumulator = field(default_factory=MetricAccumulator)
     rows: list[dict[str, Any]] = field(default_factory=list)
-    F: list[np.ndarray] = field(default_factory=list)
+    noise_matrices: list[np.ndarray] = field(default_factory=list)  # F of eq. 12 per batch
     extremes: Extremes = field(default_factory=lambda: Extremes(N_EXTREMES))
     held: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # transductive
     pixel: bool = True  # every defect image has a mask: pixel metrics; else image metrics only
@@ -83,7 +83,7 @@ def run_category(
         defect_pixels += int(masks.sum())
         if maps_out is not None:
             maps_out[start : start + len(items)] = maps[:, 0].numpy()
-        run.F.append(out.F.float().cpu().numpy())
+        run.noise_matrices.append(out.F.float().cpu().numpy())
         # one device->host copy per score and batch (not one sync per image and score)
         image_s, map_s, det_s, fused_s, decision = (
             t.cpu().tolist()

@@ -232,7 +232,7 @@ def evaluate(
         if eval_cfg.figures:
             category_figures(out_dir / "figures", cat, labels, run, model)
         rows += run.rows
-        f_parts += run.F
+        f_parts += run.noise_matrices
     if not per_cat:
         raise DZADInputError(root, f"no test images in any of the categories {cats}")
     result = assemble(per_cat, variants, ctrl, controls, skipped, counts)

@@ -93,9 +93,9 @@ def average_views(parts: list[NoiseFeatures], views: Sequence[str]) -> NoiseFeat
     each seeing the image differently oriented)."""
     if len(parts) != len(views) or not parts:
         raise ValueError("average_views needs one NoiseFeatures per view")
-    F = torch.stack([p.F for p in parts]).mean(0)
+    matrix = torch.stack([p.F for p in parts]).mean(0)
     spatial = torch.stack([flip_view(p.spatial, v) for p, v in zip(parts, views, strict=True)])
-    return NoiseFeatures(F, spatial.mean(0))
+    return NoiseFeatures(matrix, spatial.mean(0))
 
 
 ViewedImages = list[tuple[str, Tensor, Tensor]]  # (view, image (B,3,H,W), its latent (B,C,h,w))

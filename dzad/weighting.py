@@ -67,9 +67,11 @@ def stage_weights(cfg: WeightingConfig, bank_timesteps: Tensor, alphas_cumprod: 
     return weights_by_name(cfg.name, cfg.k, int(bank_timesteps.shape[0]), alphas_cumprod)
 
 
-def stage_means(F: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+def stage_means(
+    noise_matrix: Tensor, mean: Tensor | None = None, std: Tensor | None = None
+) -> Tensor:
     """``(B,N,M)`` -> ``(B,N)``: mean over the M samples, z-scored per stage when mean/std given."""
-    x = F.float().mean(2)
+    x = noise_matrix.float().mean(2)
     if mean is not None:
         x = x - mean.to(x)
     if std is not None:
@@ -78,10 +80,10 @@ def stage_means(F: Tensor, mean: Tensor | None = None, std: Tensor | None = None
 
 
 def weighted_score(
-    F: Tensor, weights: Tensor, mean: Tensor | None = None, std: Tensor | None = None
+    noise_matrix: Tensor, weights: Tensor, mean: Tensor | None = None, std: Tensor | None = None
 ) -> Tensor:
     """eq. 13: ``s = sum_n w_n mean_m F[n, m]`` (optionally standardised per stage) -> ``(B,)``."""
-    return stage_means(F, mean, std) @ weights.to(F.device, torch.float32)
+    return stage_means(noise_matrix, mean, std) @ weights.to(noise_matrix.device, torch.float32)
 
 
 def fit_learned_weights(x: Tensor, labels: Tensor, c: float = 1.0) -> tuple[Tensor, float]:
@@ -100,7 +102,7 @@ def fit_learned_weights(x: Tensor, labels: Tensor, c: float = 1.0) -> tuple[Tens
 
 
 def rescore(
-    F: Tensor,
+    noise_matrix: Tensor,
     names: list[str] | tuple[str, ...],
     alphas_cumprod: Tensor,
     *,
@@ -118,8 +120,8 @@ def rescore(
         if parse_name(name, k)[0] == "learned":
             if learned is None:
                 raise ValueError("rescore: 'learned' needs the calibrated (weights, bias)")
-            out[name] = weighted_score(F, learned[0], mean, std) + learned[1]
+            out[name] = weighted_score(noise_matrix, learned[0], mean, std) + learned[1]
         else:
-            w = weights_by_name(name, k, int(F.shape[1]), alphas_cumprod)
-            out[name] = weighted_score(F, w, mean, std)
+            w = weights_by_name(name, k, int(noise_matrix.shape[1]), alphas_cumprod)
+            out[name] = weighted_score(noise_matrix, w, mean, std)
     return out

@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
 CATEGORIES_HELP = "Categories (repeat the option or comma-separate); default: every category."
 MODEL_HELP = "Checkpoint folder or MLflow registry URI models:/<name>@<alias> (or /<version>)."
@@ -40,7 +40,7 @@ def split_list(values: list[str] | None) -> list[str]:
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def clean_errors(fn: F) -> F:
+def clean_errors(fn: CommandT) -> CommandT:
     """Turn a :class:`DZADError` (or a ValueError, or an OSError of a full or read-only disk) into
     ``error: <message>`` on stderr and exit code 2."""
 
