@@ -67,9 +67,13 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     Only for weight initialisation: torch and diffusers modules initialise their weights from the
     global RNG and take no generator, so a scoped seed is how they become a function of ``seed``
     (the same weights as seeding the global RNG, without changing it for the caller)."""
-    gpus = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpus):
-        torch.manual_seed(seed)
+    gpu = None
+    if device.type == "cuda":
+        gpu = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[] if gpu is None else [gpu]):
+        torch.random.default_generator.manual_seed(seed)  # only the forked generators: the
+        if gpu is not None:  # other GPUs' RNG stays the caller's
+            torch.cuda.default_generators[gpu].manual_seed(seed)
         yield
 
 
@@ -126,7 +130,13 @@ class _Parts:
     latents: Tensor | None
 
 
-def _parts(cfg, source, train_idx, previous, device) -> _Parts:
+def _parts(
+    cfg: DZADConfig,
+    source: ImageSource,
+    train_idx: Tensor,
+    previous: tuple[Any, ...] | None,
+    device: torch.device,
+) -> _Parts:
     encoder = build_encoder(cfg.model, source.image_size).to(device)
     if previous is not None:
         encoder.load_extra_state(previous[1].extra_state())
