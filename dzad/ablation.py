@@ -163,13 +163,15 @@ def timestep_results(
                 raise ValueError(
                     f"ablation.t_starts: {t} is outside (0, T={trained.model.num_train_timesteps})"
                 )
-            model.cfg = replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
+            at_t = model.with_settings(
+                replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
+            )
             for target in targets:
                 if t == cfg.reconstruction.t_start and _reusable(cfg):
                     result = seed_result(eval_dirs[target], seed)
                 else:
                     folder = seed_dir(out_dir / f"t_{t}" / target, seed)
-                    result = evaluate_model(model, base, target, folder, controls=False)
+                    result = evaluate_model(at_t, base, target, folder, controls=False)
                 out[str(t)].setdefault(target, []).append(trim(result))
     return out
 
@@ -234,7 +236,7 @@ def recalibrated(model, row_cfg: DZADConfig, normals, labelled=None):
         trained.weighting, trained.detection, trained.noise.views
     )  # fmt: skip
     if same_bank and same_calibration:
-        return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
+        return model.with_settings(cfg)
     bank = model.bank
     if not same_bank:
         latent_shape = tuple(model.bank.noise.shape[2:])
