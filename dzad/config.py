@@ -235,7 +235,8 @@ class RegimeConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """Table 4 (``weightings``, rescored from stored F), Figure 4 and Table 3 (dzad.ablation)."""
+    """Table 4 (``weightings``, rescored from stored F), Figure 4 and Table 3
+    (dzad.study.ablations)."""
 
     weightings: tuple[str, ...] = (
         "uniform",

@@ -179,7 +179,7 @@ class DZAD(nn.Module):
         if any(getattr(cfg.noise, k) != getattr(self.cfg.noise, k) for k in bank):
             raise ValueError(
                 "with_settings: another noise bank (noise.n_stages / m_samples / seed) needs a new "
-                "calibration (dzad.ablation.recalibrated)"
+                "calibration (dzad.study.ablation_reruns.recalibrated)"
             )
         model = DZAD(cfg, self.encoder, self.net, self.bank, self.calibration, self.backbone)
         return model.to(self.device)
