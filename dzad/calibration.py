@@ -164,8 +164,9 @@ def calibrate_on_source(
     if needs_labelled(cfg):
         if labelled is None:
             raise ValueError(
-                "weighting 'learned' / this detection mode need a labelled SOURCE split "
-                "(normals + anomalies: the source test split or synthetic pseudo-anomalies)"
+                f"weighting {cfg.weighting.name!r} / detection mode {cfg.detection.mode!r}: a "
+                "labelled SOURCE split is needed (normals + anomalies: the source test split or "
+                "synthetic pseudo-anomalies)"
             )
         src, labels = labelled
         all_idx = torch.arange(len(src))

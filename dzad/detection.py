@@ -105,8 +105,10 @@ class Calibration:
         unknown = set(meta) - names - {"mode_state"}
         if unknown:
             raise ValueError(f"calibration: unknown field(s) {sorted(unknown)}")
+        if "mode" not in meta or "mode_state" not in meta:
+            raise ValueError("calibration: no detection mode (`mode` / `mode_state`) recorded")
         scalars = {k: (math.nan if v is None else v) for k, v in meta.items() if k != "mode_state"}
-        mode = get_mode(scalars.get("mode", "self"))
+        mode = get_mode(scalars["mode"])
         mode_meta = {k: (math.nan if v is None else v) for k, v in meta["mode_state"].items()}
         n = len("mode.")
         state = mode.from_saved(

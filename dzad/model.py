@@ -94,7 +94,7 @@ class DZAD(nn.Module):
         backbone: Backbone | None,
     ) -> None:
         super().__init__()
-        self.cfg, self.encoder, self.net, self.bank = cfg, encoder, net, bank
+        self._cfg, self.encoder, self.net, self.bank = cfg, encoder, net, bank
         self.calibration = calibration
         self.backbone = backbone
         if encoder.can_decode and backbone is None:
@@ -114,6 +114,12 @@ class DZAD(nn.Module):
             )
         self._warned_reference = False
         self.eval()
+
+    @property
+    def cfg(self) -> DZADConfig:
+        """The settings this model was built and checked with; read-only: other settings make
+        another model (:meth:`with_settings`)."""
+        return self._cfg
 
     @property
     def image_size(self) -> int:

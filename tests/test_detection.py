@@ -178,6 +178,9 @@ def test_calibration_tensor_round_trip():
     assert Calibration.from_tensors(plain.to_tensors(), plain.to_meta()).ref_map is None
     with pytest.raises(ValueError, match="unknown detection mode 'gone'"):
         Calibration.from_tensors(plain.to_tensors(), {**plain.to_meta(), "mode": "gone"})
+    no_mode = {k: v for k, v in plain.to_meta().items() if k != "mode"}
+    with pytest.raises(ValueError, match="no detection mode"):
+        Calibration.from_tensors(plain.to_tensors(), no_mode)
 
 
 def test_prototypes_and_mode_features_on_a_network():
