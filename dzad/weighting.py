@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: the detection modes import this module from dzad.config
+# annotations only: dzad.config checks detection modes, whose modules import this one
+if TYPE_CHECKING:
     from dzad.config import WeightingConfig
 
 FIXED_NAMES = ("dzad", "uniform", "snr", "snr_prime", "exp6", "exp7")
