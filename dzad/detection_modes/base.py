@@ -92,10 +92,3 @@ def mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-column mean and std of ``(B,...)``; std floored so that standardising never divides
     by zero (unbiased unless B = 1)."""
     return x.mean(0), x.std(0, unbiased=x.shape[0] > 1).clamp_min(1e-12)
-
-
-def need(value: Any, what: str) -> Any:
-    """``value``, or ValueError naming the missing input ``what``."""
-    if value is None:
-        raise ValueError(f"{what} is missing")
-    return value
