@@ -19,11 +19,18 @@ from torch.utils.data import Dataset
 
 from dzad.backbones import Backbone
 from dzad.config import DZADConfig
-from dzad.detection import Calibration, build_prototypes, calibrate, mode_features
+from dzad.detection import Calibration, build_prototypes, calibrate
+from dzad.detection_modes import ModeSource, get_mode
 from dzad.latents import Encoder
 from dzad.model import DZAD, map_settings
 from dzad.networks import DZADNetwork
-from dzad.noise_features import NoiseBank, NoiseFeatures, encode_views, view_features
+from dzad.noise_features import (
+    NoiseBank,
+    NoiseFeatures,
+    Residuals,
+    encode_views,
+    view_features,
+)
 from dzad.precision import scoring_precision
 
 
@@ -92,23 +99,23 @@ def source_features(
     views: tuple[str, ...] = ("identity",),
     *,
     null_hint: bool = False,
+    residuals: Residuals | None = None,
 ) -> NoiseFeatures:
     """Noise features (eq. 11-12) of image batches ``(B,3,H,W)``, averaged over the test-time
     ``views`` as at scoring (:func:`dzad.noise_features.view_features`); hint None when
-    ``null_hint``."""
+    ``null_hint``; ``residuals``: a prototype condition's SG residuals (as there)."""
     parts = []
     for x in images:
         x = x.to(device)
         viewed = encode_views(encoder.encode, x, views)
-        parts.append(
-            view_features(net, viewed, bank, alphas_cumprod, max_batch, null_hint=null_hint)
-        )
+        kw = {"null_hint": null_hint, "residuals": residuals}
+        parts.append(view_features(net, viewed, bank, alphas_cumprod, max_batch, **kw))
     return NoiseFeatures.cat(parts)
 
 
 def needs_labelled(cfg: DZADConfig) -> bool:
     """Whether calibrating ``cfg`` needs a labelled SOURCE split (normals + anomalies)."""
-    return cfg.weighting.name == "learned" or cfg.detection.mode == "prototype"
+    return cfg.weighting.name == "learned" or get_mode(cfg.detection.mode).needs_labelled
 
 
 def position_subset(n: int, cfg: DZADConfig) -> Tensor:
@@ -142,55 +149,59 @@ def calibrate_on_source(
     mb, bs, views = cfg.noise.max_batch, cfg.evaluate.batch_size, cfg.noise.views
     net.eval()
 
-    def feats(src: ImageSource, idx: Tensor, null: bool = False) -> NoiseFeatures:
+    def feats(src: ImageSource, idx: Tensor, **kw: Any) -> NoiseFeatures:
+        """Noise features of ``src[idx]``; ``kw`` as :func:`dzad.noise_features.view_features`."""
         with scoring_precision(cfg.noise.precision, device):
             return source_features(
-                net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, views,
-                null_hint=null,
-            )  # fmt: skip
+                net, encoder, src.batches(idx, bs), bank, alphas_cumprod, mb, device, views, **kw
+            )
 
     kwargs: dict[str, Any] = {"seed": cfg.seed}
     normal = feats(normals, normal_idx)
+    source = ModeSource(normal, normal_of=partial(feats, normals, normal_idx))
     if cfg.detection.position_images:
         kwargs["features_position"] = feats(normals, position_subset(len(normals), cfg))
-    if cfg.detection.mode == "contrast":
-        kwargs["features_normal_null"] = feats(normals, normal_idx, null=True)
     if needs_labelled(cfg):
         if labelled is None:
             raise ValueError(
-                "weighting 'learned' / detection 'prototype' need a labelled SOURCE split "
-                "(normals + anomalies: the source test split or synthetic pseudo-anomalies)"
+                f"weighting {cfg.weighting.name!r} / detection mode {cfg.detection.mode!r}: a "
+                "labelled SOURCE split is needed (normals + anomalies: the source test split or "
+                "synthetic pseudo-anomalies)"
             )
         src, labels = labelled
         all_idx = torch.arange(len(src))
-        kwargs["labels"] = labels
-        if cfg.detection.mode != "prototype":
+        kwargs["labels"] = source.labels = labels
+        if cfg.weighting.name == "learned":
             kwargs["features_labelled"] = feats(src, all_idx)
-        else:  # the labelled images are encoded once, for their features and the prototypes
-            with scoring_precision(cfg.noise.precision, device):  # as DZAD._detect
-                batches = []
-                for s in range(0, len(src), bs):
-                    x = src.get(all_idx[s : s + bs]).to(device)
-                    batches.append((encoder.encode(x).float(), x, labels[s : s + bs]))
-                protos = build_prototypes(net, batches, bank, alphas_cumprod, mb)
-                per_batch = [
-                    mode_features(
-                        partial(view_features, net, encode_views(encoder.encode, x, views, z0),
-                                bank, alphas_cumprod, mb),
-                        protos, cfg.detection,
-                    )
-                    for z0, x, _ in batches
-                ]  # fmt: skip
-            kwargs["features_labelled"] = NoiseFeatures.cat([f for f, _ in per_batch])
-            kwargs["prototypes"] = protos
-            kwargs["features_labelled_prototypes"] = [
-                NoiseFeatures.cat([extra["features_prototypes"][k] for _, extra in per_batch])
-                for k in range(len(protos))
-            ]
-    calib = calibrate(normal, cfg.weighting, cfg.detection, alphas_cumprod, **kwargs)
+        source.labelled_of = partial(feats, src, all_idx)
+        source.prototypes_of = partial(
+            labelled_prototypes, cfg, net, encoder, bank, alphas_cumprod, src, labels, device
+        )
+    calib = calibrate(normal, cfg.weighting, cfg.detection, alphas_cumprod, source=source, **kwargs)
     return reference_scores(
         DZAD(cfg, encoder, net, bank, calib, backbone).to(device), normals, normal_idx
     )
+
+
+def labelled_prototypes(
+    cfg: DZADConfig,
+    net: DZADNetwork,
+    encoder: Encoder,
+    bank: NoiseBank,
+    alphas_cumprod: Tensor,
+    src: ImageSource,
+    labels: Tensor,
+    device: torch.device,
+) -> list[Residuals]:
+    """Per-class mean SG residuals ``[normal, anomalous]`` of the labelled SOURCE split ``src``
+    (:func:`dzad.detection.build_prototypes`), encoded in ``noise.precision`` as at scoring."""
+    bs = cfg.evaluate.batch_size
+    with scoring_precision(cfg.noise.precision, device):
+        batches = []
+        for s in range(0, len(src), bs):
+            x = src.get(torch.arange(s, min(s + bs, len(src)))).to(device)
+            batches.append((encoder.encode(x).float(), x, labels[s : s + bs]))
+        return build_prototypes(net, batches, bank, alphas_cumprod, cfg.noise.max_batch)
 
 
 def reference_scores(model: DZAD, normals: ImageSource, idx: Tensor) -> Calibration:

@@ -30,7 +30,10 @@ from dzad.local_models import load_local, require_parts
 from dzad.networks import DZADNetwork, assemble_network
 from dzad.noise_features import NoiseBank
 
-FORMAT, VERSION = "dzad-checkpoint", 1
+# version 2: the calibration keeps the detection mode's state under ``mode.`` / ``mode_state``
+# (dzad.detection_modes); version 1 checkpoints load through :func:`_calibration_from_v1`
+FORMAT, VERSION = "dzad-checkpoint", 2
+READABLE = (1, VERSION)
 TRAIN_STATE = "train_state"
 
 
@@ -110,11 +113,46 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(path, f"unreadable checkpoint metadata: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(path, f"not a DZAD checkpoint (format is not {FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE:
         raise CheckpointError(
-            path, f"checkpoint version {meta.get('version')} != supported {VERSION}"
+            path,
+            f"checkpoint version {meta.get('version')} is not one of {list(READABLE)}: "
+            "re-create it with this dzad (`dzad train`, or `dvc repro` for a study)",
         )
     return meta
+
+
+def _calibration_from_v1(
+    tensors: dict[str, Tensor], scalars: dict[str, Any], mode: str
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A version-1 calibration (every mode's fields side by side) in the version-2 layout.
+
+    Version 1 stored the contrast statistics as ``contrast_mean`` / ``contrast_std`` /
+    ``tau_contrast``, the prototypes as ``prototype.<k>.*`` and the softmax ``temperature``
+    among the shared scalars, whatever the mode; ``mode`` is the checkpoint's ``detection.mode``.
+    """
+    scalars = dict(scalars)
+    tau_contrast, temperature = scalars.pop("tau_contrast", None), scalars.pop("temperature", 1.0)
+    out = {k: v for k, v in tensors.items() if not k.startswith(("prototype.", "contrast_"))}
+    state: dict[str, Any] = {}
+    if mode == "contrast":
+        out.update({"mode.mean": tensors["contrast_mean"], "mode.std": tensors["contrast_std"]})
+        state = {"tau": tau_contrast}
+    elif mode == "prototype":
+        n = len("prototype.")
+        out.update({"mode." + k[n:]: v for k, v in tensors.items() if k.startswith("prototype.")})
+        state = {"temperature": temperature}
+    return out, {**scalars, "mode": mode, "mode_state": state}
+
+
+def _calibration(meta: dict[str, Any], tensors: dict[str, Tensor]) -> Calibration:
+    """The calibration stored in a checkpoint of any readable version."""
+    section, scalars = _section(tensors, "calibration"), meta["calibration"]
+    if meta["version"] == 1:
+        section, scalars = _calibration_from_v1(
+            section, scalars, meta["config"]["detection"].get("mode", "self")
+        )
+    return Calibration.from_tensors(section, scalars)
 
 
 def _parts(cfg: DZADConfig) -> list[str]:
@@ -167,9 +205,7 @@ def load_checkpoint(
         bank = NoiseBank.from_tensors(_section(tensors, "bank"))
         calibration = None
         if meta.get("calibration") is not None:
-            calibration = Calibration.from_tensors(
-                _section(tensors, "calibration"), meta["calibration"]
-            )
+            calibration = _calibration(meta, tensors)
     except CheckpointError:
         raise
     except (
@@ -192,8 +228,7 @@ def load_calibration(folder: str | Path) -> Calibration:
     if meta.get("calibration") is None:
         raise CheckpointError(folder, "intermediate training checkpoint (not calibrated yet)")
     try:
-        tensors = load_file(str(folder / "extra.safetensors"))
-        return Calibration.from_tensors(_section(tensors, "calibration"), meta["calibration"])
+        return _calibration(meta, load_file(str(folder / "extra.safetensors")))
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise CheckpointError(folder, f"incomplete or corrupt checkpoint: {exc}") from exc
 

@@ -146,7 +146,7 @@ class WeightingConfig:
 class DetectionConfig:
     """Detection (eq. 10-12, docs/method.md §7)."""
 
-    mode: Literal["self", "prototype", "contrast"] = "self"
+    mode: str = "self"  # a name of dzad.detection_modes.MODES (checked by from_dict)
     standardise: bool = True  # per-stage z-score with SOURCE-normal statistics
     threshold_quantile: float = 0.95  # tau = this quantile of SOURCE-normal scores
     temperature: float = 1.0  # prototype softmax; used as is when fit_temperature is false
@@ -235,7 +235,8 @@ class RegimeConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """Table 4 (``weightings``, rescored from stored F), Figure 4 and Table 3 (dzad.ablation)."""
+    """Table 4 (``weightings``, rescored from stored F), Figure 4 and Table 3
+    (dzad.study.ablations)."""
 
     weightings: tuple[str, ...] = (
         "uniform",
@@ -461,7 +462,14 @@ def load(path: str | Path) -> DZADConfig:
 
 def from_dict(raw: dict[str, Any]) -> DZADConfig:
     """Build a :class:`DZADConfig` from parsed ``params.yaml`` data (missing keys take defaults)."""
-    return _build(DZADConfig, raw, "params")
+    cfg = _build(DZADConfig, raw, "params")
+    # the detection modes are a registry, not a Literal: a new mode is one module plus one entry
+    # there. Imported here, not at the top, so that reading a config does not import torch.
+    from dzad.detection_modes import MODES
+
+    if cfg.detection.mode not in MODES:
+        raise _bad("params.detection.mode", cfg.detection.mode, f"one of {list(MODES)}")
+    return cfg
 
 
 def to_dict(cfg: Any) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dzad.detection_modes import get_mode
 from dzad.model import DZAD
 from dzad.scoring import rank_fusion
 
@@ -70,10 +71,9 @@ def decision_threshold(model: DZAD, value: float | None = None) -> Threshold:
     if value is not None:
         key = _FUSION_KEY[model.cfg.anomaly_map.fusion]
         return Threshold("image_score", value, *_span(refs.get(key)))
-    mode, calib = model.cfg.detection.mode, model.calibration
-    if mode == "prototype":  # decision e_anomalous < e_normal  <=>  softmax probability > 0.5
-        return Threshold("detection_score", 0.5, probability=True)
-    tau = calib.tau if mode == "self" else calib.tau_contrast
+    tau, probability = get_mode(model.calibration.mode).threshold(model.calibration)
+    if probability:  # a probability's threshold needs no SOURCE span to be read
+        return Threshold("detection_score", tau, probability=True)
     return Threshold("detection_score", float(tau), *_span(refs.get("detection_score")))
 
 

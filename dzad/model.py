@@ -94,11 +94,16 @@ class DZAD(nn.Module):
         backbone: Backbone | None,
     ) -> None:
         super().__init__()
-        self.cfg, self.encoder, self.net, self.bank = cfg, encoder, net, bank
+        self._cfg, self.encoder, self.net, self.bank = cfg, encoder, net, bank
         self.calibration = calibration
         self.backbone = backbone
         if encoder.can_decode and backbone is None:
             raise ValueError("a decodable latent needs the backbone Phi for the anomaly map")
+        if calibration.mode != cfg.detection.mode:
+            raise ValueError(
+                f"detection.mode is {cfg.detection.mode!r} but the calibration was fitted for "
+                f"{calibration.mode!r}: recalibrate (dzad.calibration.calibrate_on_source)"
+            )
         self.register_buffer("alphas_cumprod", make_scheduler(cfg.model).alphas_cumprod.clone())
         self.clamp_range = encoder.latent_range()  # SOURCE latent range (docs/method.md §8)
         if cfg.reconstruction.clamp and self.clamp_range is None:
@@ -109,6 +114,12 @@ class DZAD(nn.Module):
             )
         self._warned_reference = False
         self.eval()
+
+    @property
+    def cfg(self) -> DZADConfig:
+        """The settings this model was built and checked with; read-only: other settings make
+        another model (:meth:`with_settings`)."""
+        return self._cfg
 
     @property
     def image_size(self) -> int:
@@ -161,6 +172,24 @@ class DZAD(nn.Module):
         backbone = map_backbone(cfg, encoder)
         return cls(cfg, encoder, net, bank, calibration, backbone).to(map_location)
 
+    def with_settings(self, cfg: DZADConfig) -> DZAD:
+        """A new model of ``cfg`` on the same parts (weights shared, nothing copied), built by
+        :meth:`__init__` so that its checks run; ``self`` stays as it is.
+
+        ``cfg`` may change inference settings only: the parts (encoder, network, bank,
+        calibration) were built for this model's ``model`` section and noise bank.
+        """
+        if cfg.model != self.cfg.model:
+            raise ValueError("with_settings: another `model` section needs another checkpoint")
+        bank = ("n_stages", "m_samples", "seed")
+        if any(getattr(cfg.noise, k) != getattr(self.cfg.noise, k) for k in bank):
+            raise ValueError(
+                "with_settings: another noise bank (noise.n_stages / m_samples / seed) needs a new "
+                "calibration (dzad.study.ablation_reruns.recalibrated)"
+            )
+        model = DZAD(cfg, self.encoder, self.net, self.bank, self.calibration, self.backbone)
+        return model.to(self.device)
+
     def save(self, folder: str | Path) -> Path:
         """Write a checkpoint folder (atomic swap) that :meth:`from_checkpoint` reads back."""
         return save_checkpoint(
@@ -188,9 +217,9 @@ class DZAD(nn.Module):
             features_of = partial(
                 view_features, self.net, viewed, self.bank, self.alphas_cumprod, cfg.noise.max_batch
             )
-            feats, extra = mode_features(features_of, self.calibration.prototypes, cfg.detection)
+            feats, extra = mode_features(features_of, self.calibration)
         # 3. weighted detection score (eq. 12-13): (B,)   4. decision vs tau: (B,) bool
-        score, decision = detect(feats, self.calibration, cfg.detection, **extra)
+        score, decision = detect(feats, self.calibration, extra)
         return Detection(feats.F, feats.spatial, score, decision)
 
     def _references(self) -> tuple[Tensor | None, Tensor | None]:

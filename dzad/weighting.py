@@ -12,12 +12,15 @@ stored F, so a whole Table-4 ablation reweights one pass of the model (:func:`re
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dzad.config import WeightingConfig
+# annotations only: dzad.config checks detection modes, whose modules import this one
+if TYPE_CHECKING:
+    from dzad.config import WeightingConfig
 
 FIXED_NAMES = ("dzad", "uniform", "snr", "snr_prime", "exp6", "exp7")
 

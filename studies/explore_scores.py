@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from dzad import config
-from dzad.ablation import recalibrated, source_sets
 from dzad.anomaly_map import excess_term, scaled, smooth
 from dzad.data.dataset import ImageDataset
 from dzad.detection import excess_map, self_score
@@ -42,6 +41,7 @@ from dzad.evaluation import category_samples
 from dzad.metrics import image_metrics, pixel_metrics
 from dzad.noise_features import VIEWS, flip_view
 from dzad.scoring import image_score, pool_size, rank_fusion
+from dzad.study.ablation_reruns import recalibrated, source_sets
 from dzad.study.evaluations import load_model
 from dzad.study.layout import source_caches, target_cache
 from dzad.weighting import fit_learned_weights, stage_means

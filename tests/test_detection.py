@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from functools import partial
 
 import pytest
@@ -15,11 +14,13 @@ from dzad.detection import (
     build_prototypes,
     calibrate,
     detect,
-    fit_temperature,
     mode_features,
     self_score,
     weighted_map,
 )
+from dzad.detection_modes import ModeSource
+from dzad.detection_modes.contrast import ContrastState
+from dzad.detection_modes.prototype import PrototypeState, fit_temperature
 from dzad.networks import build_network, make_scheduler
 from dzad.noise_features import NoiseBank, NoiseFeatures, view_features
 from dzad.weighting import weights_by_name
@@ -58,30 +59,34 @@ def test_calibration_statistics_threshold_and_gating_bank():
 def test_self_mode_flags_images_with_larger_noise_error():
     calib = calibrate(_features(60), WeightingConfig(), DetectionConfig(), AB)
     test = NoiseFeatures.cat([_features(10, seed=5), _features(10, shift=0.2, seed=6)])
-    score, decision = detect(test, calib, DetectionConfig())
+    score, decision = detect(test, calib)
     assert score.shape == (20,) and decision.dtype == torch.bool
     assert score[10:].min() > score[:10].max()
     assert decision[10:].all() and decision[:10].float().mean() < 0.5
     unstd = calibrate(_features(60), WeightingConfig(), DetectionConfig(standardise=False), AB)
-    raw, _ = detect(test, unstd, DetectionConfig())
+    raw, _ = detect(test, unstd)
     assert torch.allclose(raw, test.F.mean(2) @ unstd.weights)
 
 
 def test_contrast_mode_scores_the_hint_null_difference():
     normal, null = _features(40, seed=1), _features(40, shift=0.1, seed=2)
-    calib = calibrate(
-        normal, WeightingConfig(name="uniform"), DetectionConfig(), AB, features_normal_null=null
-    )
+    det = DetectionConfig(mode="contrast")
+    source = ModeSource(normal, normal_of=lambda **kw: null if kw == {"null_hint": True} else None)
+    calib = calibrate(normal, WeightingConfig(name="uniform"), det, AB, source=source)
+    state = calib.state
+    assert calib.mode == "contrast" and isinstance(state, ContrastState)
     x, x_null = _features(6, seed=3), _features(6, seed=4)
-    score, decision = detect(x, calib, DetectionConfig(mode="contrast"), features_null=x_null)
-    diff = (x.F.mean(2) - x_null.F.mean(2) - calib.contrast_mean) / calib.contrast_std
+    score, decision = detect(x, calib, [x_null])
+    diff = (x.F.mean(2) - x_null.F.mean(2) - state.mean) / state.std
     assert torch.allclose(score, diff.sum(1), atol=1e-5)
-    assert torch.equal(decision, score > calib.tau_contrast)
-    with pytest.raises(ValueError, match="features_null"):
-        detect(x, calib, DetectionConfig(mode="contrast"))
-    plain = calibrate(normal, WeightingConfig(), DetectionConfig(), AB)
-    with pytest.raises(ValueError, match="null-hint"):
-        detect(x, plain, DetectionConfig(mode="contrast"), features_null=x_null)
+    assert torch.equal(decision, score > state.tau)
+    # tau: the threshold quantile of the SOURCE normals' own contrast scores
+    own, _ = detect(normal, calib, [null])
+    assert abs((own > state.tau).float().mean().item() - 0.05) <= 0.026
+    with pytest.raises(ValueError, match="null-hint features"):
+        detect(x, calib)
+    with pytest.raises(ValueError, match="null-hint pass"):
+        calibrate(normal, WeightingConfig(), det, AB)
 
 
 def test_prototype_mode_softmax_argmin_and_fitted_temperature():
@@ -92,31 +97,32 @@ def test_prototype_mode_softmax_argmin_and_fitted_temperature():
     e_anom_proto = NoiseFeatures.cat([_features(20, shift=0.3, seed=3), _features(20, seed=4)])
     protos = [([torch.zeros(2, 1)], torch.zeros(2, 1)), ([torch.ones(2, 1)], torch.ones(2, 1))]
     det = DetectionConfig(mode="prototype")
-    calib = calibrate(
+    by_residuals = {0.0: e_normal_proto, 1.0: e_anom_proto}  # each condition's labelled features
+    source = ModeSource(
         normal,
-        WeightingConfig(),
-        det,
-        AB,
         labels=labels,
-        prototypes=protos,
-        features_labelled_prototypes=[e_normal_proto, e_anom_proto],
+        labelled_of=lambda null_hint, residuals: by_residuals[float(residuals[1].mean())],
+        prototypes_of=lambda: protos,
     )
-    assert calib.temperature > 0 and len(calib.prototypes) == 2
-    prob, decision = detect(
-        e_normal_proto, calib, det, features_prototypes=[e_normal_proto, e_anom_proto]
-    )
+    calib = calibrate(normal, WeightingConfig(), det, AB, labels=labels, source=source)
+    assert calib.state.temperature > 0 and calib.state.prototypes is protos
+    prob, decision = detect(e_normal_proto, calib, [e_normal_proto, e_anom_proto])
     assert ((prob >= 0) & (prob <= 1)).all()
     assert torch.equal(decision, labels.bool())  # argmin picks the better-explaining prototype
     assert torch.equal(decision, prob > 0.5)
+    # T is applied: P(anomalous) = softmax(-e / T)[1] (checked at a T far from 1 and unsaturated)
+    e = torch.stack(
+        [self_score(f.F, calib) - calib.bias for f in (e_normal_proto, e_anom_proto)], 1
+    )
+    for t in (float(e.abs().mean()) * 3, float(e.abs().mean()) * 30):
+        calib.state.temperature = t
+        prob, _ = detect(e_normal_proto, calib, [e_normal_proto, e_anom_proto])
+        assert torch.allclose(prob, torch.softmax(-e / t, 1)[:, 1], atol=1e-6)
+        assert 0.01 < float((prob - 0.5).abs().max()) < 0.49
     with pytest.raises(ValueError, match="one NoiseFeatures per prototype"):
-        detect(e_normal_proto, calib, det)
-    with pytest.raises(ValueError, match="no prototypes"):
-        detect(
-            normal,
-            calibrate(normal, WeightingConfig(), DetectionConfig(), AB),
-            det,
-            features_prototypes=[normal, normal],
-        )
+        detect(e_normal_proto, calib)
+    with pytest.raises(ValueError, match="labelled SOURCE split"):
+        calibrate(normal, WeightingConfig(), det, AB)
 
 
 def test_fit_temperature_minimises_nll():
@@ -144,7 +150,7 @@ def test_learned_weighting_is_fitted_on_the_labelled_source_split():
         labels=labels,
     )
     assert calib.weights[[1, 3]].min() > calib.weights[[0, 2, 4]].abs().max()  # shifted stages
-    score, _ = detect(labelled, calib, DetectionConfig())
+    score, _ = detect(labelled, calib)
     assert score[30:].mean() > score[:30].mean()
     with pytest.raises(ValueError, match="labelled SOURCE"):
         calibrate(normal, WeightingConfig(name="learned"), DetectionConfig(), AB)
@@ -153,26 +159,28 @@ def test_learned_weighting_is_fitted_on_the_labelled_source_split():
 def test_calibration_tensor_round_trip():
     normal, null = _features(20), _features(20, seed=9)
     protos = [([torch.rand(4, 2, 3, 3), torch.rand(4, 5)], torch.rand(4, 6)) for _ in range(2)]
-    calib = calibrate(
-        normal,
-        WeightingConfig(),
-        DetectionConfig(fit_temperature=False),
-        AB,
-        features_normal_null=null,
-        prototypes=protos,
-    )
-    calib.ref_map, calib.ref_detection = torch.rand(7), torch.rand(7)  # fusion references
-    calib.ref_settings = {"reconstruction": {"t_start": 999}, "anomaly_map": {"sigma": 4.0}}
-    back = Calibration.from_tensors(calib.to_tensors(), json.loads(json.dumps(calib.to_meta())))
-    assert {"ref_map", "ref_detection"} <= set(calib.to_tensors())
-    for k, v in calib.to_tensors().items():
-        assert torch.equal(back.to_tensors()[k], v), k
-    assert back.to_meta() == calib.to_meta() and back.ref_settings == calib.ref_settings
+    source = ModeSource(normal, normal_of=lambda **kw: null, prototypes_of=lambda: protos)
+    for mode in ("self", "contrast", "prototype"):
+        det = DetectionConfig(mode=mode, fit_temperature=False, temperature=0.7)
+        calib = calibrate(normal, WeightingConfig(), det, AB, source=source)
+        calib.ref_map, calib.ref_detection = torch.rand(7), torch.rand(7)  # fusion references
+        calib.ref_settings = {"reconstruction": {"t_start": 999}, "anomaly_map": {"sigma": 4.0}}
+        tensors, meta = calib.to_tensors(), json.loads(json.dumps(calib.to_meta()))
+        back = Calibration.from_tensors(tensors, meta)
+        assert {"ref_map", "ref_detection"} <= set(tensors) and back.mode == mode
+        for k, v in tensors.items():
+            assert torch.equal(back.to_tensors()[k], v), k
+        assert back.to_meta() == calib.to_meta() and back.ref_settings == calib.ref_settings
+        assert (back.state is None) == (mode == "self")
+    assert back.state.temperature == 0.7 and len(back.state.prototypes) == 2
+    assert sum(k.startswith("mode.") for k in tensors) == 6  # 2 x (2 down skips + middle)
     plain = calibrate(normal, WeightingConfig(), DetectionConfig(), AB)
-    meta = plain.to_meta()
-    assert meta["tau_contrast"] is None  # NaN is not JSON
-    assert math.isnan(Calibration.from_tensors(plain.to_tensors(), meta).tau_contrast)
-    assert Calibration.from_tensors(plain.to_tensors(), meta).ref_map is None  # none stored
+    assert Calibration.from_tensors(plain.to_tensors(), plain.to_meta()).ref_map is None
+    with pytest.raises(ValueError, match="unknown detection mode 'gone'"):
+        Calibration.from_tensors(plain.to_tensors(), {**plain.to_meta(), "mode": "gone"})
+    no_mode = {k: v for k, v in plain.to_meta().items() if k != "mode"}
+    with pytest.raises(ValueError, match="no detection mode"):
+        Calibration.from_tensors(plain.to_tensors(), no_mode)
 
 
 def test_prototypes_and_mode_features_on_a_network():
@@ -193,13 +201,16 @@ def test_prototypes_and_mode_features_on_a_network():
     calib = calibrate(
         NoiseFeatures(torch.rand(3, N, M), torch.rand(3, N, 8, 8)),
         WeightingConfig(),
-        DetectionConfig(fit_temperature=False),
+        DetectionConfig(),
         AB,
-        prototypes=protos,
     )
-
     features_of = partial(view_features, net, [("identity", x, 2 * x - 1)], bank, AB, 16)
-    feats, extra = mode_features(features_of, calib.prototypes, DetectionConfig(mode="prototype"))
-    assert feats.F.shape == (4, N, M) and len(extra["features_prototypes"]) == 2
-    _, extra = mode_features(features_of, [], DetectionConfig(mode="contrast"))
-    assert not torch.allclose(extra["features_null"].F, feats.F)
+    calib.mode, calib.state = "prototype", PrototypeState(protos)
+    feats, extra = mode_features(features_of, calib)
+    assert feats.F.shape == (4, N, M) and len(extra) == 2
+    assert torch.equal(extra[1].F, features_of(null_hint=True, residuals=protos[1]).F)
+    calib.mode, calib.state = "contrast", None
+    _, extra = mode_features(features_of, calib)
+    assert len(extra) == 1 and not torch.allclose(extra[0].F, feats.F)
+    calib.mode = "self"
+    assert mode_features(features_of, calib)[1] == []

@@ -168,3 +168,23 @@ def test_latent_without_decoder_uses_latent_distances(tmp_path, caplog):
     assert cosine.anomaly_map.shape == (3, 1, 32, 32) and torch.isfinite(cosine.anomaly_map).all()
     l2 = with_map(model, latent_distance="l2")(images[:3])
     assert not torch.allclose(l2.anomaly_map, cosine.anomaly_map)
+
+
+def test_with_settings_builds_a_checked_model_on_the_same_weights(tiny_model, test_images, output):
+    trained = tiny_model.cfg
+    cfg = dataclasses.replace(
+        trained, anomaly_map=dataclasses.replace(trained.anomaly_map, fusion="detection")
+    )
+    other = tiny_model.with_settings(cfg)
+    assert other is not tiny_model and other.cfg == cfg and tiny_model.cfg is trained
+    assert other.net is tiny_model.net and other.calibration is tiny_model.calibration
+    assert torch.equal(other(test_images).image_score, output.detection_score)
+    with pytest.raises(AttributeError):
+        tiny_model.cfg = cfg  # a built model is never changed in place
+    vae = dataclasses.replace(trained, model=dataclasses.replace(trained.model, latent="vae"))
+    with pytest.raises(ValueError, match="another `model` section"):
+        tiny_model.with_settings(vae)
+    bank = dataclasses.replace(trained, noise=dataclasses.replace(trained.noise, n_stages=2))
+    with pytest.raises(ValueError, match="another noise bank"):
+        tiny_model.with_settings(bank)
+    # __init__'s own checks run too: tests/test_detection_modes.py (mode vs calibration)

@@ -83,8 +83,8 @@ def test_trained_sg_hint_changes_noise_features_and_detection_scores(sg_model):
     own = noise_features(model.net, z0, model.net.hint(x, z0), *args)
     null = noise_features(model.net, z0, None, *args)
     assert ((own.F - null.F).abs() / own.F.abs()).mean().item() > TOL_FEATURES
-    s_own, _ = detect(own, model.calibration, model.cfg.detection)
-    s_null, _ = detect(null, model.calibration, model.cfg.detection)
+    s_own, _ = detect(own, model.calibration)
+    s_null, _ = detect(null, model.calibration)
     assert ((s_own - s_null).abs() / s_own.abs().clamp_min(1e-6)).mean().item() > TOL_FEATURES
 
 

@@ -1,5 +1,6 @@
-"""dzad.study and dzad.ablation: one tiny study run in-process (2 seeds, every ablation), checked
-against recomputation from its own stored outputs; plus unit tests on synthetic noise features."""
+"""dzad.study, its ablation stage included: one tiny study run in-process (2 seeds, every
+ablation), checked against recomputation from its own stored outputs; plus unit tests on synthetic
+noise features."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dzad import ablation, config
+from dzad import config
 from dzad.errors import CheckpointError, DZADInputError
 from dzad.metrics import image_metrics
+from dzad.study import ablation_reruns, ablations
 from dzad.study.ablations import ablate, export_ablation
 from dzad.study.data import prepare_data, preprocess_data
 from dzad.study.evaluations import (
@@ -118,7 +120,7 @@ def test_table4_rescoring_equals_the_model_and_a_from_scratch_recomputation(run)
     with np.load(run["eval"] / "seed_0/noise_features.npz") as f:
         npz = dict(f)
     cfg = run["cfg"]
-    scores = ablation.rescore_file(npz, ["dzad", "uniform", "exp6"], cfg.weighting.k)
+    scores = ablations.rescore_file(npz, ["dzad", "uniform", "exp6"], cfg.weighting.k)
     # the configured weighting rescored from F reproduces the model's own detection score
     np.testing.assert_allclose(scores["dzad"], npz["detection_score"], rtol=1e-5, atol=1e-6)
     # uniform and exp(-6t) from scratch: z-scored stage means with the stored SOURCE statistics
@@ -152,7 +154,7 @@ def test_table3_rows(run):
     root = run["root"]
     record = json.loads((root / "runs/ablation/ablation.json").read_text())
     rows = record["architecture"]["grain"]
-    assert [r["flags"] for r in rows] == [dict(f) for f in ablation.TABLE3_ROWS]
+    assert [r["flags"] for r in rows] == [dict(f) for f in ablation_reruns.TABLE3_ROWS]
     # SD row: its own checkpoints, without the SG network, one noise stage
     sd = json.loads((root / "runs/ablation/architecture/sd_model/seed_0/dzad.json").read_text())
     assert sd["config"]["model"]["use_sg"] is False and sd["config"]["noise"]["n_stages"] == 1
@@ -257,7 +259,7 @@ def test_weighting_results_rank_by_the_weighted_stages(tmp_path):
         config.DZADConfig(),
         ablation=replace(config.AblationConfig(), weightings=("exp6", "uniform")),
     )
-    out = ablation.weighting_results(cfg, {"t": tmp_path / "t"})
+    out = ablations.weighting_results(cfg, {"t": tmp_path / "t"})
     assert out["exp6"]["t"][0]["mean"]["image_auroc"] == 1.0
     assert out["uniform"]["t"][0]["mean"]["image_auroc"] < 0.2
     w = weights_by_name("exp6", 3.0, 10, torch.linspace(0.999, 0.01, 1000))
@@ -274,11 +276,11 @@ def test_weighting_results_read_exactly_the_configured_seeds(tmp_path):
         _fake_eval(tmp_path / "t", seed, F, labels)
     weightings = replace(config.AblationConfig(), weightings=("uniform",))
     cfg = replace(config.DZADConfig(), seeds=(2, 0), ablation=weightings)
-    (two, zero) = ablation.weighting_results(cfg, {"t": tmp_path / "t"})["uniform"]["t"]
+    (two, zero) = ablations.weighting_results(cfg, {"t": tmp_path / "t"})["uniform"]["t"]
     assert two["mean"]["image_auroc"] == zero["mean"]["image_auroc"] == 0.0
     missing = replace(cfg, seeds=(0, 3))
     with pytest.raises(DZADInputError, match="seed 3") as err:
-        ablation.weighting_results(missing, {"t": tmp_path / "t"})
+        ablations.weighting_results(missing, {"t": tmp_path / "t"})
     assert err.value.path == tmp_path / "t" / "seed_3" / "noise_features.npz"
 
 
@@ -289,18 +291,18 @@ def test_learned_weighting_needs_a_learned_calibration(tmp_path):
         config.DZADConfig(), ablation=replace(config.AblationConfig(), weightings=("learned",))
     )
     with pytest.raises(ValueError, match="learned"):
-        ablation.weighting_results(cfg, {"t": tmp_path / "t"})
+        ablations.weighting_results(cfg, {"t": tmp_path / "t"})
 
 
 def test_row_config_switches_exactly_the_ablated_parts():
     cfg = config.DZADConfig()
-    sd = ablation.row_config(cfg, {"SD": True})
+    sd = ablation_reruns.row_config(cfg, {"SD": True})
     assert (sd.model.use_sg, sd.noise.n_stages, sd.weighting.name, sd.anomaly_map.gating) == (
         False, 1, "uniform", "none",
     )  # fmt: skip
-    full = ablation.row_config(cfg, dict.fromkeys(("SD", "SGSD", "M_t", "F_b", "w_t"), True))
+    full = ablation_reruns.row_config(cfg, dict.fromkeys(("SD", "SGSD", "M_t", "F_b", "w_t"), True))
     assert full == cfg
-    fb = ablation.row_config(cfg, {"SD": True, "SGSD": True, "F_b": True})
+    fb = ablation_reruns.row_config(cfg, {"SD": True, "SGSD": True, "F_b": True})
     assert fb.model == cfg.model and fb.anomaly_map == cfg.anomaly_map and fb.noise.n_stages == 1
 
 

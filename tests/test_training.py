@@ -216,10 +216,10 @@ def test_learned_weights_and_prototypes_calibrate_on_a_labelled_source_split(tmp
     labelled = (_images(6, seed=1), torch.tensor([0, 1, 0, 1, 0, 1]))
     result = train(cfg, _images(), tmp_path / "p", labelled=labelled, progress=False)
     calib = result.calibration
-    assert len(calib.prototypes) == 2 and calib.temperature > 0
+    assert len(calib.state.prototypes) == 2 and calib.state.temperature > 0
     assert calib.weighting == "learned" and calib.weights.shape == (4,)
     loaded = load_checkpoint(tmp_path / "p")[4]
-    assert torch.equal(loaded.prototypes[1][1], calib.prototypes[1][1])
+    assert torch.equal(loaded.state.prototypes[1][1], calib.state.prototypes[1][1])
     assert torch.equal(loaded.weights, calib.weights)
 
 

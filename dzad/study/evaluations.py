@@ -53,13 +53,14 @@ def load_model(ckpt: str | Path, cfg: DZADConfig, device: str | None = None):
             log.warning(
                 "%s: its %s settings differ from the study's; using the checkpoint's", ckpt, name
             )
-    model.cfg = replace(
-        trained,
-        **{name: getattr(cfg, name) for name in INFERENCE_SECTIONS},
-        noise=replace(trained.noise, max_batch=cfg.noise.max_batch),
-        data=replace(trained.data, skip_bad=cfg.data.skip_bad),
+    return model.with_settings(
+        replace(
+            trained,
+            **{name: getattr(cfg, name) for name in INFERENCE_SECTIONS},
+            noise=replace(trained.noise, max_batch=cfg.noise.max_batch),
+            data=replace(trained.data, skip_bad=cfg.data.skip_bad),
+        )
     )
-    return model
 
 
 def _device(cfg: DZADConfig) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_dir, atomic_write_text
-from dzad.study.ablations import ABLATION_JSON
+from dzad.study.ablations import ABLATION_JSON, plot_timesteps, timesteps_table
 from dzad.study.evaluations import first_seed_scores, seed_results
 from dzad.study.summaries import KEY_METRICS
 
@@ -41,7 +41,7 @@ def report(
     ``summary.*`` (real-image study layout), ``table4_weighting.*``, ``figure4_timesteps.*`` and
     ``table3_<target>.*`` when those ablations ran.
     """
-    from dzad import ablation, reports
+    from dzad import reports
 
     sections: list[tuple[str, str, Any]] = []
     with atomic_dir(out_dir) as tmp:
@@ -82,9 +82,9 @@ def report(
                 )
             )
         if record["timesteps"]:
-            table = ablation.timesteps_table(record["timesteps"])
+            table = timesteps_table(record["timesteps"])
             table.write(tmp, "figure4_timesteps")
-            ablation.plot_timesteps(table, tmp / "figure4_timesteps.png")
+            plot_timesteps(table, tmp / "figure4_timesteps.png")
             sections.append(
                 (
                     "Figure 4: reconstruction start timestep",

@@ -1,9 +1,5 @@
-"""Ablations of the paper: Table 4 (weight functions), Figure 4 (timesteps), Table 3 (architecture).
+"""Model reruns of the ablation stage (:mod:`dzad.study.ablations`): Figure 4 and Table 3.
 
-- Table 4: every weight function of ``ablation.weightings`` rescores the noise-feature matrices F
-  ``(B,N,M)`` the evaluation stored (``noise_features.npz``) with the same SOURCE-only stage
-  statistics; no model runs. The number is the image AUROC of the detection score s (eq. 13), the
-  only score a weight function changes without rerunning the gated map.
 - Figure 4: the whole evaluation again for every reconstruction start ``t_start`` in
   ``ablation.t_starts`` (DDIM from that timestep, docs/method.md §8); image and pixel AUROC.
 - Table 3 (``ablation.architecture``): the rows SD, +SGSD, +M_t, +F_b, +w_t of the paper. SD = no SG
@@ -21,31 +17,21 @@ Results are kept per target and per seed as ``{"categories": {cat: {metric: v}},
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 
 from dzad.calibration import needs_labelled
 from dzad.config import DZADConfig
-from dzad.evaluation_outputs import mean_without_skipped
-from dzad.launch import train_launched
-from dzad.metrics import image_metrics
 from dzad.reports import TABLE3_MARKS
-from dzad.study.evaluations import evaluate_model, load_model, seed_file, seed_result
+from dzad.study.evaluations import evaluate_model, load_model, seed_result
 from dzad.study.layout import seed_dir, target_ref, with_seed
-from dzad.study.models import source_labelled, source_normals
-from dzad.study.summaries import KEY_METRICS, mean_std
-
-log = logging.getLogger(__name__)
+from dzad.study.models import source_labelled, source_normals, train_launched
 
 Result = dict[str, Any]
-NPZ = "noise_features.npz"
 # Table 3: the paper's check marks per row (SD is always there)
 TABLE3_ROWS: tuple[dict[str, bool], ...] = (
     {"SD": True},
@@ -68,61 +54,6 @@ def detection_result(result: Mapping[str, Any]) -> Result:
     det = result["variants"]["detection_score"]
     cats = {c: {**v, **det["categories"].get(c, {})} for c, v in result["categories"].items()}
     return {"categories": cats, "mean": {**result["mean"], **det["mean"]}}
-
-
-def image_result(labels: np.ndarray, categories: np.ndarray, scores: np.ndarray) -> Result:
-    """Per-category image metrics of ``scores`` ``(n,)`` and their macro mean."""
-    per_cat = {
-        str(c): image_metrics(labels[categories == c], scores[categories == c])
-        for c in dict.fromkeys(categories.tolist())
-    }
-    return {"categories": per_cat, "mean": mean_without_skipped(per_cat)}
-
-
-# ---------------------------------------------------------------------------------------- Table 4
-def rescore_file(
-    npz: Mapping[str, np.ndarray], names: Sequence[str], k: float, learned: bool = False
-) -> dict[str, np.ndarray]:
-    """Detection scores ``(n,)`` of a stored ``noise_features.npz`` under every weight function.
-
-    ``learned``: the checkpoint was calibrated with the learned weighting, so its stored weights
-    and bias are that function; otherwise "learned" cannot be rescored (it needs calibration).
-    """
-    from dzad.weighting import rescore
-
-    F = torch.from_numpy(np.asarray(npz["F"], np.float32))
-    standardise = bool(npz["standardise"])
-    mean = torch.from_numpy(npz["stage_mean"]) if standardise else None
-    std = torch.from_numpy(npz["stage_std"]) if standardise else None
-    fitted = None
-    if learned:
-        fitted = (torch.from_numpy(npz["weights"]), float(npz["bias"]))
-    elif "learned" in names:
-        raise ValueError(
-            "ablation.weightings lists 'learned', but the checkpoints were calibrated with another "
-            "weighting: train with weighting.name: learned to rescore it"
-        )
-    alphas = torch.from_numpy(npz["alphas_cumprod"])
-    scores = rescore(F, tuple(names), alphas, k=k, mean=mean, std=std, learned=fitted)
-    return {name: s.double().numpy() for name, s in scores.items()}
-
-
-def weighting_results(
-    cfg: DZADConfig, eval_dirs: Mapping[str, Path]
-) -> dict[str, dict[str, list[Result]]]:
-    """Table 4: ``{weight function: {target: [result per seed of cfg.seeds]}}`` rescored from
-    stored F; other seeds' folders in ``eval_dirs`` are ignored, a missing one is an error."""
-    out: dict[str, dict[str, list[Result]]] = {n: {} for n in cfg.ablation.weightings}
-    learned = cfg.weighting.name == "learned"
-    for target, eval_dir in eval_dirs.items():
-        for seed in cfg.seeds:
-            with np.load(seed_file(eval_dir, seed, NPZ)) as npz:
-                data = dict(npz)
-            scores = rescore_file(data, cfg.ablation.weightings, cfg.weighting.k, learned)
-            for name, s in scores.items():
-                result = image_result(data["label"], data["category"], s)
-                out[name].setdefault(target, []).append(result)
-    return out
 
 
 # ------------------------------------------------------------------------------ model reruns
@@ -163,13 +94,15 @@ def timestep_results(
                 raise ValueError(
                     f"ablation.t_starts: {t} is outside (0, T={trained.model.num_train_timesteps})"
                 )
-            model.cfg = replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
+            at_t = model.with_settings(
+                replace(trained, reconstruction=replace(trained.reconstruction, t_start=t))
+            )
             for target in targets:
                 if t == cfg.reconstruction.t_start and _reusable(cfg):
                     result = seed_result(eval_dirs[target], seed)
                 else:
                     folder = seed_dir(out_dir / f"t_{t}" / target, seed)
-                    result = evaluate_model(model, base, target, folder, controls=False)
+                    result = evaluate_model(at_t, base, target, folder, controls=False)
                 out[str(t)].setdefault(target, []).append(trim(result))
     return out
 
@@ -234,7 +167,7 @@ def recalibrated(model, row_cfg: DZADConfig, normals, labelled=None):
         trained.weighting, trained.detection, trained.noise.views
     )  # fmt: skip
     if same_bank and same_calibration:
-        return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
+        return model.with_settings(cfg)
     bank = model.bank
     if not same_bank:
         latent_shape = tuple(model.bank.noise.shape[2:])
@@ -289,91 +222,3 @@ def architecture_results(
                 use = trim(result) if flags.get("F_b") else detection_result(result)
                 rows[target][i]["results"].append(use)
     return rows
-
-
-# ------------------------------------------------------------------------------------- summaries
-def long_frame(record: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per (ablation, setting, target, seed) with the macro-mean key metrics."""
-    rows = []
-
-    def add(kind: str, setting: str, target: str, results: Sequence[Result]) -> None:
-        for i, r in enumerate(results):
-            values = {m: r["mean"].get(m) for m in KEY_METRICS}
-            rows.append(
-                {"ablation": kind, "setting": setting, "target": target, "run": i, **values}
-            )
-
-    for kind in ("weighting", "timesteps"):
-        for setting, by_target in record.get(kind, {}).items():
-            for target, results in by_target.items():
-                add(kind, setting, target, results)
-    for target, table in record.get("architecture", {}).items():
-        for row in table:
-            setting = "+".join(k for k, v in row["flags"].items() if v)
-            add("architecture", setting, target, row["results"])
-    columns = ["ablation", "setting", "target", "run", *KEY_METRICS]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def dvc_metrics(frame: pd.DataFrame) -> dict[str, Any]:
-    """``{ablation: {setting: {target: {metric: mean over seeds}}}}`` (NaN-free JSON for DVC)."""
-    out: dict[str, Any] = {}
-    for (kind, setting, target), g in frame.groupby(["ablation", "setting", "target"], sort=False):
-        values = {m: mean_std(g[m].tolist())["mean"] for m in KEY_METRICS}
-        out.setdefault(kind, {}).setdefault(setting, {})[target] = {
-            m: v for m, v in values.items() if v is not None
-        }
-    return out
-
-
-def plot_frames(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """DVC plots: Table-4 bars and Figure-4 points, means over targets and seeds (always both
-    files, so that the stage's declared outputs exist)."""
-    out = {}
-    for kind, key, metrics in (
-        ("weighting", "weighting", ("image_auroc",)),
-        ("timesteps", "t_start", ("image_auroc", "pixel_auroc")),
-    ):
-        sub = frame[frame["ablation"] == kind]  # empty when that ablation is off: header only
-        g = sub.groupby("setting", sort=False)[list(metrics)].mean().reset_index()
-        out[kind] = g.rename(columns={"setting": key})
-    return out
-
-
-def timesteps_table(record: Mapping[str, Mapping[str, Sequence[Result]]]):
-    """Figure 4 as a table: rows t_start, columns ``<target>: image_auroc|pixel_auroc``."""
-    from dzad.reports import Table
-
-    means: dict[str, dict[int, float]] = {}
-    stds: dict[str, dict[int, float]] = {}
-    for t, by_target in record.items():
-        for target, results in by_target.items():
-            for m in ("image_auroc", "pixel_auroc"):
-                s = mean_std([r["mean"].get(m) for r in results])
-                column = f"{target}: {m}"
-                means.setdefault(column, {})[int(t)] = np.nan if s["mean"] is None else s["mean"]
-                stds.setdefault(column, {})[int(t)] = np.nan if s["std"] is None else s["std"]
-    mean, std = pd.DataFrame(means, dtype=float), pd.DataFrame(stds, dtype=float)
-    mean.index.name = std.index.name = "t_start"
-    return Table(mean, None if std.isna().all().all() else std)
-
-
-def plot_timesteps(table, path: Path) -> Path:
-    """Figure 4: AUROC against the reconstruction start timestep, one line per column."""
-    from matplotlib.figure import Figure
-
-    from dzad.io_utils import atomic_path
-
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
-    x = table.mean.index.to_numpy()
-    for column in table.mean.columns:
-        err = None if table.std is None else table.std[column].fillna(0).to_numpy()
-        ax.errorbar(x, table.mean[column].to_numpy(), yerr=err, marker="o", capsize=3, label=column)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="reconstruction start t_start", ylabel="AUROC", title="Figure 4: timesteps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return path
