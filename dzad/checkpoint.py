@@ -3,9 +3,9 @@
 ``unet/``, ``sg/`` (absent without SG) and ``vae/`` (vae latent only) are diffusers'
 ``save_pretrained`` folders; ``extra.safetensors`` holds the SFF weights, the fixed text context,
 the encoder's fitted statistics, the noise bank and the calibration tensors; ``dzad.json`` the
-config, the calibration scalars and the training metadata. ``train_state/`` (optimizer, EMA and RNG
-state, written during training) makes ``resume`` exact. The folder is swapped in atomically, so a
-crash keeps the previous checkpoint whole.
+config, the calibration scalars and the training metadata. ``train_state/`` (optimizer and EMA
+state, written during training; the step draws are seeded by step) makes ``resume`` exact. The
+folder is swapped in atomically, so a crash keeps the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -243,22 +242,3 @@ def read_train_state(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, A
         return tensors, json.loads((state / "state.json").read_text())
     except (OSError, SafetensorError, json.JSONDecodeError) as exc:
         raise CheckpointError(state, f"corrupt training state: {exc}") from exc
-
-
-def rng_state_tensors() -> dict[str, Tensor]:
-    """Global torch RNG states as uint8 tensors (CPU + every CUDA device)."""
-    out = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return out
-
-
-def restore_rng_state(tensors: dict[str, Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [
-        tensors[f"rng.cuda.{i}"]
-        for i in range(torch.cuda.device_count())
-        if f"rng.cuda.{i}" in tensors
-    ]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
