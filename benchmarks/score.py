@@ -100,8 +100,11 @@ def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> C
     return run
 
 
-def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Span:
-    """Time of the ``dzad score`` command function on ``images`` (model preloaded)."""
+def score_command(
+    model, ckpt: Path, images: Path, out: Path, batch: int, pictures: bool = False
+) -> Span:
+    """Time of the ``dzad score`` command function on ``images`` (model preloaded; its default
+    outputs, or with ``pictures`` those of ``--pictures`` too)."""
     from dzad.cli import score_cmds
 
     with (
@@ -116,6 +119,7 @@ def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Spa
             threshold="auto",
             save_maps=False,
             save_masks=False,
+            pictures=pictures,
             json_out=True,
             skip_bad=False,
             random_backbone=False,

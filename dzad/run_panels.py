@@ -11,7 +11,8 @@ The scale's top is the run's highest map value, known only once every image is s
 - with ``save_masks``: ``masks/<name>.mask.png``, the binary predicted region (0 / 255) at the
   input file's own size.
 
-Every file is written atomically.
+A collector made with ``draw=False`` writes only the masks (``dzad score`` without
+``--pictures``). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class Picture:
 
 
 class RunPictures:
-    """Collects a run's maps ``(h, w)`` on disk, then writes every picture on one scale."""
+    """Collects a run's maps ``(h, w)`` on disk, then writes every picture on one scale (the
+    heat map, panel and thumbnail only when ``draw``)."""
 
-    def __init__(self, threshold: float | None, mask_threshold: int = 0) -> None:
+    def __init__(self, threshold: float | None, mask_threshold: int = 0, draw: bool = True) -> None:
         self.threshold = threshold
         self.mask_threshold = mask_threshold
+        self.draw = draw
         self._tmp = tempfile.TemporaryDirectory(prefix="dzad-maps-")
         self._items: list[tuple[Picture, Path]] = []
         self.low, self.high = math.inf, -math.inf
@@ -66,24 +69,13 @@ class RunPictures:
 
     def write(self, out: Path, save_masks: bool) -> dict[Path, dict[str, str]]:
         """Draw every picture; per picture name its written files (relative to ``out``)."""
-        from dzad.data.images import image_size, load_image, load_mask
+        from dzad.data.images import image_size
 
-        scale = self.scale()
         written: dict[Path, dict[str, str]] = {}
         try:
             for pic, map_path in self._items:
                 m = np.load(map_path)
-                shown = load_image(pic.image, max_side=DISPLAY_SIDE).permute(1, 2, 0).numpy()
-                text = caption_text(pic.score_name, pic.score, pic.normalised, pic.decision)
-                anomalous = pic.decision == "anomalous"
-                truth = None
-                if pic.truth is not None:
-                    truth = load_mask(pic.truth, self.mask_threshold)[0].numpy() > 0
-                over, big = draw(shown, m, scale, text, anomalous, truth)
-                files = {"heatmap": _save(over, out, "heatmaps", pic.name, ".heatmap.png")}
-                files["panel"] = _save(big, out, "panels", pic.name, ".panel.png")
-                big.thumbnail(THUMB, Image.Resampling.BOX)  # averaging: 2-3x faster than bicubic
-                files["thumb"] = _save(big, out, "thumbs", pic.name, ".png")
+                files = self._draw(pic, m, out) if self.draw else {}
                 if save_masks and self.threshold is not None:
                     w, h = image_size(pic.image)
                     region = predicted_mask(m, self.threshold, (h, w))
@@ -93,6 +85,22 @@ class RunPictures:
         finally:
             self._tmp.cleanup()
         return written
+
+    def _draw(self, pic: Picture, m: np.ndarray, out: Path) -> dict[str, str]:
+        """Heat map, panel and thumbnail of one picture; their files relative to ``out``."""
+        from dzad.data.images import load_image, load_mask
+
+        shown = load_image(pic.image, max_side=DISPLAY_SIDE).permute(1, 2, 0).numpy()
+        text = caption_text(pic.score_name, pic.score, pic.normalised, pic.decision)
+        truth = None
+        if pic.truth is not None:
+            truth = load_mask(pic.truth, self.mask_threshold)[0].numpy() > 0
+        over, big = draw(shown, m, self.scale(), text, pic.decision == "anomalous", truth)
+        files = {"heatmap": _save(over, out, "heatmaps", pic.name, ".heatmap.png")}
+        files["panel"] = _save(big, out, "panels", pic.name, ".panel.png")
+        big.thumbnail(THUMB, Image.Resampling.BOX)  # averaging: 2-3x faster than bicubic
+        files["thumb"] = _save(big, out, "thumbs", pic.name, ".png")
+        return files
 
 
 def _save(img: Image.Image, out: Path, folder: str, name: Path, suffix: str) -> str:

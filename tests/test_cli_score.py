@@ -54,6 +54,7 @@ def scored(tmp_path_factory, images, tiny_checkpoint):
         out,
         "--random-backbone",
         "--save-maps",
+        "--pictures",
         "--batch-size",
         "2",
     )
@@ -86,6 +87,42 @@ def test_score_folder_writes_scores_and_mirrored_heatmaps(scored, images):
     raw = np.load(out / "maps" / "b" / "photo.jpg.npy")
     assert raw.shape == (32, 32) and np.isfinite(raw).all()
     assert "DZAD scores" in result.stdout
+
+
+def test_score_draws_pictures_only_with_the_option(scored, images, tiny_checkpoint, tmp_path):
+    """Without --pictures: the same scores, no picture folder or column, the report says why."""
+    _, with_pictures = scored
+    out = tmp_path / "plain"
+    args = ["--model", tiny_checkpoint, "--out", out, "--random-backbone", "--batch-size", "2"]
+    result = _score(images, *args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if p.name != ".dzad.lock") == [
+        "report.html",
+        "scores.csv",
+    ]
+    plain, drawn = pd.read_csv(out / "scores.csv"), pd.read_csv(with_pictures / "scores.csv")
+    columns = ["path", "image_score", "detection_score", "decision", "normalised_score"]
+    pd.testing.assert_frame_equal(plain[columns], drawn[columns])
+    assert plain[["heatmap", "panel", "thumb", "mask"]].isna().all().all()
+    assert drawn[["heatmap", "panel", "thumb"]].notna().all().all()
+    assert "rerun with --pictures" in (out / "report.html").read_text()
+
+
+def test_score_decodes_each_image_once(images, tiny_checkpoint, tmp_path, monkeypatch):
+    import dzad.data.images
+
+    real, calls = dzad.data.images.load_image, []
+
+    def counted(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dzad.data.images, "load_image", counted)
+    result = _score(
+        images, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--random-backbone"
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == sorted(["000.png", "001.png"] * 2 + ["photo.jpg"])
 
 
 def test_score_json_threshold_and_glob(images, tiny_checkpoint, tmp_path, scored):

@@ -106,7 +106,8 @@ def masked(tmp_path_factory, synth_root, tiny_checkpoint):
     out = tmp_path_factory.mktemp("masked") / "out"
     paths = [synth_root / "grain" / "test", synth_root / "weave" / "test" / "good"]
     args = ["score", *map(str, paths), "-m", str(tiny_checkpoint), "-o", str(out)]
-    result = runner.invoke(app, [*args, "--save-masks", "--save-maps"], env={"COLUMNS": "80"})
+    args += ["--save-masks", "--save-maps", "--pictures"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"})
     return result, out
 
 
