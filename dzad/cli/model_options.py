@@ -49,8 +49,10 @@ def apply_options(dzad, threads: int | None, compile_: str | None) -> None:
     from dzad.runtime import apply_runtime
 
     changes = {k: v for k, v in (("threads", threads), ("compile", compile_)) if v is not None}
-    cfg = validate(replace(dzad.cfg, runtime=replace(dzad.cfg.runtime, **changes)))
-    apply_runtime(cfg.runtime, dzad)
+    runtime = dzad.cfg.runtime  # validated when the checkpoint loaded
+    if changes:  # validating the whole config costs ~3 ms, more than scoring a small image
+        runtime = validate(replace(dzad.cfg, runtime=replace(runtime, **changes))).runtime
+    apply_runtime(runtime, dzad)
 
 
 def regime_config(dzad, regime_params: Path | None):
