@@ -143,6 +143,20 @@ def test_table_fits_80_columns_with_relative_paths(masked):
     assert "grain/test/contamination/000.png" in names and "weave/test/good/000.png" in names
 
 
+def test_save_masks_without_pictures_writes_the_same_masks(masked, tiny_checkpoint, synth_root):
+    _, drawn = masked
+    out = drawn.parent / "masks_only"
+    paths = [synth_root / "grain" / "test", synth_root / "weave" / "test" / "good"]
+    args = ["score", *map(str, paths), "-m", str(tiny_checkpoint), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--save-masks"])
+    assert result.exit_code == 0, result.output
+    table, reference = pd.read_csv(out / "scores.csv"), pd.read_csv(drawn / "scores.csv")
+    assert table["heatmap"].isna().all() and not (out / "heatmaps").exists()
+    assert table["mask"].tolist() == reference["mask"].tolist()
+    for rel in table["mask"]:
+        assert (out / rel).read_bytes() == (drawn / rel).read_bytes()
+
+
 def test_save_masks_without_a_calibrated_threshold_stops_before_writing(
     tiny_checkpoint, synth_root, tmp_path
 ):
