@@ -18,7 +18,9 @@ A collector made with ``draw=False`` writes only the masks (``dzad score`` witho
 from __future__ import annotations
 
 import math
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +105,41 @@ class RunPictures:
         return files
 
 
+def png_bytes(img: Image.Image, level: int = 1) -> bytes:
+    """``img`` (mode ``L`` or ``RGB``, 8 bits) as PNG bytes: every row "Up"-filtered (difference
+    to the row above), then zlib at ``level``.
+
+    Pillow tries all five PNG filters on every row and keeps the best; on the panels, whose rows
+    repeat (nearest-neighbour enlargement), "Up" turns repeated rows into zeros, so one filter
+    gives files about 35 % larger in 2.7x less time (2.3 against 6.1 ms for a 846 x 282 panel).
+    """
+    a = np.asarray(img)
+    if a.dtype != np.uint8 or img.mode not in ("L", "RGB"):
+        raise ValueError(f"png_bytes: 8-bit L or RGB images only, got mode {img.mode}")
+    h, w = a.shape[:2]
+    rows = a.reshape(h, -1)
+    filtered = np.empty((h, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type "Up" ...
+    filtered[0, 0] = 0  # ... except the first row: "None"
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG decodes it
+    colour = 0 if img.mode == "L" else 2  # PNG colour types: grey, truecolour
+    header = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
+    data = zlib.compress(filtered.tobytes(), level)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", data)
+        + _chunk(b"IEND", b"")
+    )
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
 def _save(img: Image.Image, out: Path, folder: str, name: Path, suffix: str) -> str:
     rel = Path(folder) / name.with_name(name.name + suffix)
     with atomic_path(out / rel) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)  # zlib level 6 tripled the drawing time
+        tmp.write_bytes(png_bytes(img))
     return rel.as_posix()

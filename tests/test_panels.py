@@ -101,6 +101,21 @@ def test_thresholds_come_from_the_calibration(tiny_checkpoint):
     assert level is None and "differ" in note
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7, 3), (5, 9), (33, 17, 3)])
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    import io
+
+    from dzad.run_panels import png_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    pixels[len(pixels) // 2 :] = pixels[0]  # repeated rows: "Up" differences of zero
+    back = Image.open(io.BytesIO(png_bytes(Image.fromarray(pixels))))
+    assert back.mode == ("RGB" if len(shape) == 3 else "L")
+    np.testing.assert_array_equal(np.asarray(back), pixels)
+    with pytest.raises(ValueError, match="mode RGBA"):
+        png_bytes(Image.new("RGBA", (2, 2)))
+
+
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory, synth_root, tiny_checkpoint):
     out = tmp_path_factory.mktemp("masked") / "out"
