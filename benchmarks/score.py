@@ -21,9 +21,11 @@ bare forwards); the unsuffixed fields are the largest batch's.
 Variants of the bare forwards at batch 8 (``variant_ms_per_image``, CPU ms): autograd ``no_grad``,
 ``inference_mode`` (the library's), ``channels_last`` and ``torch.compile`` (its compile time:
 ``compile_s``; ``compile_max_rel_diff``: largest difference of its noise predictions from eager,
-relative to the largest eager value). ``precision_ms_per_image`` (CPU ms of the DZAD forward at
-batch 8 in ``noise.precision`` fp32 and bf16, interleaved), ``bf16_speedup`` (fp32 / bf16) and
-``bf16_max_rel_diff`` (image scores, relative to the largest). ``matmul_peak_gflops`` is an fp32
+relative to the largest eager value; ``compile_score_max_rel_diff``: the same for the DZAD image
+score, detection score and map of 8 images, the largest of the three).
+``precision_ms_per_image`` (CPU ms of the DZAD forward at batch 8 in ``noise.precision`` fp32 and
+bf16, interleaved), ``bf16_speedup`` (fp32 / bf16) and ``bf16_max_rel_diff`` (image scores,
+relative to the largest). ``matmul_peak_gflops`` is an fp32
 matmul per CPU second measured by the same script; ``peak_fraction`` is the largest batch's
 ``gflops`` over it.
 """
@@ -164,6 +166,8 @@ def variants(
             hint = torch.rand((batch, 3, model.image_size, model.image_size))
             emb = model.net.embed_hint(model.net.hint(hint, z), z)  # as scoring calls it
             eager = plain(z, t, None, hint_embedding=emb)
+            images = synthetic_images(batch, model.image_size, seed=11)
+            eager_scores = model(images)
             model.net.predict_noise = torch.compile(plain, dynamic=False)
             try:
                 run = bare_forwards(model, batch)
@@ -172,12 +176,20 @@ def variants(
                 compile_s = time.perf_counter() - start
                 out["compile"] = timed(run, repeats).cpu / batch * 1e3
                 compiled = model.net.predict_noise(z, t, None, hint_embedding=emb)
-                out["compile_max_rel_diff"] = float(
-                    (compiled - eager).abs().max() / eager.abs().max()
+                out["compile_max_rel_diff"] = _rel_diff(compiled, eager)
+                scores = model(images)  # the same batch shapes: nothing recompiles
+                out["compile_score_max_rel_diff"] = max(
+                    _rel_diff(getattr(scores, k), getattr(eager_scores, k))
+                    for k in ("image_score", "detection_score", "anomaly_map")
                 )
             finally:
                 model.net.predict_noise = plain
     return out, compile_s
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ``|a - b|`` relative to the largest ``|b|``."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 def precision_pair(model, batch: int, repeats: int) -> dict[str, object]:
@@ -191,12 +203,11 @@ def precision_pair(model, batch: int, repeats: int) -> dict[str, object]:
         for p, m in models.items():
             spans[p].append(timed(lambda m=m: m(x), repeats=1, warmup=0))
     ms = {p: median_span(v).cpu / batch * 1e3 for p, v in spans.items()}
-    diff = (scores["bf16"] - scores["fp32"]).abs().max() / scores["fp32"].abs().max()
     return {
         "precision_batch": batch,
         "precision_ms_per_image": ms,
         "bf16_speedup": ms["fp32"] / ms["bf16"],
-        "bf16_max_rel_diff": float(diff),
+        "bf16_max_rel_diff": _rel_diff(scores["bf16"], scores["fp32"]),
     }
 
 
