@@ -222,7 +222,7 @@ def main() -> None:
     setup(args)
     sizes = [2] if args.quick else args.batch_sizes
     cfg = demo_config(args.latent, quick=args.quick)
-    from dzad.cli.score_cmds import load_model
+    from dzad.cli.model_options import load_model
 
     peak = matmul_peak_gflops(512 if args.quick else 1024)
     with tempfile.TemporaryDirectory(prefix="dzad-bench-") as tmp:
