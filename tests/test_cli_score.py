@@ -223,6 +223,19 @@ def test_skip_bad_marks_rows_and_scores_the_rest(bad_inputs, tiny_checkpoint, tm
     assert result.stderr.count("warning: skipped") == 5
 
 
+def test_skip_bad_with_no_readable_image_fails_and_keeps_out(bad_inputs, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("previous results\n")
+    files = [bad_inputs[k] for k in ("zero", "truncated", "text")]
+    args = ["--model", tiny_checkpoint, "--out", out, "--random-backbone", "--skip-bad"]
+    result = _score(*files, *args, "--batch-size", "2")  # the bad images fill two batches
+    assert result.exit_code == 2
+    assert "none of the given paths holds a readable image" in result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name != ".dzad.lock") == ["scores.csv"]
+    assert (out / "scores.csv").read_text() == "previous results\n"
+
+
 def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, bad_inputs, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_checkpoint, corrupt)
