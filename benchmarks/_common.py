@@ -147,6 +147,15 @@ def build_model(cfg, n_source: int = 16, device: str | torch.device = "cpu"):
     return DZAD(cfg, encoder, net, bank, calib, backbone).to(device)
 
 
+def with_precision(model, precision: str):
+    """``model`` (a :class:`dzad.model.DZAD`, same modules and calibration) scoring in
+    ``noise.precision`` ``precision`` (``fp32`` / ``bf16``)."""
+    from dzad.model import DZAD
+
+    cfg = replace(model.cfg, noise=replace(model.cfg.noise, precision=precision))
+    return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
+
+
 def latent_shape(model) -> tuple[int, int, int]:
     """``(C, h, w)`` of the model's latent (the noise bank's entries)."""
     return tuple(model.bank.noise.shape[2:])  # type: ignore[return-value]

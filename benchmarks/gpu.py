@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import REPO, build_model, synthetic_images, tidy
+from benchmarks._common import REPO, build_model, synthetic_images, tidy, with_precision
 
 PAPER_STUDY = REPO / "studies" / "paper.yaml"
 
@@ -229,10 +229,7 @@ def train_run(cfg, out: Path, steps: int, batch: int) -> dict:
 def score(model, precision: str, batch: int, repeats: int) -> dict[str, Any]:
     """Images/s (median of ``repeats`` after one warm-up) and peak memory of the DZAD forward in
     ``noise.precision`` ``precision`` (calibration: the model's own, as built)."""
-    from dzad.model import DZAD
-
-    cfg = replace(model.cfg, noise=replace(model.cfg.noise, precision=precision))
-    m = DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
+    m = with_precision(model, precision)
     device = m.device
     x = synthetic_images(batch, m.image_size, seed=5).to(device)
     _reset_peak(device)

@@ -45,7 +45,7 @@ def _rss_mb() -> float:
 
 def child(path: str, n: int, work: Path) -> dict[str, float]:
     """Score ``n`` images along ``path`` in this process; peak and pre-scoring RSS in MiB."""
-    from dzad.cli.score_cmds import load_model
+    from dzad.cli.model_options import load_model
 
     model = load_model(str(work / "ckpt"), False)
     before = _rss_mb()

@@ -3,22 +3,31 @@
 ``python -m benchmarks.score [--batch-sizes 1 8 32] [--latent L] [--no-compile] [--quick]`` prints
 one JSON line. For each batch size B it runs the ``dzad score`` command function itself
 (``dzad.cli.score_cmds.score_cmd``: PNG decoding, DZAD forward with encoder, noise features, DDIM,
-maps, gating, heat-map PNGs and ``scores.csv``) on synthetic PNGs, with the checkpoint loaded once
-beforehand (``load_s``), and then, in the same process, only the denoiser+SG forwards that scoring B
-images needs: ``ceil(B*N*M / max_batch)`` noise-feature batches plus ``reconstruction.steps`` DDIM
-batches of B, reusing the batch's SG hint embedding (computed once for each of the two). Both are
-timed ``--repeats`` times, interleaved, on ``max(2B, 6)`` images after a warm-up run; medians are
-reported.
+maps, gating, ``scores.csv`` and ``report.html``; its defaults, so no pictures) on synthetic PNGs,
+the same with ``--pictures`` (heat map, panel and thumbnail PNGs per image), with the checkpoint
+loaded once beforehand (``load_s``), and then, in the same process, only the denoiser+SG forwards
+that scoring B images needs: ``ceil(B*N*M / max_batch)`` noise-feature batches plus
+``reconstruction.steps`` DDIM batches of B, reusing the batch's SG hint embedding (computed once
+for each of the two). The three are timed ``--repeats`` times, interleaved, on ``max(2B, 6)``
+images after a warm-up run; medians are reported.
 
-Fields per B: ``images_per_s_bB`` (whole command, wall clock) and ``images_per_s_cpu_bB`` (per CPU
+Fields per B: ``images_per_s_bB`` (the command, wall clock) and ``images_per_s_cpu_bB`` (per CPU
 second of this process), ``efficiency_ratio_bB`` (wall time per image / bare forwards' wall time
 per image; bar 1.25) and ``efficiency_ratio_cpu_bB`` (the same on CPU time, which other jobs on a
-shared machine do not inflate), ``gflops_bB`` / ``bare_gflops_bB`` (FLOPs of those forwards per CPU
-second of the whole command / of the bare forwards); the unsuffixed fields are the largest batch's.
+shared machine do not inflate), ``efficiency_ratio_pictures_bB`` / ``..._pictures_cpu_bB`` (the
+command with ``--pictures``), ``pictures_ms_per_image_cpu_bB`` (what ``--pictures`` adds, CPU ms),
+``gflops_bB`` / ``bare_gflops_bB`` (FLOPs of those forwards per CPU second of the command / of the
+bare forwards); the unsuffixed fields are the largest batch's.
 Variants of the bare forwards at batch 8 (``variant_ms_per_image``, CPU ms): autograd ``no_grad``,
 ``inference_mode`` (the library's), ``channels_last`` and ``torch.compile`` (its compile time:
-``compile_s``). ``matmul_peak_gflops`` is an fp32 matmul per CPU second measured by the same
-script; ``peak_fraction`` is the largest batch's ``gflops`` over it.
+``compile_s``; ``compile_max_rel_diff``: largest difference of its noise predictions from eager,
+relative to the largest eager value; ``compile_score_max_rel_diff``: the same for the DZAD image
+score, detection score and map of 8 images, the largest of the three).
+``precision_ms_per_image`` (CPU ms of the DZAD forward at batch 8 in ``noise.precision`` fp32 and
+bf16, interleaved), ``bf16_speedup`` (fp32 / bf16) and ``bf16_max_rel_diff`` (image scores,
+relative to the largest). ``matmul_peak_gflops`` is an fp32
+matmul per CPU second measured by the same script; ``peak_fraction`` is the largest batch's
+``gflops`` over it.
 """
 
 from __future__ import annotations
@@ -47,7 +56,9 @@ from benchmarks._common import (
     median_span,
     setup,
     stopwatch,
+    synthetic_images,
     timed,
+    with_precision,
     write_pngs,
 )
 from dzad.networks import forward_flops
@@ -100,8 +111,11 @@ def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> C
     return run
 
 
-def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Span:
-    """Time of the ``dzad score`` command function on ``images`` (model preloaded)."""
+def score_command(
+    model, ckpt: Path, images: Path, out: Path, batch: int, pictures: bool = False
+) -> Span:
+    """Time of the ``dzad score`` command function on ``images`` (model preloaded; its default
+    outputs, or with ``pictures`` those of ``--pictures`` too)."""
     from dzad.cli import score_cmds
 
     with (
@@ -116,6 +130,7 @@ def score_command(model, ckpt: Path, images: Path, out: Path, batch: int) -> Spa
             threshold="auto",
             save_maps=False,
             save_masks=False,
+            pictures=pictures,
             json_out=True,
             skip_bad=False,
             random_backbone=False,
@@ -147,6 +162,12 @@ def variants(
         out["compile"] = None
         if compile_too:
             plain = model.net.predict_noise
+            z, t = torch.randn((batch, *latent_shape(model))), torch.randint(0, 1000, (batch,))
+            hint = torch.rand((batch, 3, model.image_size, model.image_size))
+            emb = model.net.embed_hint(model.net.hint(hint, z), z)  # as scoring calls it
+            eager = plain(z, t, None, hint_embedding=emb)
+            images = synthetic_images(batch, model.image_size, seed=11)
+            eager_scores = model(images)
             model.net.predict_noise = torch.compile(plain, dynamic=False)
             try:
                 run = bare_forwards(model, batch)
@@ -154,9 +175,40 @@ def variants(
                 run()  # compiles once per distinct batch shape
                 compile_s = time.perf_counter() - start
                 out["compile"] = timed(run, repeats).cpu / batch * 1e3
+                compiled = model.net.predict_noise(z, t, None, hint_embedding=emb)
+                out["compile_max_rel_diff"] = _rel_diff(compiled, eager)
+                scores = model(images)  # the same batch shapes: nothing recompiles
+                out["compile_score_max_rel_diff"] = max(
+                    _rel_diff(getattr(scores, k), getattr(eager_scores, k))
+                    for k in ("image_score", "detection_score", "anomaly_map")
+                )
             finally:
                 model.net.predict_noise = plain
     return out, compile_s
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ``|a - b|`` relative to the largest ``|b|``."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def precision_pair(model, batch: int, repeats: int) -> dict[str, object]:
+    """CPU ms per image of the DZAD forward on ``batch`` images in fp32 and bf16
+    (``noise.precision``, interleaved rounds), the speed-up and the image scores' difference."""
+    x = synthetic_images(batch, model.image_size, seed=7)
+    models = {p: with_precision(model, p) for p in ("fp32", "bf16")}
+    spans: dict[str, list[Span]] = {p: [] for p in models}
+    scores = {p: m(x).image_score.float() for p, m in models.items()}  # warm-up, and the scores
+    for _ in range(repeats):
+        for p, m in models.items():
+            spans[p].append(timed(lambda m=m: m(x), repeats=1, warmup=0))
+    ms = {p: median_span(v).cpu / batch * 1e3 for p, v in spans.items()}
+    return {
+        "precision_batch": batch,
+        "precision_ms_per_image": ms,
+        "bf16_speedup": ms["fp32"] / ms["bf16"],
+        "bf16_max_rel_diff": _rel_diff(scores["bf16"], scores["fp32"]),
+    }
 
 
 def main() -> None:
@@ -170,7 +222,7 @@ def main() -> None:
     setup(args)
     sizes = [2] if args.quick else args.batch_sizes
     cfg = demo_config(args.latent, quick=args.quick)
-    from dzad.cli.score_cmds import load_model
+    from dzad.cli.model_options import load_model
 
     peak = matmul_peak_gflops(512 if args.quick else 1024)
     with tempfile.TemporaryDirectory(prefix="dzad-bench-") as tmp:
@@ -195,27 +247,34 @@ def main() -> None:
             n = max(2 * b, 6)
             folder = link_images(pngs[:n], tmp_path / f"in_{b}")
             score_command(model, tmp_path / "ckpt", folder, tmp_path / f"warm_{b}", b)  # warm-up
-            fulls, bares = [], []
-            for r in range(args.repeats):  # interleaved: load drifts affect both alike
+            fulls, drawn, bares = [], [], []
+            for r in range(args.repeats):  # interleaved: load drifts affect all three alike
                 out = tmp_path / f"out_{b}_{r}"
                 fulls.append(score_command(model, tmp_path / "ckpt", folder, out, b) / n)
+                out = tmp_path / f"pictures_{b}_{r}"
+                drawn.append(score_command(model, tmp_path / "ckpt", folder, out, b, True) / n)
                 with torch.inference_mode():
                     bares.append(timed(bare_forwards(model, b), repeats=n // b, warmup=0) / b)
-            full, bare = median_span(fulls), median_span(bares)
+            full, pics, bare = median_span(fulls), median_span(drawn), median_span(bares)
             figures[f"images_per_s_b{b}"] = 1 / full.wall
             figures[f"images_per_s_cpu_b{b}"] = 1 / full.cpu
             figures[f"efficiency_ratio_b{b}"] = full.wall / bare.wall
             figures[f"efficiency_ratio_cpu_b{b}"] = full.cpu / bare.cpu
+            figures[f"efficiency_ratio_pictures_b{b}"] = pics.wall / bare.wall
+            figures[f"efficiency_ratio_pictures_cpu_b{b}"] = pics.cpu / bare.cpu
+            figures[f"pictures_ms_per_image_cpu_b{b}"] = (pics.cpu - full.cpu) * 1e3
             figures[f"gflops_b{b}"] = flops_image / full.cpu / 1e9
             figures[f"bare_gflops_b{b}"] = flops_image / bare.cpu / 1e9
         top = max(sizes)
-        for key in ("images_per_s", "images_per_s_cpu", "efficiency_ratio", "efficiency_ratio_cpu"):
+        keys = ("images_per_s", "images_per_s_cpu", "efficiency_ratio", "efficiency_ratio_cpu")
+        for key in (*keys, "efficiency_ratio_pictures", "efficiency_ratio_pictures_cpu"):
             figures[key] = figures[f"{key}_b{top}"]
         v_batch = min(8, top)
         figures["variant_batch"] = v_batch
         figures["variant_ms_per_image"], figures["compile_s"] = variants(
             model, v_batch, not (args.no_compile or args.quick), args.repeats
         )
+        figures.update(precision_pair(model, v_batch, args.repeats))
         figures["peak_fraction"] = figures[f"gflops_b{top}"] / peak  # type: ignore[operator]
     emit(figures)
 

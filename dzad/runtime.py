@@ -9,7 +9,8 @@ machine wants 1; 0 keeps torch's default (the core count, or ``OMP_NUM_THREADS``
 2-core CPU a compiled forward was 1.3-1.4x faster, but each batch shape cost 8 s (warm inductor
 cache) to 340-500 s (cold, loaded machine) to compile, and the compiled detection score moved by
 6e-5 relative on one image of the tiny model (``tests/test_runtime.py``; image score and map under
-1e-6), above the project's 1e-5 bar. So
+1e-6) and the demo's scores by 1.3e-5 of the largest (``benchmarks.score``), above the project's
+1e-5 bar. So
 ``auto`` (:data:`COMPILE_DEFAULT`) compiles on no device: ``on`` is an explicit opt-in for long
 scoring jobs that accept that difference. CUDA has not been measured yet.
 """

@@ -54,6 +54,7 @@ def scored(tmp_path_factory, images, tiny_checkpoint):
         out,
         "--random-backbone",
         "--save-maps",
+        "--pictures",
         "--batch-size",
         "2",
     )
@@ -86,6 +87,42 @@ def test_score_folder_writes_scores_and_mirrored_heatmaps(scored, images):
     raw = np.load(out / "maps" / "b" / "photo.jpg.npy")
     assert raw.shape == (32, 32) and np.isfinite(raw).all()
     assert "DZAD scores" in result.stdout
+
+
+def test_score_draws_pictures_only_with_the_option(scored, images, tiny_checkpoint, tmp_path):
+    """Without --pictures: the same scores, no picture folder or column, the report says why."""
+    _, with_pictures = scored
+    out = tmp_path / "plain"
+    args = ["--model", tiny_checkpoint, "--out", out, "--random-backbone", "--batch-size", "2"]
+    result = _score(images, *args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if p.name != ".dzad.lock") == [
+        "report.html",
+        "scores.csv",
+    ]
+    plain, drawn = pd.read_csv(out / "scores.csv"), pd.read_csv(with_pictures / "scores.csv")
+    columns = ["path", "image_score", "detection_score", "decision", "normalised_score"]
+    pd.testing.assert_frame_equal(plain[columns], drawn[columns])
+    assert plain[["heatmap", "panel", "thumb", "mask"]].isna().all().all()
+    assert drawn[["heatmap", "panel", "thumb"]].notna().all().all()
+    assert "rerun with --pictures" in (out / "report.html").read_text()
+
+
+def test_score_decodes_each_image_once(images, tiny_checkpoint, tmp_path, monkeypatch):
+    import dzad.data.images
+
+    real, calls = dzad.data.images.load_image, []
+
+    def counted(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dzad.data.images, "load_image", counted)
+    result = _score(
+        images, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--random-backbone"
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == sorted(["000.png", "001.png"] * 2 + ["photo.jpg"])
 
 
 def test_score_json_threshold_and_glob(images, tiny_checkpoint, tmp_path, scored):
@@ -184,6 +221,19 @@ def test_skip_bad_marks_rows_and_scores_the_rest(bad_inputs, tiny_checkpoint, tm
     assert (table.decision == "skipped").sum() == 5
     assert table.loc[table.decision != "skipped", "path"].tolist() == [str(bad_inputs["good"])]
     assert result.stderr.count("warning: skipped") == 5
+
+
+def test_skip_bad_with_no_readable_image_fails_and_keeps_out(bad_inputs, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("previous results\n")
+    files = [bad_inputs[k] for k in ("zero", "truncated", "text")]
+    args = ["--model", tiny_checkpoint, "--out", out, "--random-backbone", "--skip-bad"]
+    result = _score(*files, *args, "--batch-size", "2")  # the bad images fill two batches
+    assert result.exit_code == 2
+    assert "none of the given paths holds a readable image" in result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name != ".dzad.lock") == ["scores.csv"]
+    assert (out / "scores.csv").read_text() == "previous results\n"
 
 
 def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, bad_inputs, tmp_path):

@@ -185,6 +185,7 @@ def test_full_disk_while_scoring_leaves_the_earlier_run(tmp_path, monkeypatch, t
         Image.new("RGB", (32, 32), (40 * k, 90, 200)).save(images / f"{k}.png")
     out = tmp_path / "out"
     args = ["score", str(images), "-m", str(tiny_checkpoint), "-o", str(out), "--random-backbone"]
+    args.append("--pictures")
     assert runner.invoke(app, [*args, "--batch-size", "1"]).exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     from dzad.run_panels import RunPictures
@@ -214,7 +215,7 @@ def test_rescoring_into_one_out_describes_one_run(tmp_path, tiny_checkpoint):
     for k in range(2):
         Image.new("RGB", (32, 32), (90 * k, 20, 60)).save(images / f"{k}.png")
     out = tmp_path / "out"
-    base = ["-m", str(tiny_checkpoint), "-o", str(out), "--random-backbone"]
+    base = ["-m", str(tiny_checkpoint), "-o", str(out), "--random-backbone", "--pictures"]
     assert runner.invoke(app, ["score", str(images), *base, "--save-maps"]).exit_code == 0
     assert len(list((out / "heatmaps").iterdir())) == 2 and (out / "maps").is_dir()
     result = runner.invoke(app, ["score", str(images / "1.png"), *base])

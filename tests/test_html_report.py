@@ -69,7 +69,7 @@ def test_score_report_lists_and_sorts_the_rows(chromium, synth_root, tiny_checkp
     out = tmp_path / "out"
     paths = [synth_root / "grain" / "test" / "good", synth_root / "weave" / "test" / "hole"]
     result = runner.invoke(
-        app, ["score", *map(str, paths), "-m", str(tiny_checkpoint), "-o", str(out)]
+        app, ["score", *map(str, paths), "-m", str(tiny_checkpoint), "-o", str(out), "--pictures"]
     )
     assert result.exit_code == 0, result.output
     scores = pd.read_csv(out / "scores.csv")

@@ -101,12 +101,28 @@ def test_thresholds_come_from_the_calibration(tiny_checkpoint):
     assert level is None and "differ" in note
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7, 3), (5, 9), (33, 17, 3)])
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    import io
+
+    from dzad.run_panels import png_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    pixels[len(pixels) // 2 :] = pixels[0]  # repeated rows: "Up" differences of zero
+    back = Image.open(io.BytesIO(png_bytes(Image.fromarray(pixels))))
+    assert back.mode == ("RGB" if len(shape) == 3 else "L")
+    np.testing.assert_array_equal(np.asarray(back), pixels)
+    with pytest.raises(ValueError, match="mode RGBA"):
+        png_bytes(Image.new("RGBA", (2, 2)))
+
+
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory, synth_root, tiny_checkpoint):
     out = tmp_path_factory.mktemp("masked") / "out"
     paths = [synth_root / "grain" / "test", synth_root / "weave" / "test" / "good"]
     args = ["score", *map(str, paths), "-m", str(tiny_checkpoint), "-o", str(out)]
-    result = runner.invoke(app, [*args, "--save-masks", "--save-maps"], env={"COLUMNS": "80"})
+    args += ["--save-masks", "--save-maps", "--pictures"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"})
     return result, out
 
 
@@ -140,6 +156,20 @@ def test_table_fits_80_columns_with_relative_paths(masked):
     assert max(len(ln) for ln in lines if "│" in ln or "┃" in ln) <= 80
     names = {m.group(1) for ln in lines for m in [re.search(r"│ (\S+\.png)", ln)] if m}
     assert "grain/test/contamination/000.png" in names and "weave/test/good/000.png" in names
+
+
+def test_save_masks_without_pictures_writes_the_same_masks(masked, tiny_checkpoint, synth_root):
+    _, drawn = masked
+    out = drawn.parent / "masks_only"
+    paths = [synth_root / "grain" / "test", synth_root / "weave" / "test" / "good"]
+    args = ["score", *map(str, paths), "-m", str(tiny_checkpoint), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--save-masks"])
+    assert result.exit_code == 0, result.output
+    table, reference = pd.read_csv(out / "scores.csv"), pd.read_csv(drawn / "scores.csv")
+    assert table["heatmap"].isna().all() and not (out / "heatmaps").exists()
+    assert table["mask"].tolist() == reference["mask"].tolist()
+    for rel in table["mask"]:
+        assert (out / rel).read_bytes() == (drawn / rel).read_bytes()
 
 
 def test_save_masks_without_a_calibrated_threshold_stops_before_writing(

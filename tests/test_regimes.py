@@ -195,7 +195,7 @@ def test_evaluate_regimes_write_their_controls(
 def test_score_regimes(tiny_checkpoint, synth_root, tmp_path, regime_params):
     test = synth_root / "grain" / "test"
     base = ["score", str(test), "--model", str(tiny_checkpoint), "--random-backbone"]
-    base += ["--regime-params", str(regime_params), "--json"]
+    base += ["--regime-params", str(regime_params), "--json", "--pictures"]
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--batch-zero-shot"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)

@@ -1,8 +1,9 @@
 """The inputs of ``dzad score``: PATH arguments (files, folders, glob patterns) expanded to images.
 
 :func:`collect_inputs` gives every image a unique output name; :func:`check_images` decodes each one
-before anything is written. A bad input raises :class:`dzad.errors.DZADInputError` (one error line,
-exit code 2), or with ``--skip-bad`` is warned about and becomes a row marked ``skipped``.
+before anything is written, or :func:`decode_batch` as each batch is scored (decoded once). A bad
+input raises :class:`dzad.errors.DZADInputError` (one error line, exit code 2), or with
+``--skip-bad`` is warned about and becomes a row marked ``skipped``.
 """
 
 from __future__ import annotations
@@ -111,27 +112,42 @@ def _skipped_row(shown: str, exc: Exception) -> dict[str, Any]:
     }
 
 
-def check_images(inputs: list[ScoreInput], size: int, resample: str, skip_bad: bool):
-    """Decode every image once before anything is written; bad ones raise or are skipped."""
+def _decoded(item: ScoreInput, size: int, resample: str, skip_bad: bool, bad: list):
+    """``item`` decoded ``(3, size, size)``, or None after appending its ``skipped`` row to
+    ``bad`` (``skip_bad``); without ``skip_bad`` a bad image raises, naming it as given."""
     from dzad.data.images import load_image
 
-    good, skipped = [], []
-    for item in inputs:
-        try:
-            load_image(item.path, size, resample)
-            good.append(item)
-        except DZADInputError as exc:
-            if not skip_bad:
-                raise DZADInputError(item.shown, exc.reason) from None
-            _warn(f"skipped: {item.shown}: {exc.reason}")
-            skipped.append(_skipped_row(item.shown, DZADInputError(item.shown, exc.reason)))
-    return good, skipped
+    try:
+        return load_image(item.path, size, resample)
+    except DZADInputError as exc:
+        if not skip_bad:
+            raise DZADInputError(item.shown, exc.reason) from None
+        _warn(f"skipped: {item.shown}: {exc.reason}")
+        bad.append(_skipped_row(item.shown, DZADInputError(item.shown, exc.reason)))
+        return None
+
+
+def check_images(inputs: list[ScoreInput], size: int, resample: str, skip_bad: bool):
+    """Decode every image once before anything is written; bad ones raise or are skipped."""
+    bad: list[dict[str, Any]] = []
+    good = [i for i in inputs if _decoded(i, size, resample, skip_bad, bad) is not None]
+    return good, bad
+
+
+def decode_batch(
+    items: list[ScoreInput], size: int, resample: str, skip_bad: bool
+) -> tuple[list[ScoreInput], torch.Tensor | None, list[dict[str, Any]]]:
+    """Each image of ``items`` decoded once: the readable ones, their batch ``(B, 3, size,
+    size)`` in [0, 1] (None when there is none) and the ``skipped`` rows of the others."""
+    import torch
+
+    bad: list[dict[str, Any]] = []
+    pairs = [(i, _decoded(i, size, resample, skip_bad, bad)) for i in items]
+    good = [(i, x) for i, x in pairs if x is not None]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, bad
 
 
 def load_batch(items: list[ScoreInput], size: int, resample: str) -> torch.Tensor:
     """The images of ``items`` at ``size`` as one batch ``(B, 3, size, size)`` in [0, 1]."""
-    import torch
-
-    from dzad.data.images import load_image
-
-    return torch.stack([load_image(i.path, size, resample) for i in items])
+    return decode_batch(items, size, resample, skip_bad=False)[1]  # type: ignore[return-value]

@@ -14,18 +14,20 @@ from dzad.decisions import NORMALISED_NOTE, Threshold, decision_threshold, map_t
 from dzad.errors import DZADInputError
 from dzad.run_panels import Picture, RunPictures
 
+PICTURES_OFF = "not drawn: rerun with --pictures for a heat-map overlay and panel per image"
 SCORE_COLUMNS = ["path", "image_score", "detection_score", "decision", "normalised_score"]
 
 
 def run_pictures(
-    model, threshold: float | None, save_masks: bool, uri: str
+    model, threshold: float | None, save_masks: bool, uri: str, draw: bool
 ) -> tuple[Threshold, RunPictures, str]:
-    """(decision rule, picture collector, map-threshold note); ``--save-masks`` needs a calibrated
-    map threshold, so a checkpoint without one stops here, before anything is written."""
+    """(decision rule, picture collector (drawing pictures when ``draw``), map-threshold note);
+    ``--save-masks`` needs a calibrated map threshold, so a checkpoint without one stops here,
+    before anything is written."""
     level, note = map_threshold(model)
     if save_masks and level is None:
         raise DZADInputError(uri, f"--save-masks needs a calibrated map threshold: {note}")
-    return decision_threshold(model, threshold), RunPictures(level), note
+    return decision_threshold(model, threshold), RunPictures(level, draw=draw), note
 
 
 def picture(image: Path, name: Path, row: dict[str, Any], rule: Threshold) -> Picture:
@@ -39,11 +41,14 @@ def picture(image: Path, name: Path, row: dict[str, Any], rule: Threshold) -> Pi
     )
 
 
-def settings(uri: str, threshold: str, rule: Threshold, map_note: str) -> dict[str, str]:
+def settings(
+    uri: str, threshold: str, rule: Threshold, map_note: str, pictures: bool
+) -> dict[str, str]:
     """The run's settings as the HTML report lists them."""
     return {
         "model": uri,
         "decision": f"{rule.key} > {rule.value:.4g} (--threshold {threshold})",
         "normalised score": NORMALISED_NOTE,
         "heat maps": map_note,
+        "pictures": "drawn (--pictures)" if pictures else PICTURES_OFF,
     }

@@ -1,0 +1,166 @@
+"""``dzad evaluate``: the paper's protocol on an MVTec-layout root (metrics, figures, pictures,
+report.html), per image (zero-shot) or in the batch / few-shot regimes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from dzad.cli._app import CATEGORIES_HELP, MODEL_HELP, app, clean_errors, split_list
+from dzad.cli.model_options import (
+    COMPILE_HELP,
+    THREADS_HELP,
+    apply_options,
+    load_model,
+    progress,
+    regime_config,
+    resolve_model,
+)
+from dzad.cli.score_outputs import print_metrics
+from dzad.errors import DZADInputError
+from dzad.io_utils import check_writable
+
+
+def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
+    from dzad.config import DatasetRef
+
+    if source is not None:
+        return [DatasetRef(str(source), tuple(split_list(source_categories)))]
+    return list(dzad.cfg.sets.source)
+
+
+@app.command("evaluate")
+@clean_errors
+def evaluate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", help="Dataset root in MVTec layout."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
+    controls: bool = typer.Option(
+        None,
+        "--controls/--no-controls",
+        help="Score the controls (default: the checkpoint's evaluate.controls).",
+    ),
+    source: Path = typer.Option(
+        None, help="SOURCE dataset root for the controls (default: the checkpoint's sets.source)."
+    ),
+    source_categories: list[str] = typer.Option(None, help=f"Of --source. {CATEGORIES_HELP}"),
+    random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
+    batch_size: int = typer.Option(None, min=1, help="Images per forward."),
+    max_images: int = typer.Option(None, min=0, help="Seeded subset per category (0 = all)."),
+    save_maps: bool = typer.Option(False, help="Write maps/<category>.npy."),
+    save_masks: bool = typer.Option(
+        False, help="Also write the predicted defect regions (binary PNG) under masks/."
+    ),
+    skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
+    json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    threads: int = typer.Option(None, min=0, help=THREADS_HELP),
+    compile_: str = typer.Option(None, "--compile", help=COMPILE_HELP),
+    batch_zero_shot: bool = typer.Option(
+        False, "--batch-zero-shot", help="Regime: each category's test images scored together."
+    ),
+    few_shot: int = typer.Option(
+        0, "--few-shot", min=0, help="Regime: K train/good references per category (0 = off)."
+    ),
+    regime_params: Path = typer.Option(
+        None, "--regime-params", help="Take the `regime` section of this params file."
+    ),
+) -> None:
+    """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
+    panel per image and report.html."""
+    from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
+
+    check_writable(out)  # before the model is loaded and anything evaluated
+    dzad = load_model(model, random_backbone)
+    apply_options(dzad, threads, compile_)
+    if not json_out:
+        from dzad.checkpoint import read_meta
+        from dzad.training_data import describe
+
+        typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
+    eval_cfg = dzad.cfg.evaluate
+    if batch_zero_shot and few_shot:
+        raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
+    if batch_zero_shot or few_shot:
+        return _evaluate_regime(
+            dzad, data, out, split_list(categories), regime_params, eval_cfg, few_shot,
+            batch_size, max_images, skip_bad, json_out,
+        )  # fmt: skip
+    given = (("batch_size", batch_size), ("max_images", max_images))
+    changes = {k: v for k, v in given if v is not None}
+    eval_cfg = replace(eval_cfg, **changes)
+    use_controls = eval_cfg.controls if controls is None else controls
+    cats = split_list(categories)
+    if not data.is_dir():
+        raise DZADInputError(data, "dataset root is not a folder")
+    fitted = None
+    if use_controls:
+        refs = _source_refs(dzad, source, source_categories)
+        missing = [r.root for r in refs if not Path(r.root).is_dir()]
+        if not refs or missing:
+            where = missing[0] if missing else "sets.source"
+            raise DZADInputError(
+                where,
+                "the controls need the SOURCE normals; pass --source ROOT "
+                "(MVTec layout) or --no-controls",
+            )
+        data_cfg = replace(dzad.cfg.data, skip_bad=skip_bad)
+        fitted = build_controls(
+            dzad,
+            eval_cfg,
+            lambda: source_batches(refs, dzad.image_size, data_cfg, eval_cfg.batch_size),
+        )
+    from dzad.data.dataset import list_categories
+
+    names = cats or list_categories(data)
+    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
+    prog, task = progress(not json_out, total, "evaluating")
+    with prog:
+        result = evaluate(
+            dzad,
+            data,
+            names,
+            out,
+            eval_cfg,
+            fitted,
+            save_maps=save_maps,
+            skip_bad=skip_bad,
+            progress=lambda n: prog.advance(task, n),
+            pictures=True,
+            save_masks=save_masks,
+        )
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_metrics(result, out)
+
+
+def _evaluate_regime(
+    dzad, data, out, cats, regime_params, eval_cfg, few_shot, batch_size, max_images, skip_bad,
+    json_out,
+) -> None:  # fmt: skip
+    """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`)."""
+    from dzad.data.dataset import list_categories
+    from dzad.evaluation import category_samples, control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = regime_config(dzad, regime_params)
+    given = (("batch_size", batch_size), ("max_images", max_images))
+    eval_cfg = replace(eval_cfg, **{k: v for k, v in given if v is not None})
+    if not data.is_dir():
+        raise DZADInputError(data, "dataset root is not a folder")
+    names = cats or list_categories(data)
+    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
+    prog, task = progress(not json_out, total, "evaluating")
+    with prog:
+        result = evaluate_regime(
+            dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
+            few_shot=few_shot, skip_bad=skip_bad, progress=lambda n: prog.advance(task, n),
+        )  # fmt: skip
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_metrics(result, out)
