@@ -123,7 +123,8 @@ def build_model(cfg, n_source: int = 16, device: str | torch.device = "cpu"):
     The encoder is fitted and the detector calibrated on ``n_source`` synthetic SOURCE images
     (through the library's own functions), exactly as after training.
     """
-    from dzad.calibration import ImageSource, calibrate_on_source
+    from dzad.calibration import calibrate_on_source
+    from dzad.data.source import ImageSource
     from dzad.latents import build_encoder
     from dzad.model import DZAD, map_backbone
     from dzad.networks import build_network, make_scheduler

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
+from dzad.calibration import calibrate_on_source, split_holdout
 from dzad.checkpoint import load_checkpoint, save_checkpoint
 from dzad.config import DEVICES, DZADConfig, flatten
+from dzad.data.source import ImageSource
 from dzad.detection import Calibration
 from dzad.errors import CheckpointError
 from dzad.io_utils import clean_stale

@@ -165,7 +165,7 @@ def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch)
     from torch.utils.data import TensorDataset
 
     import dzad.training_loop
-    from dzad.calibration import ImageSource
+    from dzad.data.source import ImageSource
     from dzad.training_loop import StepBatches, step_loader
 
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -129,8 +129,8 @@ def row_config(cfg: DZADConfig, flags: Mapping[str, bool]) -> DZADConfig:
 def source_sets(cfg: DZADConfig, image_size: int):
     """The SOURCE images a Table-3 recalibration needs, loaded once for every row and seed:
     normals (an ``ImageSource``) and, when ``cfg`` needs it, the labelled split (images, labels)."""
-    from dzad.calibration import ImageSource
     from dzad.data.dataset import ImageDataset
+    from dzad.data.source import ImageSource
 
     mb = cfg.train.preload_max_mb
     normals = ImageSource(ImageDataset(source_normals(cfg), image_size, cfg.data), mb)
