@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from dzad.calibration import calibrate_on_source, split_holdout
 from dzad.checkpoint import load_checkpoint, save_checkpoint
-from dzad.config import DEVICES, DZADConfig, flatten
+from dzad.config import DZADConfig, flatten
 from dzad.data.source import ImageSource
 from dzad.detection import Calibration
 from dzad.errors import CheckpointError
@@ -41,6 +41,7 @@ from dzad.launch import check_processes
 from dzad.model import map_backbone
 from dzad.networks import DZADNetwork, build_network, make_scheduler
 from dzad.noise_features import NoiseBank
+from dzad.runtime import choose_device
 from dzad.training_data import check_same_data
 from dzad.training_loop import Loop, StepBatches, enable_gradient_checkpointing, notify, run_steps
 from dzad.training_state import Optimisation, build_optimisation, restore, resume_state
@@ -83,13 +84,7 @@ def _accelerator(cfg: DZADConfig):
 
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    cpu = cfg.train.device == "cpu" or (
-        cfg.train.device == "auto" and not torch.cuda.is_available()
-    )
-    if cfg.train.device not in DEVICES:
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is cuda but no GPU is visible")
+    cpu = choose_device(cfg.train.device).type == "cpu"
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ValueError("train.mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
     check_processes(cfg.train)

@@ -39,13 +39,14 @@ def load_model(ckpt: str | Path, cfg: DZADConfig, device: str | None = None):
     ``evaluate`` and ``noise.max_batch`` come from ``cfg``, so changing them needs no retraining.
     """
     from dzad.model import DZAD
+    from dzad.runtime import choose_device
 
     m = cfg.anomaly_map
     model = DZAD.from_checkpoint(
         ckpt,
         backbone_override=m.backbone,
         random_backbone=m.random_backbone,
-        map_location=device or _device(cfg),
+        map_location=device or choose_device(cfg.train.device),
     )
     trained = model.cfg
     for name in ("model", "weighting", "detection"):
@@ -61,14 +62,6 @@ def load_model(ckpt: str | Path, cfg: DZADConfig, device: str | None = None):
             data=replace(trained.data, skip_bad=cfg.data.skip_bad),
         )
     )
-
-
-def _device(cfg: DZADConfig) -> str:
-    import torch
-
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def source_control_batches(cfg: DZADConfig, image_size: int) -> Callable[[], Any]:
