@@ -139,11 +139,11 @@ def _parts(
     else:
         encoder.fit(source.batches(train_idx, 32))
     backbone = map_backbone(cfg, encoder)  # before training: a missing Phi stops the run here
-    shape = tuple(_encode_all(encoder, source, train_idx[:1], device).shape[1:])
+    shape = encoder.latent_shape(source.image_size)
     fits = math.prod(shape) * 4 * len(source) <= cfg.train.preload_max_mb * 2**20
     preload = isinstance(source.data, Tensor) and fits  # latents of every image, computed once
     latents = _encode_all(encoder, source, torch.arange(len(source)), device) if preload else None
-    return _Parts(encoder, backbone, shape, latents)  # type: ignore[arg-type]
+    return _Parts(encoder, backbone, shape, latents)
 
 
 def _snapshot(

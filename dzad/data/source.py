@@ -1,13 +1,47 @@
-"""The SOURCE images as training and calibration read them: random access by index
-(:class:`ImageSource`), in memory when they fit."""
+"""The SOURCE images: which they are (:func:`source_normals`, :func:`source_labelled`, the one
+reading of SOURCE datasets for training, calibration and the controls) and random access to them by
+index (:class:`ImageSource`), in memory when they fit."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from dzad.config import DataConfig, DatasetRef
+from dzad.data.dataset import ImageDataset, Sample, collect_samples
+from dzad.errors import DZADInputError
+
+
+def _where(refs: Sequence[DatasetRef]) -> str:
+    return str(refs[0].root) if refs else "sets.source"
+
+
+def source_normals(refs: Sequence[DatasetRef], *, skip_bad: bool = False) -> list[Sample]:
+    """The SOURCE normals (``train/good``) of each ref's categories (none listed: every category),
+    in ref order: what eq. 8 trains on and the controls are fitted on. DZADInputError when there
+    are none."""
+    kw = {"skip_bad": skip_bad}
+    normals = [s for r in refs for s in collect_samples(r.root, r.categories, ("train",), **kw)]
+    if not normals:
+        raise DZADInputError(_where(refs), "no SOURCE normal training images (train/good)")
+    return normals
+
+
+def source_labelled(
+    refs: Sequence[DatasetRef], image_size: int, data_cfg: DataConfig
+) -> tuple[ImageDataset, Tensor]:
+    """The labelled SOURCE split (``test/`` of each ref's categories: normals and anomalies, masks
+    optional) as ``(images, labels (n,))`` for the learned weighting and the prototype mode: SOURCE
+    data, never a target's. DZADInputError when it is empty."""
+    kw = {"skip_bad": data_cfg.skip_bad, "allow_missing_masks": True}
+    test = [s for r in refs for s in collect_samples(r.root, r.categories, ("test",), **kw)]
+    if not test:
+        raise DZADInputError(_where(refs), "the labelled SOURCE split (test/) is empty")
+    labels = torch.tensor([s.label for s in test])
+    return ImageDataset(test, image_size, data_cfg), labels
 
 
 class ImageSource:

@@ -12,14 +12,14 @@ from typing import Any
 
 import pandas as pd
 
-from dzad.config import DatasetRef, DZADConfig
+from dzad.config import DZADConfig
 from dzad.errors import DZADInputError
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.study.layout import (
     SEED_DIR,
     checkpoints,
     seed_dir,
-    source_caches,
+    source_cache_refs,
     target_cache,
     with_seed,
 )
@@ -68,7 +68,7 @@ def source_control_batches(cfg: DZADConfig, image_size: int) -> Callable[[], Any
     """``source()`` for :func:`dzad.evaluation.build_controls`: SOURCE normals from the caches."""
     from dzad.evaluation import source_batches
 
-    refs = [DatasetRef(str(c)) for c in source_caches(cfg)]
+    refs = source_cache_refs(cfg)
     return lambda: source_batches(refs, image_size, cfg.data, cfg.evaluate.batch_size)
 
 
