@@ -62,6 +62,10 @@ def test_labelled_split_is_the_test_split_with_its_labels(tmp_path):
     assert labels.tolist() == [0, 1, 1]
     assert [s.defect for s in images.samples] == ["good", "hole", "hole"]
     assert tuple(images[0]["image"].shape) == (3, 4, 4)
+    # a file that is no image is dropped under data.skip_bad, and its label with it
+    (root / "b" / "test" / "good" / "1.png").write_text("not an image")
+    images, labels = source_labelled([DatasetRef(str(root), ("b",))], 4, DataConfig(skip_bad=True))
+    assert len(images) == 3 and labels.tolist() == [0, 1, 1]
     with pytest.raises(DZADInputError, match="the labelled SOURCE split"):
         source_labelled([DatasetRef(str(root), ("a",))], 4, DataConfig())
 

@@ -40,8 +40,8 @@ def source_labelled(
     test = [s for r in refs for s in collect_samples(r.root, r.categories, ("test",), **kw)]
     if not test:
         raise DZADInputError(_where(refs), "the labelled SOURCE split (test/) is empty")
-    labels = torch.tensor([s.label for s in test])
-    return ImageDataset(test, image_size, data_cfg), labels
+    images = ImageDataset(test, image_size, data_cfg)  # skip_bad: bad files dropped here
+    return images, torch.tensor([s.label for s in images.samples])
 
 
 class ImageSource:
