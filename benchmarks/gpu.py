@@ -253,8 +253,8 @@ def e2e(cfg, root: Path, size: int, steps: int) -> dict[str, Any]:
 
     from dzad.config import DatasetRef
     from dzad.study.data import prepare_data, preprocess_data
-    from dzad.study.evaluations import evaluate_seeds
-    from dzad.study.models import train_seeds
+    from dzad.study.seed_evaluation import evaluate_seeds
+    from dzad.study.seed_training import train_seeds
 
     textures = "data/raw/synth/textures"
     cfg = replace(

@@ -25,9 +25,9 @@ from typing import Any
 from dzad.calibration import needs_labelled
 from dzad.config import DZADConfig
 from dzad.reports import TABLE3_MARKS
-from dzad.study.evaluations import evaluate_model, load_model, seed_result
 from dzad.study.layout import seed_dir, source_cache_refs, target_ref, with_seed
-from dzad.study.models import train_launched
+from dzad.study.seed_evaluation import evaluate_model, load_model, seed_result
+from dzad.study.seed_training import train_launched
 
 Result = dict[str, Any]
 # Table 3: the paper's check marks per row (SD is always there)

@@ -1,6 +1,6 @@
 """One checkpoint per seed (``train``): eq. 8 training on the SOURCE normals of the caches, in
 this process or on ``train.processes`` processes (:mod:`dzad.launch`; the launched processes run
-this module: ``python -m dzad.study.models --params run.yaml --out DIR``)."""
+this module: ``python -m dzad.study.seed_training --params run.yaml --out DIR``)."""
 
 from __future__ import annotations
 
