@@ -123,7 +123,8 @@ def build_model(cfg, n_source: int = 16, device: str | torch.device = "cpu"):
     The encoder is fitted and the detector calibrated on ``n_source`` synthetic SOURCE images
     (through the library's own functions), exactly as after training.
     """
-    from dzad.calibration import ImageSource, calibrate_on_source
+    from dzad.calibration import calibrate_on_source
+    from dzad.data.source import ImageSource
     from dzad.latents import build_encoder
     from dzad.model import DZAD, map_backbone
     from dzad.networks import build_network, make_scheduler
@@ -135,10 +136,10 @@ def build_model(cfg, n_source: int = 16, device: str | torch.device = "cpu"):
     idx = torch.arange(len(source))
     encoder = build_encoder(cfg.model, size).to(device)
     encoder.fit(source.batches(idx, 8))
-    latent_shape = tuple(encoder.encode(source.get(idx[:1]).to(device)).shape[1:])
-    net = build_network(cfg.model, latent_shape[0], latent_shape[1], image_size=size).to(device)
+    shape = encoder.latent_shape(size)
+    net = build_network(cfg.model, shape[0], shape[1], image_size=size).to(device)
     alphas = make_scheduler(cfg.model).alphas_cumprod.to(device)
-    bank = NoiseBank.create(cfg.noise, cfg.model.num_train_timesteps, latent_shape)
+    bank = NoiseBank.create(cfg.noise, cfg.model.num_train_timesteps, shape)
     backbone = map_backbone(cfg, encoder)
     backbone = backbone.to(device) if backbone is not None else None
     calib = calibrate_on_source(
@@ -154,11 +155,6 @@ def with_precision(model, precision: str):
 
     cfg = replace(model.cfg, noise=replace(model.cfg.noise, precision=precision))
     return DZAD(cfg, model.encoder, model.net, model.bank, model.calibration, model.backbone)
-
-
-def latent_shape(model) -> tuple[int, int, int]:
-    """``(C, h, w)`` of the model's latent (the noise bank's entries)."""
-    return tuple(model.bank.noise.shape[2:])  # type: ignore[return-value]
 
 
 def forwards_per_image(cfg) -> int:

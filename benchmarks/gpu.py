@@ -142,9 +142,9 @@ def training_parts(cfg, device: torch.device):
     place = device if cfg.model.pretrained is None else contextlib.nullcontext()
     with place:
         encoder = build_encoder(cfg.model, size).to(device).eval()
-        latent = size // encoder.downsample
+        channels, latent, _ = encoder.latent_shape(size)
         torch.manual_seed(cfg.seed)
-        net = build_network(cfg.model, encoder.latent_channels, latent, image_size=size)
+        net = build_network(cfg.model, channels, latent, image_size=size)
     return encoder, net.to(device)
 
 
@@ -250,8 +250,8 @@ def e2e(cfg, root: Path, size: int, steps: int) -> dict[str, Any]:
 
     from dzad.config import DatasetRef
     from dzad.study.data import prepare_data, preprocess_data
-    from dzad.study.evaluations import evaluate_seeds
-    from dzad.study.models import train_seeds
+    from dzad.study.seed_evaluation import evaluate_seeds
+    from dzad.study.seed_training import train_seeds
 
     textures = "data/raw/synth/textures"
     cfg = replace(

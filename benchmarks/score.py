@@ -50,7 +50,6 @@ from benchmarks._common import (
     demo_config,
     emit,
     forwards_per_image,
-    latent_shape,
     link_images,
     matmul_peak_gflops,
     median_span,
@@ -74,7 +73,7 @@ def forward_sizes(cfg, batch: int) -> list[int]:
 def flops_per_image(model) -> int:
     """FLOPs of the network scoring one image (torch's FlopCounterMode): ``forwards_per_image``
     forwards reusing the SG hint embedding, plus the two embeddings (noise features, DDIM)."""
-    c, h, _ = latent_shape(model)
+    c, h, _ = model.encoder.latent_shape(model.image_size)
     per_forward, per_embedding = forward_flops(model.net, c, h)
     return per_forward * forwards_per_image(model.cfg) + 2 * per_embedding
 
@@ -84,7 +83,7 @@ def bare_forwards(model, batch: int, memory_format=torch.contiguous_format) -> C
     with the SG hint embedding of the batch computed once for the noise features and once for the
     reconstruction and its rows reused by their forwards, as scoring does."""
     cfg = model.cfg
-    c, h, w = latent_shape(model)
+    c, h, w = model.encoder.latent_shape(model.image_size)
     size, t_max = model.image_size, cfg.model.num_train_timesteps
     gen = torch.Generator().manual_seed(0)
     hint = torch.rand((batch, 3, size, size), generator=gen)
@@ -162,7 +161,10 @@ def variants(
         out["compile"] = None
         if compile_too:
             plain = model.net.predict_noise
-            z, t = torch.randn((batch, *latent_shape(model))), torch.randint(0, 1000, (batch,))
+            z, t = (
+                torch.randn((batch, *model.encoder.latent_shape(model.image_size))),
+                torch.randint(0, 1000, (batch,)),
+            )
             hint = torch.rand((batch, 3, model.image_size, model.image_size))
             emb = model.net.embed_hint(model.net.hint(hint, z), z)  # as scoring calls it
             eager = plain(z, t, None, hint_embedding=emb)

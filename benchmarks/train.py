@@ -33,13 +33,11 @@ from benchmarks._common import (
 )
 
 
-def bare_step(cfg, net, batch: int):
-    """Forward+backward of ``net`` (the trained network) on one random batch (a callable)."""
-    from dzad.latents import latent_downsample
-
+def bare_step(cfg, encoder, net, batch: int):
+    """Forward+backward of ``net`` (the trained network, on ``encoder``'s latent) on one random
+    batch (a callable)."""
     size = cfg.data.image_size
-    channels = net.unet.config.in_channels
-    latent = size // latent_downsample(cfg.model)
+    channels, latent, _ = encoder.latent_shape(size)
     net.train()
     gen = torch.Generator().manual_seed(0)
     z_t = torch.randn((batch, channels, latent, latent), generator=gen)
@@ -84,10 +82,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dzad-bench-") as tmp:
         train(cfg, images, Path(tmp) / "ckpt", callbacks=[stamp], progress=False)
         total = since_start()
-        net = load_checkpoint(Path(tmp) / "ckpt")[2]  # the network train() just trained
+        _, encoder, net, *_ = load_checkpoint(Path(tmp) / "ckpt")  # what train() just wrote
     pairs = zip(stamps[skip:], stamps[skip + 1 :], strict=False)
     step = median_span([Span(b.wall - a.wall, b.cpu - a.cpu) for a, b in pairs])
-    bare = timed(bare_step(cfg, net, batch), args.repeats)
+    bare = timed(bare_step(cfg, encoder, net, batch), args.repeats)
     emit(
         {
             "bench": "train",

@@ -48,10 +48,10 @@ from dzad.controls import Control, build_control
 from dzad.data.dataset import (
     ImageDataset,
     Sample,
-    collect_samples,
     iter_samples,
     list_categories,
 )
+from dzad.data.source import source_normals
 from dzad.decisions import decision_threshold
 from dzad.errors import DZADInputError
 from dzad.evaluation_outputs import assemble, category_figures, write_outputs
@@ -87,16 +87,8 @@ def control_backbone(model: DZAD) -> Backbone:
 def source_batches(
     refs: Sequence[DatasetRef], image_size: int, data_cfg, batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """SOURCE-normal images (``train/good`` of each ref's categories) as ``(B,3,S,S)`` batches."""
-    skip_bad = data_cfg.skip_bad
-    samples = [
-        s
-        for ref in refs
-        for s in collect_samples(ref.root, ref.categories, ("train",), skip_bad=skip_bad)
-    ]
-    if not samples:
-        raise DZADInputError(refs[0].root if refs else ".", "no SOURCE train/good images")
-    ds = ImageDataset(samples, image_size, data_cfg)
+    """SOURCE-normal images (:func:`dzad.data.source.source_normals`) as ``(B,3,S,S)`` batches."""
+    ds = ImageDataset(source_normals(refs, skip_bad=data_cfg.skip_bad), image_size, data_cfg)
     for start in range(0, len(ds), batch_size):
         yield torch.stack([ds[i]["image"] for i in range(start, min(start + batch_size, len(ds)))])
 

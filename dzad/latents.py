@@ -33,6 +33,12 @@ class Encoder(nn.Module):
         """``(B,3,H,W)`` in [0,1] -> ``(B,C,H/downsample,W/downsample)``."""
         raise NotImplementedError
 
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(C,h,w)`` of the latent of a square ``image_size`` image: the shape :meth:`encode`
+        gives each image, the network's input and the noise bank's entries."""
+        side = image_size // self.downsample
+        return (self.latent_channels, side, side)
+
     def decode(self, z: Tensor) -> Tensor:
         """``(B,C,h,w)`` -> ``(B,3,h*downsample,w*downsample)`` in [0,1]."""
         raise NotImplementedError(f"the {type(self).__name__} latent cannot be decoded to pixels")

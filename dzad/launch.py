@@ -1,12 +1,12 @@
 """Multi-process training (``train.processes``): the ``accelerate launch`` of one checkpoint.
 
 The DVC train stage (``dzad stage train``) and the Prefect train task both train a seed through
-:func:`dzad.study.models.train_launched`: with ``train.processes`` 1 it is
-:func:`dzad.study.models.train_model` in this process; with N > 1 it writes the config to a YAML
-file and runs (:func:`launch_command`)
+:func:`dzad.study.seed_training.train_launched`: with ``train.processes`` 1 it is
+:func:`dzad.study.seed_training.train_model` in this process; with N > 1 it writes the config to
+a YAML file and runs (:func:`launch_command`)
 
     accelerate launch --multi_gpu --num_processes N --num_machines 1 --main_process_port P \\
-        -m dzad.study.models --params run.yaml --out DIR [--resume]
+        -m dzad.study.seed_training --params run.yaml --out DIR [--resume]
 
 which runs the same ``train_model`` in N processes (DDP; gloo on CPU, NCCL on GPUs), the main one
 calibrating and writing the checkpoint and the run's totals as ``DIR.result.json``
@@ -50,7 +50,7 @@ def check_processes(tc: TrainConfig, running: int | None = None) -> None:
     if running is not None and running != tc.processes:
         raise ValueError(
             f"train.processes is {tc.processes} but {running} process(es) run this training; "
-            "`dzad stage train` (dzad.study.models.train_launched) starts train.processes "
+            "`dzad stage train` (dzad.study.seed_training.train_launched) starts train.processes "
             "processes itself"
         )
 
@@ -68,13 +68,14 @@ def free_port() -> int:
 
 
 def launch_command(processes: int, args: list[str], port: int | None = None) -> list[str]:
-    """The ``accelerate launch`` command running ``python -m dzad.study.models ARGS`` N times."""
+    """The ``accelerate launch`` command running ``python -m dzad.study.seed_training ARGS`` N
+    times."""
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port or free_port()),
-        "-m", "dzad.study.models", *args,
+        "-m", "dzad.study.seed_training", *args,
     ]  # fmt: skip
 
 

@@ -1,4 +1,7 @@
-"""How a command runs, not what it computes: torch's thread count and ``torch.compile``.
+"""How a command runs, not what it computes: the device, torch's thread count and ``torch.compile``.
+
+:func:`choose_device` turns a ``train.device`` value into the device training, the study's
+evaluations and ``dzad score`` run on.
 
 ``runtime.threads`` (``--threads``) sets torch's intra-op threads: on a 2-core machine shared with
 other jobs, two threads were measured 3-77x slower than one (docs/benchmarks.md), so a busy
@@ -19,9 +22,23 @@ from __future__ import annotations
 
 import torch
 
-from dzad.config import RuntimeConfig
+from dzad.config import DEVICES, RuntimeConfig
 
 COMPILE_DEFAULT = {"cpu": False, "cuda": False}  # measured defaults per device type (see above)
+
+
+def choose_device(setting: str) -> torch.device:
+    """The device a ``train.device`` value names: ``auto`` is the GPU when one is visible, else
+    the CPU. ValueError for any other value, and for ``cuda`` when no GPU is visible (a run
+    asked for a GPU stops instead of running on the CPU)."""
+    if setting not in DEVICES:
+        raise ValueError(f"train.device must be one of {', '.join(DEVICES)}, got {setting!r}")
+    cuda = torch.cuda.is_available()
+    if setting == "cuda" and not cuda:
+        raise ValueError("train.device is cuda but no GPU is visible")
+    if setting == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    return torch.device(setting)
 
 
 def set_threads(threads: int) -> None:

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
+from dzad.calibration import calibrate_on_source, split_holdout
 from dzad.checkpoint import load_checkpoint, save_checkpoint
-from dzad.config import DEVICES, DZADConfig, flatten
+from dzad.config import DZADConfig, flatten
+from dzad.data.source import ImageSource
 from dzad.detection import Calibration
 from dzad.errors import CheckpointError
 from dzad.io_utils import clean_stale
@@ -40,6 +41,7 @@ from dzad.launch import check_processes
 from dzad.model import map_backbone
 from dzad.networks import DZADNetwork, build_network, make_scheduler
 from dzad.noise_features import NoiseBank
+from dzad.runtime import choose_device
 from dzad.training_data import check_same_data
 from dzad.training_loop import Loop, StepBatches, enable_gradient_checkpointing, notify, run_steps
 from dzad.training_state import Optimisation, build_optimisation, restore, resume_state
@@ -82,13 +84,7 @@ def _accelerator(cfg: DZADConfig):
 
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    cpu = cfg.train.device == "cpu" or (
-        cfg.train.device == "auto" and not torch.cuda.is_available()
-    )
-    if cfg.train.device not in DEVICES:
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is cuda but no GPU is visible")
+    cpu = choose_device(cfg.train.device).type == "cpu"
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ValueError("train.mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
     check_processes(cfg.train)
@@ -143,11 +139,11 @@ def _parts(
     else:
         encoder.fit(source.batches(train_idx, 32))
     backbone = map_backbone(cfg, encoder)  # before training: a missing Phi stops the run here
-    shape = tuple(_encode_all(encoder, source, train_idx[:1], device).shape[1:])
+    shape = encoder.latent_shape(source.image_size)
     fits = math.prod(shape) * 4 * len(source) <= cfg.train.preload_max_mb * 2**20
     preload = isinstance(source.data, Tensor) and fits  # latents of every image, computed once
     latents = _encode_all(encoder, source, torch.arange(len(source)), device) if preload else None
-    return _Parts(encoder, backbone, shape, latents)  # type: ignore[arg-type]
+    return _Parts(encoder, backbone, shape, latents)
 
 
 def _snapshot(

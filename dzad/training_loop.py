@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dzad.calibration import ImageSource
 from dzad.config import DZADConfig
+from dzad.data.source import ImageSource
 from dzad.latents import Encoder
 from dzad.networks import DZADNetwork
 from dzad.training_state import Optimisation

@@ -34,7 +34,7 @@ from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text
 from dzad.overrides import Overrides, apply_overrides
 from dzad.study.layout import seed_dir
-from dzad.study.models import resumable
+from dzad.study.seed_training import resumable
 from flows.parameters import (
     flow_run_name,
     load_params,

@@ -2,8 +2,8 @@
 
 ``flows.tracking.registry.register`` logs this file with two artifacts, the checkpoint folder and
 the study's config (JSON); loading runs the file and builds the model with
-:func:`dzad.study.evaluations.load_model`, so the registered model scores exactly as the evaluation
-did (same inference-time settings).
+:func:`dzad.study.seed_evaluation.load_model`, so the registered model scores exactly as the
+evaluation did (same inference-time settings).
 
 Input (signature column ``image``, one image per row): a path to an image file (read like the
 datasets) or an array ``(H,W)``, ``(H,W,C)`` or ``(C,H,W)`` with C in {1, 3}: integer arrays on the
@@ -120,12 +120,12 @@ class DZADPyfunc(PythonModel):
     "cuda", "batch_size": 64})`` overrides the config's device and evaluation batch size."""
 
     def load_context(self, context: Any) -> None:
-        """The model as :func:`dzad.study.evaluations.load_model` builds it for evaluation (same
+        """The model as :func:`dzad.study.seed_evaluation.load_model` builds it for evaluation (same
         settings)."""
         import json
 
         from dzad.config import from_dict
-        from dzad.study.evaluations import load_model
+        from dzad.study.seed_evaluation import load_model
 
         conf = context.model_config or {}
         cfg = from_dict(json.loads(Path(context.artifacts[CONFIG]).read_text()))

@@ -25,9 +25,9 @@ from dzad.config import DZADConfig, flatten
 from dzad.io_utils import sha256_file
 from dzad.study.ablations import ablate
 from dzad.study.data import prepare_data, preprocess_data
-from dzad.study.evaluations import evaluate_target
 from dzad.study.layout import checkpoints, with_seed
-from dzad.study.models import train_launched
+from dzad.study.seed_evaluation import evaluate_target
+from dzad.study.seed_training import train_launched
 from dzad.study.summaries import KEY_METRICS
 from flows.tracking import registry
 from flows.tracking.results import log_evaluation, log_table

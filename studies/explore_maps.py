@@ -39,8 +39,8 @@ from dzad.evaluation import build_controls, category_samples
 from dzad.metrics import image_metrics, pixel_metrics
 from dzad.noise_features import NoiseBank, noise_features
 from dzad.reconstruction import image_seeds, reconstruct
-from dzad.study.evaluations import load_model, source_control_batches
 from dzad.study.layout import target_cache
+from dzad.study.seed_evaluation import load_model, source_control_batches
 
 
 def _args() -> argparse.Namespace:

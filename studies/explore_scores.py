@@ -42,8 +42,8 @@ from dzad.metrics import image_metrics, pixel_metrics
 from dzad.noise_features import VIEWS, flip_view
 from dzad.scoring import image_score, pool_size, rank_fusion
 from dzad.study.ablation_reruns import recalibrated, source_sets
-from dzad.study.evaluations import load_model
 from dzad.study.layout import source_caches, target_cache
+from dzad.study.seed_evaluation import load_model
 from dzad.weighting import fit_learned_weights, stage_means
 
 

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
+from dzad.calibration import calibrate_on_source, split_holdout
 from dzad.checkpoint import VERSION, load_calibration
 from dzad.config import DetectionConfig, from_dict, to_dict
 from dzad.data.dataset import ImageDataset, iter_samples
+from dzad.data.source import ImageSource
 from dzad.decisions import decision_threshold
 from dzad.detection_modes import MODES, ModeSource
 from dzad.detection_modes.base import FeaturesOf

@@ -113,3 +113,21 @@ def test_backbone_features_whitening_gives_unit_variance_per_axis():
     enc.fit([x])
     flat = enc.encode(x).permute(0, 2, 3, 1).reshape(-1, 8).double()
     assert torch.allclose(flat.var(0), torch.ones(8, dtype=flat.dtype), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (ModelConfig(latent="pixel"), (3, 32, 32)),
+        (ModelConfig(latent="pixel_unshuffle", unshuffle_factor=2), (12, 16, 16)),
+        (ModelConfig(profile="tiny", latent="vae", random_vae=True), (4, 4, 4)),
+        ("features", (8, 4, 4)),
+    ],
+)
+def test_latent_shape_is_the_shape_encode_gives(model, shape):
+    cfg = _feature_cfg(feature_stride=8) if model == "features" else model
+    torch.manual_seed(0)
+    enc = build_encoder(cfg, 32)
+    x = _images(n=2)
+    enc.fit([x])
+    assert enc.latent_shape(32) == shape == tuple(enc.encode(x).shape[1:])

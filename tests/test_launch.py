@@ -1,5 +1,5 @@
 """train.processes: the DVC stage / Prefect task path through `accelerate launch` (dzad.launch,
-dzad.study.models.train_launched)."""
+dzad.study.seed_training.train_launched)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dzad.checkpoint import load_checkpoint
 from dzad.config import TrainConfig
 from dzad.launch import check_processes, launch_command, result_path
 from dzad.study.data import prepare_data, preprocess_data
-from dzad.study.models import train_seeds
+from dzad.study.seed_training import train_seeds
 from dzad.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,14 +85,14 @@ def test_launch_command_uses_multi_gpu_never_cpu_flag():
     cmd = launch_command(2, ["--params", "p.yaml", "--out", "o"], port=29999)
     assert "--multi_gpu" in cmd and "--cpu" not in cmd
     assert cmd[cmd.index("--num_processes") + 1] == "2"
-    assert cmd[-6:] == ["-m", "dzad.study.models", "--params", "p.yaml", "--out", "o"]
+    assert cmd[-6:] == ["-m", "dzad.study.seed_training", "--params", "p.yaml", "--out", "o"]
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_the_checkpoint_one_process_trains(tmp_path, monkeypatch):
     """The stage's code path (train_seeds) on 2 gloo processes = 1 process: same weights, losses
     and calibration (the global batch and its draws are split, DDP averages the gradients)."""
-    import dzad.study.models
+    import dzad.study.seed_training
 
     monkeypatch.chdir(tmp_path)
     one, two = _study(1), _study(2)
@@ -104,7 +104,7 @@ def test_two_cpu_processes_train_the_checkpoint_one_process_trains(tmp_path, mon
         commands.append(cmd)
         return real_run(cmd, **kwargs)
 
-    monkeypatch.setattr(dzad.study.models.subprocess, "run", run)
+    monkeypatch.setattr(dzad.study.seed_training.subprocess, "run", run)
     r1 = train_seeds(one, "m1")[0]
     assert commands == []  # one process: in this one
     r2 = train_seeds(two, "m2")[0]
@@ -165,7 +165,7 @@ def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch)
     from torch.utils.data import TensorDataset
 
     import dzad.training_loop
-    from dzad.calibration import ImageSource
+    from dzad.data.source import ImageSource
     from dzad.training_loop import StepBatches, step_loader
 
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))

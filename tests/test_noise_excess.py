@@ -10,8 +10,9 @@ import torch
 
 import dzad.model
 from dzad.anomaly_map import excess_term, scaled, smooth
-from dzad.calibration import ImageSource, position_subset
+from dzad.calibration import position_subset
 from dzad.data.dataset import ImageDataset, iter_samples
+from dzad.data.source import ImageSource
 from dzad.detection import Calibration, calibrate, excess_map
 from dzad.model import DZAD
 from dzad.noise_features import NoiseFeatures

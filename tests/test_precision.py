@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from dzad.calibration import ImageSource, calibrate_on_source, split_holdout
+from dzad.calibration import calibrate_on_source, split_holdout
 from dzad.config import MapConfig, TrainConfig
 from dzad.data.dataset import ImageDataset, iter_samples
+from dzad.data.source import ImageSource
 from dzad.model import DZAD
 from dzad.precision import resolve_precision
 from dzad.training import train

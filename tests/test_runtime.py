@@ -1,4 +1,5 @@
-"""``runtime`` settings: the thread count (``--threads``) and ``torch.compile`` (``--compile``)."""
+"""``runtime`` settings: the device (``train.device``), the thread count (``--threads``) and
+``torch.compile`` (``--compile``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from dzad.cli import app
 from dzad.config import RuntimeConfig
-from dzad.runtime import COMPILE_DEFAULT, use_compile
+from dzad.runtime import COMPILE_DEFAULT, choose_device, use_compile
 
 runner = CliRunner()
 
@@ -20,6 +21,20 @@ def restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_device_choice_follows_the_setting_and_the_visible_gpu(monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert choose_device("auto") == torch.device("cuda" if gpu else "cpu")
+    assert choose_device("cpu") == torch.device("cpu")
+    if gpu:
+        assert choose_device("cuda") == torch.device("cuda")
+    else:  # asked for a GPU: stop, never fall back to the CPU
+        with pytest.raises(ValueError, match="no GPU is visible"):
+            choose_device("cuda")
+    with pytest.raises(ValueError, match=r"must be one of auto, cpu, cuda, got 'tpu'"):
+        choose_device("tpu")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -21,15 +21,15 @@ from dzad.metrics import image_metrics
 from dzad.study import ablation_reruns, ablations
 from dzad.study.ablations import ablate, export_ablation
 from dzad.study.data import prepare_data, preprocess_data
-from dzad.study.evaluations import (
+from dzad.study.layout import checkpoints, target_cache
+from dzad.study.report_folder import report
+from dzad.study.seed_evaluation import (
     COMPACT_METRICS,
     evaluate_seeds,
     export_evaluation,
     seed_results,
 )
-from dzad.study.layout import checkpoints, target_cache
-from dzad.study.models import train_seeds
-from dzad.study.report import report
+from dzad.study.seed_training import train_seeds
 from dzad.study.summaries import mean_std, write_json
 from dzad.weighting import weights_by_name
 

@@ -40,8 +40,8 @@ STEPS = 30  # tiny_config.train.steps
 def study(tmp_path_factory, synth_root, tiny_config):
     """Preprocess, train (callbacks on), register, evaluate one target; returns what tests read."""
     from dzad.study.data import preprocess_data
-    from dzad.study.evaluations import evaluate_target
-    from dzad.study.models import train_model
+    from dzad.study.seed_evaluation import evaluate_target
+    from dzad.study.seed_training import train_model
 
     tmp = tmp_path_factory.mktemp("tracking")
     sets = dataclasses.replace(
@@ -187,7 +187,7 @@ def test_registered_version_candidate_then_champion_from_sibling_evaluation(stud
 
 def test_pyfunc_champion_predicts_like_the_library(study):
     from dzad.data.images import load_image
-    from dzad.study.evaluations import load_model
+    from dzad.study.seed_evaluation import load_model
 
     paths = sorted((Path(study["cfg"].sets.targets[TARGET].root) / "grain" / "test").rglob("*.png"))
     paths = [str(p) for p in paths[:5]]

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from dzad.calibration import ImageSource, calibrate_on_source
+from dzad.calibration import calibrate_on_source
 from dzad.config import NoiseConfig
 from dzad.data.dataset import ImageDataset, iter_samples
+from dzad.data.source import ImageSource
 from dzad.latents import PixelEncoder
 from dzad.model import DZAD
 from dzad.noise_features import (

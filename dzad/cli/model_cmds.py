@@ -28,28 +28,22 @@ def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
     """The config with ``--data`` as its SOURCE (``sets.source``: the resolved root and the
     categories used), the SOURCE normals (train split), the record of them, and, if the config
     needs it, the labelled SOURCE test split."""
-    import torch
-
     from dzad.calibration import needs_labelled
     from dzad.config import DatasetRef
-    from dzad.data.dataset import ImageDataset, iter_samples, list_categories
+    from dzad.data.dataset import ImageDataset, list_categories
+    from dzad.data.source import source_labelled, source_normals
     from dzad.errors import DZADInputError
     from dzad.training_data import data_record
 
     if not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
-    cats = categories or list_categories(data)
-    normals = [s for c in cats for s in iter_samples(data, c, "train") if s.label == 0]
-    if not normals:
-        raise DZADInputError(data, f"no normal training images in categories {cats}")
-    ref = DatasetRef(str(data.resolve()), tuple(cats))
+    ref = DatasetRef(str(data.resolve()), tuple(categories or list_categories(data)))
     cfg = dataclasses.replace(cfg, sets=dataclasses.replace(cfg.sets, source=(ref,)))
+    normals = source_normals([ref], skip_bad=cfg.data.skip_bad)
     train_set = ImageDataset(normals, cfg.data.image_size, cfg.data)
-    labelled = None
-    if needs_labelled(cfg):
-        test = [s for c in cats for s in iter_samples(data, c, "test", allow_missing_masks=True)]
-        labels = torch.tensor([s.label for s in test])
-        labelled = (ImageDataset(test, cfg.data.image_size, cfg.data), labels)
+    labelled = (
+        source_labelled([ref], cfg.data.image_size, cfg.data) if needs_labelled(cfg) else None
+    )
     return cfg, train_set, data_record([ref], normals), labelled
 
 
@@ -104,18 +98,17 @@ def profiles_cmd(
     """Parameters and FLOPs per forward of each profile at the configured latent and image size."""
     import torch
 
-    from dzad.latents import latent_downsample
+    from dzad.latents import build_encoder
     from dzad.networks import build_network, model_stats
 
     cfg = load_config(params)
+    image_size = cfg.data.image_size
+    # the latent is the config's (a VAE's: model.vae / model.pretrained), whatever the profile
+    channels, size, _ = build_encoder(cfg.model, image_size).latent_shape(image_size)
     for name in profile:
         model = dataclasses.replace(cfg.model, profile=name, pretrained=None)
-        size = cfg.data.image_size // latent_downsample(model)
-        channels = {"pixel": 3, "vae": 4, "backbone_features": model.latent_channels}.get(
-            model.latent, 3 * model.unshuffle_factor**2
-        )
         torch.manual_seed(0)
-        net = build_network(model, channels, size, image_size=cfg.data.image_size)
+        net = build_network(model, channels, size, image_size=image_size)
         s = model_stats(net, channels, size)
         typer.echo(
             f"{name}: latent {channels}x{size}x{size}, params {s['params'] / 1e6:.2f} M "

@@ -27,11 +27,10 @@ def resolve_model(uri: str) -> Path:
 def load_model(uri: str, random_backbone: bool):
     """DZAD from ``--model`` (on the GPU when there is one); a missing backbone says how to
     proceed instead of a trace."""
-    import torch
-
     from dzad.model import DZAD
+    from dzad.runtime import choose_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = choose_device("auto")
     try:
         return DZAD.from_checkpoint(
             resolve_model(uri), random_backbone=random_backbone, map_location=device

@@ -74,7 +74,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue interrupted checkpoints"),
 ) -> None:
     """Train one checkpoint per seed on the SOURCE normals (eq. 8) and calibrate it."""
-    from dzad.study.models import train_seeds
+    from dzad.study.seed_training import train_seeds
 
     t0 = time.perf_counter()
     for seed, r in train_seeds(load_config(params), out, resume=resume).items():
@@ -97,7 +97,7 @@ def evaluate_cmd(
     plots: Path = PLOTS,
 ) -> None:
     """Evaluate every seed's checkpoint on one target; write DVC metrics and ROC/PR points."""
-    from dzad.study.evaluations import evaluate_seeds, export_evaluation
+    from dzad.study.seed_evaluation import evaluate_seeds, export_evaluation
 
     t0 = time.perf_counter()
     cfg = load_config(params)
@@ -142,7 +142,7 @@ def report_cmd(
     out: Path = typer.Option(Path("reports"), "--out"),
 ) -> None:
     """AUROC tables (paper layout, controls beside DZAD) and figures; prints where they are."""
-    from dzad.study.report import report
+    from dzad.study.report_folder import report
 
     t0 = time.perf_counter()
     cfg = load_config(params)

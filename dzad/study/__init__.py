@@ -7,11 +7,12 @@ ablate, report. One module per product (a DVC stage depends on the modules it ru
 
 - :mod:`dzad.study.layout`: dataset names, cache and seed folders, the seeds' checkpoints;
 - :mod:`dzad.study.data`: dataset roots (``prepare``) and resized caches (``preprocess``);
-- :mod:`dzad.study.models`: one checkpoint per seed (``train``);
-- :mod:`dzad.study.evaluations`: per-seed evaluations, summary, ROC / PR points (``evaluate``);
+- :mod:`dzad.study.seed_training`: one checkpoint per seed (``train``);
+- :mod:`dzad.study.seed_evaluation`: per-seed evaluations, summary, ROC / PR points (``evaluate``);
 - :mod:`dzad.study.summaries`: mean ± std over seeds and the JSON files DVC reads;
 - :mod:`dzad.study.ablations`: the ablation folder, its metrics and plot points (``ablate``);
-- :mod:`dzad.study.report`: tables and figures in the paper's layout (``report``).
+- :mod:`dzad.study.report_folder`: the report folder: tables and figures in the paper's layout,
+  ``index.md`` (``report``).
 
 Folders (the DVC outputs). Each dataset cache, checkpoint, evaluation, ablation and report folder
 is built under a temporary name and swapped in whole, every file is written atomically, so a failed

@@ -22,14 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dzad.calibration import needs_labelled
 from dzad.config import DZADConfig
 from dzad.reports import TABLE3_MARKS
-from dzad.study.evaluations import evaluate_model, load_model, seed_result
-from dzad.study.layout import seed_dir, target_ref, with_seed
-from dzad.study.models import source_labelled, source_normals, train_launched
+from dzad.study.layout import seed_dir, source_cache_refs, target_ref, with_seed
+from dzad.study.seed_evaluation import evaluate_model, load_model, seed_result
+from dzad.study.seed_training import train_launched
 
 Result = dict[str, Any]
 # Table 3: the paper's check marks per row (SD is always there)
@@ -129,16 +127,16 @@ def row_config(cfg: DZADConfig, flags: Mapping[str, bool]) -> DZADConfig:
 def source_sets(cfg: DZADConfig, image_size: int):
     """The SOURCE images a Table-3 recalibration needs, loaded once for every row and seed:
     normals (an ``ImageSource``) and, when ``cfg`` needs it, the labelled split (images, labels)."""
-    from dzad.calibration import ImageSource
     from dzad.data.dataset import ImageDataset
+    from dzad.data.source import ImageSource, source_labelled, source_normals
 
-    mb = cfg.train.preload_max_mb
-    normals = ImageSource(ImageDataset(source_normals(cfg), image_size, cfg.data), mb)
+    mb, refs = cfg.train.preload_max_mb, source_cache_refs(cfg)
+    normals = source_normals(refs, skip_bad=cfg.data.skip_bad)
     labelled = None
     if needs_labelled(cfg):
-        images, labels = source_labelled(cfg)
-        labelled = (ImageSource(images, mb), torch.as_tensor(labels))
-    return normals, labelled
+        images, labels = source_labelled(refs, image_size, cfg.data)
+        labelled = (ImageSource(images, mb), labels)
+    return ImageSource(ImageDataset(normals, image_size, cfg.data), mb), labelled
 
 
 def recalibrated(model, row_cfg: DZADConfig, normals, labelled=None):

@@ -27,8 +27,8 @@ from dzad.evaluation_outputs import mean_without_skipped
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.metrics import image_metrics
 from dzad.study.ablation_reruns import Result, architecture_results, timestep_results
-from dzad.study.evaluations import seed_file
 from dzad.study.layout import checkpoints
+from dzad.study.seed_evaluation import seed_file
 from dzad.study.summaries import KEY_METRICS, mean_std, write_json
 
 ABLATION_JSON = "ablation.json"

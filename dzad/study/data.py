@@ -111,14 +111,3 @@ def preprocess_data(
     for name in cfg.sets.targets if targets is None else targets:
         out[name] = _cache(cfg, target_ref(cfg, name), target_cache(cfg, name))
     return out
-
-
-def cached(folder: Path, split: str, label: int | None = None) -> list:
-    """Samples of a cache (``split``; ``label`` 0/1 or None for both)."""
-    from dzad.data.preprocess import cached_samples
-
-    return [
-        s
-        for s in cached_samples(folder)
-        if s.split == split and (label is None or s.label == label)
-    ]

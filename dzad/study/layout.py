@@ -39,6 +39,13 @@ def source_caches(cfg: DZADConfig) -> list[Path]:
     return [source_cache(cfg, i) for i in range(len(source_refs(cfg)))]
 
 
+def source_cache_refs(cfg: DZADConfig) -> list[DatasetRef]:
+    """The SOURCE caches as datasets: each cache with its ``sets.source`` entry's categories, so
+    they are read in the order the study lists them (:func:`dzad.data.source.source_normals`)."""
+    pairs = zip(source_caches(cfg), source_refs(cfg), strict=True)
+    return [DatasetRef(str(cache), ref.categories) for cache, ref in pairs]
+
+
 def target_cache(cfg: DZADConfig, target: str) -> Path:
     """Resized cache of one target dataset."""
     target_ref(cfg, target)

@@ -79,7 +79,7 @@ def _seed_results(metrics: Mapping[str, Any], eval_dir: Path) -> list[Mapping[st
     """Per-seed ``metrics.json`` contents behind ``metrics`` (itself, or a summary's seeds)."""
     if "seeds" not in metrics:
         return [metrics]
-    from dzad.study.evaluations import seed_results
+    from dzad.study.seed_evaluation import seed_results
 
     return list(seed_results(eval_dir).values())
 
@@ -96,7 +96,7 @@ def log_evaluation(
     pixel AUROC, controls beside DZAD, mean ± std over seeds) and ``eval_dir``'s files -- metrics,
     scores, ROC and PR figures and the heat-map gallery -- under ``evaluation/<target>/``.
 
-    ``metrics``: ``dzad.study.evaluations.evaluate_target``'s result with its ``eval_dir``, or a
+    ``metrics``: ``dzad.study.seed_evaluation.evaluate_target``'s result with its ``eval_dir``, or a
     ``summary.json`` with the folder holding its ``seed_<s>/`` evaluations.
     """
     from dzad.reports import auroc_table

@@ -10,7 +10,7 @@ from typing import Any
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.study.ablations import ABLATION_JSON, plot_timesteps, timesteps_table
-from dzad.study.evaluations import first_seed_scores, seed_results
+from dzad.study.seed_evaluation import first_seed_scores, seed_results
 from dzad.study.summaries import KEY_METRICS
 
 VARIANT_LABELS = {

@@ -12,14 +12,14 @@ from typing import Any
 
 import pandas as pd
 
-from dzad.config import DatasetRef, DZADConfig
+from dzad.config import DZADConfig
 from dzad.errors import DZADInputError
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.study.layout import (
     SEED_DIR,
     checkpoints,
     seed_dir,
-    source_caches,
+    source_cache_refs,
     target_cache,
     with_seed,
 )
@@ -39,13 +39,14 @@ def load_model(ckpt: str | Path, cfg: DZADConfig, device: str | None = None):
     ``evaluate`` and ``noise.max_batch`` come from ``cfg``, so changing them needs no retraining.
     """
     from dzad.model import DZAD
+    from dzad.runtime import choose_device
 
     m = cfg.anomaly_map
     model = DZAD.from_checkpoint(
         ckpt,
         backbone_override=m.backbone,
         random_backbone=m.random_backbone,
-        map_location=device or _device(cfg),
+        map_location=device or choose_device(cfg.train.device),
     )
     trained = model.cfg
     for name in ("model", "weighting", "detection"):
@@ -63,19 +64,11 @@ def load_model(ckpt: str | Path, cfg: DZADConfig, device: str | None = None):
     )
 
 
-def _device(cfg: DZADConfig) -> str:
-    import torch
-
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def source_control_batches(cfg: DZADConfig, image_size: int) -> Callable[[], Any]:
     """``source()`` for :func:`dzad.evaluation.build_controls`: SOURCE normals from the caches."""
     from dzad.evaluation import source_batches
 
-    refs = [DatasetRef(str(c)) for c in source_caches(cfg)]
+    refs = source_cache_refs(cfg)
     return lambda: source_batches(refs, image_size, cfg.data, cfg.evaluate.batch_size)
 
 

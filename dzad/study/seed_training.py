@@ -1,6 +1,6 @@
 """One checkpoint per seed (``train``): eq. 8 training on the SOURCE normals of the caches, in
 this process or on ``train.processes`` processes (:mod:`dzad.launch`; the launched processes run
-this module: ``python -m dzad.study.models --params run.yaml --out DIR``)."""
+this module: ``python -m dzad.study.seed_training --params run.yaml --out DIR``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dzad.config import DZADConfig, to_dict
-from dzad.errors import CheckpointError, DZADError, DZADInputError
+from dzad.errors import CheckpointError, DZADError
 from dzad.launch import (
     check_processes,
     child_env,
@@ -25,29 +23,8 @@ from dzad.launch import (
     result_path,
     write_totals,
 )
-from dzad.study.data import cached
-from dzad.study.layout import seed_dir, source_caches, with_seed
+from dzad.study.layout import seed_dir, source_cache_refs, with_seed
 from dzad.training_data import data_record
-
-
-def source_normals(cfg: DZADConfig) -> list:
-    """SOURCE ``train/good`` samples of every source cache, in cache order (training's order)."""
-    caches = source_caches(cfg)
-    normals = [s for c in caches for s in cached(c, "train", 0)]
-    if not normals:
-        raise DZADInputError(caches[0], "no SOURCE normal training images (train/good)")
-    return normals
-
-
-def source_labelled(cfg: DZADConfig):
-    """The labelled SOURCE split (``test/``: images, labels), for learned weights / prototypes."""
-    from dzad.data.dataset import ImageDataset
-
-    caches = source_caches(cfg)
-    test = [s for c in caches for s in cached(c, "test")]
-    if not test:
-        raise DZADInputError(caches[0], "the labelled SOURCE split (test/) is empty")
-    return ImageDataset(test, cfg.data.image_size, cfg.data), np.array([s.label for s in test])
 
 
 def train_model(
@@ -67,15 +44,17 @@ def train_model(
     """
     from dzad.calibration import needs_labelled
     from dzad.data.dataset import ImageDataset
+    from dzad.data.source import source_labelled, source_normals
     from dzad.training import train
 
     if seed is not None:
         cfg = with_seed(cfg, seed)
     if device is not None:
         cfg = replace(cfg, train=replace(cfg.train, device=device))
-    normals = source_normals(cfg)
-    images = ImageDataset(normals, cfg.data.image_size, cfg.data)
-    labelled = source_labelled(cfg) if needs_labelled(cfg) else None
+    refs, size = source_cache_refs(cfg), cfg.data.image_size
+    normals = source_normals(refs, skip_bad=cfg.data.skip_bad)
+    images = ImageDataset(normals, size, cfg.data)
+    labelled = source_labelled(refs, size, cfg.data) if needs_labelled(cfg) else None
     data = data_record(cfg.sets.source, normals)
     return train(
         cfg, images, out_dir, resume, callbacks, labelled=labelled, progress=False, data=data
