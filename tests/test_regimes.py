@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -209,3 +210,29 @@ def test_score_regimes(tiny_checkpoint, synth_root, tmp_path, regime_params):
         app, [*base, "--out", str(tmp_path / "m"), "--reference", str(tmp_path / "nope")]
     )
     assert missing.exit_code == 2 and "nope" in missing.stderr
+
+
+def test_real_profile_sets_the_real_image_configuration_and_overrides_win():
+    from dzad.cli.model_cmds import _with_overrides
+    from dzad.config import PROFILE_SETTINGS, DZADConfig, flatten, load, with_profile
+    from dzad.networks import PROFILES, resolve_profile
+
+    cfg = _with_overrides(DZADConfig(), "real", steps=5, device=None)
+    assert cfg.model.profile == "real" and cfg.train.steps == 5  # --steps beats the profile's 400
+    assert (cfg.data.image_size, cfg.model.latent, cfg.model.feature_stride) == (
+        128,
+        "backbone_features",
+        16,
+    )
+    assert (cfg.noise.m_samples, cfg.anomaly_map.base) == (4, "noise_excess")
+    assert resolve_profile(cfg.model) == resolve_profile(with_profile(DZADConfig(), "demo").model)
+    assert set(PROFILES) >= set(PROFILE_SETTINGS)
+    # the profile is the `shared` study's training and map configuration, key for key
+    shared = flatten(load("studies/shared.yaml"))
+    real = flatten(with_profile(DZADConfig(), "real"))
+    for section, values in PROFILE_SETTINGS["real"].items():
+        if section != "regime":
+            assert all(real[f"{section}.{k}"] == shared[f"{section}.{k}"] for k in values)
+    assert with_profile(DZADConfig(), "demo") == replace(
+        DZADConfig(), model=replace(DZADConfig().model, profile="demo")
+    )

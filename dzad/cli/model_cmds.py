@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from dzad.cli._app import CATEGORIES_HELP, app, clean_errors, load_config, split_list
-from dzad.config import DEVICES, DZADConfig, ModelConfig, validate
+from dzad.config import DEVICES, DZADConfig, ModelConfig, validate, with_profile
 from dzad.io_utils import check_writable
 
 # choices shown in --help, taken from the config's own allowed values
@@ -30,9 +30,9 @@ def _with_overrides(
     device: str | None,
     threads: int | None = None,
 ) -> DZADConfig:
+    if profile is not None:  # first: the other overrides win over the profile's settings
+        cfg = with_profile(cfg, profile)
     model, train, runtime = cfg.model, cfg.train, cfg.runtime
-    if profile is not None:
-        model = dataclasses.replace(model, profile=profile)
     if steps is not None:
         train = dataclasses.replace(train, steps=steps)
     if device is not None:
@@ -78,7 +78,11 @@ def train_cmd(
     data: Path = typer.Option(..., help="SOURCE dataset root (MVTec layout)."),
     out: Path = typer.Option(..., help="Checkpoint folder to write (atomically)."),
     source_categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
-    profile: Profile | None = typer.Option(None, help="Model profile (overrides params)."),
+    profile: Profile | None = typer.Option(
+        None,
+        help="Model profile (overrides params); `real` also sets the configuration chosen for "
+        "real images on CPU (dzad.config.PROFILE_SETTINGS).",
+    ),
     params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
@@ -125,9 +129,9 @@ def profiles_cmd(
     from dzad.latents import latent_downsample
     from dzad.networks import build_network, model_stats
 
-    cfg = load_config(params)
     for name in profile:
-        model = dataclasses.replace(cfg.model, profile=name, pretrained=None)
+        cfg = with_profile(load_config(params), name)  # `real` brings its latent and image size
+        model = dataclasses.replace(cfg.model, pretrained=None)
         size = cfg.data.image_size // latent_downsample(model)
         channels = {"pixel": 3, "vae": 4, "backbone_features": model.latent_channels}.get(
             model.latent, 3 * model.unshuffle_factor**2
