@@ -52,7 +52,9 @@ def tiny_study() -> config.DZADConfig:
         ),
         train=replace(cfg.train, steps=8),
         ablation=replace(cfg.ablation, t_starts=(500, 999), architecture=True),
-        regime=replace(cfg.regime, image_size=32, degrees=(1, 3), few_shot_draws=2),
+        regime=replace(
+            cfg.regime, image_size=32, degrees=(1, 3), few_shot_draws=2, dzad_weight=0.5
+        ),
     )
 
 
@@ -226,10 +228,18 @@ def test_regimes_stage_reports_every_regime_beside_its_control(run, tmp_path):
     regimes = ("zero-shot: ", "batch zero-shot: ", "few-shot (K = 4): ")
     assert all(row.startswith(regimes) for row in table.index)
     assert {r for r in regimes if any(i.startswith(r) for i in table.index)} == set(regimes)
-    batch = "batch zero-shot: backbone patches only (regime.dzad_weight = 0: no DZAD signal)"
-    assert table.loc[batch, "grain: image_auroc"] == pytest.approx(
-        run["regimes"]["batch_zero_shot"]["dzad"]["image_auroc"]["mean"]
+    batch = "batch zero-shot: DZAD: backbone patches + DZAD copy (frozen SOURCE model), w = 0.5"
+    column = "grain: pixel_auroc"
+    assert table.loc[batch, column] == pytest.approx(
+        run["regimes"]["batch_zero_shot"]["dzad"]["pixel_auroc"]["mean"]
     )
+    # the fusion's parts are rows too; the backbone part is the mutual control, number for number
+    mutual = (
+        "batch zero-shot: control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)"
+    )
+    part = table.loc["batch zero-shot: part: backbone patches alone"]
+    assert part.to_dict() == table.loc[mutual].to_dict()
+    assert "few-shot (K = 4): part: DZAD copy alone" in table.index
     index = (run["root"] / "reports/index.md").read_text()
     assert index.index("`regimes.csv`") < index.index("`summary.csv`")  # the first table
 

@@ -32,6 +32,13 @@ def _roc_figure(eval_dir: Path, target: str, path: Path) -> Path:
     return plot_roc_curves(curves, path, title=f"{target}: image-level ROC (seed {first})")
 
 
+# each signal of a fused regime alone (the ablation of its fusion); a backbone-only regime has one
+REGIME_PARTS = {
+    "backbone": "part: backbone patches alone",
+    "dzad": "part: DZAD copy alone",
+}
+
+
 def _regime_method(result: dict[str, Any]) -> str:
     """What the regime row scored with: honest about whether a DZAD signal is in it."""
     rc = result["protocol"]["settings"]
@@ -56,6 +63,11 @@ def regime_runs(eval_dir: Path, regime_dir: Path) -> dict[str, list[dict[str, An
     for results in regime_results(regime_dir).values():
         regime = _regime_label(results[0])
         runs[f"{regime}: {_regime_method(results[0])}"] = results
+        parts = results[0].get("variants", {})
+        if len(parts) > 1:  # a fused regime: each signal alone
+            for name in parts:
+                label = REGIME_PARTS.get(name, f"part: {name}")
+                runs[f"{regime}: {label}"] = [r["variants"][name] for r in results]
         for name, block in results[0]["controls"].items():
             runs[f"{regime}: {block['label']}"] = [r["controls"][name] for r in results]
     return runs
