@@ -236,3 +236,51 @@ def test_real_profile_sets_the_real_image_configuration_and_overrides_win():
     assert with_profile(DZADConfig(), "demo") == replace(
         DZADConfig(), model=replace(DZADConfig().model, profile="demo")
     )
+
+
+def test_a_test_only_target_gets_batch_zero_shot_alone(synth_root, tmp_path):
+    """A study target without train/good (e.g. glass in the `shared` study) must not fail the
+    regimes stage: few-shot is left out, batch zero-shot stays."""
+    import shutil
+
+    from dzad.config import DatasetRef
+    from dzad.study.regimes import REGIME_DIRS, runnable_regimes
+
+    assert runnable_regimes(DatasetRef(str(synth_root), ("grain",))) == list(REGIME_DIRS)
+    shutil.copytree(synth_root / "grain" / "test", tmp_path / "grain" / "test")
+    shutil.copytree(synth_root / "weave", tmp_path / "weave")
+    assert runnable_regimes(DatasetRef(str(tmp_path), ("weave",))) == list(REGIME_DIRS)
+    assert runnable_regimes(DatasetRef(str(tmp_path), ())) == ["batch_zero_shot"]
+
+
+def test_a_shared_memo_reuses_the_backbone_grids_and_changes_no_number(
+    tiny_model, synth_root, tmp_path
+):
+    """The study scores every seed on the same images: the second call must not run the
+    backbone at all (it raises here) and must give the first call's metrics exactly."""
+    from dataclasses import replace as dc_replace
+
+    from dzad.config import EvalConfig
+    from dzad.evaluation import control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = dc_replace(RegimeConfig(), image_size=32, degrees=(1, 3), few_shot_draws=2, group_size=6)
+    backbone = control_backbone(tiny_model)
+
+    class NoBackbone:
+        strides, mean, name = backbone.strides, backbone.mean, backbone.name
+
+        def __call__(self, x):
+            raise AssertionError("backbone ran although its grids were in the memo")
+
+    def run(b, out: str, k: int, memo: dict) -> dict:
+        return evaluate_regime(
+            tiny_model, b, synth_root, ["grain"], tmp_path / out, rc, EvalConfig(),
+            few_shot=k, memo=memo,
+        )  # fmt: skip
+
+    for k in (0, 2):
+        memo: dict = {}
+        first = run(backbone, f"a{k}", k, memo)
+        assert len(memo) == (2 if k == 0 else 4)  # 2 groups; 2 draws x (regime, PatchCore)
+        assert run(NoBackbone(), f"b{k}", k, memo) == first
