@@ -230,7 +230,8 @@ class RegimeConfig:
     adapt_batch_size: int = 16
     few_shot_k: int = 4  # evaluate --few-shot default
     few_shot_draws: int = 3  # seeded draws of the references (mean +- std over draws)
-    seed: int = 0  # groups, reference draws, adaptation noise
+    max_images: int = 0  # regimes stage: seeded subset of test images per category; 0 = all
+    seed: int = 0  # test subset, groups, reference draws, adaptation noise
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,8 @@ def evaluate_regime(
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts, rows = {}, []
     for cat in cats:
-        samples = category_samples(root, cat, eval_cfg, model.cfg.seed, skip_bad)
+        # the subset (eval_cfg.max_images) is the regime's: the same images for every checkpoint
+        samples = category_samples(root, cat, eval_cfg, rc.seed, skip_bad)
         if not samples:
             skipped["categories"][cat] = "no test images"
             continue

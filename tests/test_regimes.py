@@ -284,3 +284,31 @@ def test_a_shared_memo_reuses_the_backbone_grids_and_changes_no_number(
         first = run(backbone, f"a{k}", k, memo)
         assert len(memo) == (2 if k == 0 else 4)  # 2 groups; 2 draws x (regime, PatchCore)
         assert run(NoBackbone(), f"b{k}", k, memo) == first
+
+
+def test_the_regimes_subset_is_drawn_with_the_regime_seed(
+    tiny_model, synth_root, tmp_path, monkeypatch
+):
+    """``max_images`` picks the same test images for every checkpoint (the study's seeds share
+    them and their backbone grids), and another ``regime.seed`` picks another subset."""
+    import pandas as pd
+
+    from dzad.config import EvalConfig
+    from dzad.evaluation import control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = replace(RegimeConfig(), image_size=32, degrees=(1,), group_size=0)
+    backbone = control_backbone(tiny_model)
+
+    def paths(out: str, rc: RegimeConfig) -> list[str]:
+        m = evaluate_regime(
+            tiny_model, backbone, synth_root, ["grain"], tmp_path / out, rc,
+            EvalConfig(max_images=5),
+        )  # fmt: skip
+        assert m["counts"]["grain"]["images"] == 5
+        return sorted(pd.read_csv(tmp_path / out / "scores.csv")["path"])
+
+    first = paths("a", rc)
+    monkeypatch.setattr(tiny_model, "cfg", replace(tiny_model.cfg, seed=tiny_model.cfg.seed + 7))
+    assert paths("b", rc) == first
+    assert paths("c", replace(rc, seed=3)) != first

@@ -5,13 +5,16 @@ Per seed's checkpoint, :func:`dzad.regime_evaluation.evaluate_regime` (the funct
 images at ``regime.image_size`` rather than at the per-image cache's size; ``K`` is
 ``regime.few_shot_k``. Folders: ``<out>/<regime>/seed_<s>/`` (the CLI's outputs) and
 ``<out>/<regime>/summary.json`` (mean ± std over seeds, :func:`dzad.study.summaries.summarise`).
-A target without ``train/good`` images (a test-only set) gets batch zero-shot alone.
+A target without ``train/good`` images (a test-only set) gets batch zero-shot alone;
+``regime.max_images`` > 0 scores a seeded subset of each category's test images (the same for
+every seed: drawn with ``regime.seed``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ def evaluate_regimes(
 
     ref = target_ref(cfg, target)
     ckpts = checkpoints(models, cfg.seeds)
+    eval_cfg = replace(cfg.evaluate, max_images=cfg.regime.max_images)
     names = runnable_regimes(ref)
     summaries: dict[str, dict] = {}
     memo: dict[tuple, Any] = {}  # backbone grids: computed with the first seed, reused after
@@ -68,7 +72,7 @@ def evaluate_regimes(
             for name in names:
                 evaluate_regime(
                     model, backbone, ref.root, ref.categories, seed_dir(tmp / name, s),
-                    cfg.regime, cfg.evaluate,
+                    cfg.regime, eval_cfg,
                     few_shot=_few_shot(cfg, name), skip_bad=cfg.data.skip_bad, memo=memo,
                 )  # fmt: skip
         for name in names:
