@@ -53,7 +53,12 @@ def tiny_study() -> config.DZADConfig:
         train=replace(cfg.train, steps=8),
         ablation=replace(cfg.ablation, t_starts=(500, 999), architecture=True),
         regime=replace(
-            cfg.regime, image_size=32, degrees=(1, 3), few_shot_draws=2, dzad_weight=0.5
+            cfg.regime,
+            image_size=32,
+            degrees=(1, 3),
+            few_shot_draws=2,
+            dzad_weight=0.5,
+            adapt_steps=0,
         ),
     )
 
