@@ -65,7 +65,7 @@ class SetsConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    profile: Literal["tiny", "demo", "paper"] = "demo"
+    profile: Literal["tiny", "demo", "real", "paper"] = "demo"  # real: see PROFILE_SETTINGS
     latent: Literal["pixel", "pixel_unshuffle", "vae", "backbone_features"] = "pixel_unshuffle"
     unshuffle_factor: int = 2
     latent_channels: int = 64  # PCA width of the backbone_features latent
@@ -230,7 +230,8 @@ class RegimeConfig:
     adapt_batch_size: int = 16
     few_shot_k: int = 4  # evaluate --few-shot default
     few_shot_draws: int = 3  # seeded draws of the references (mean +- std over draws)
-    seed: int = 0  # groups, reference draws, adaptation noise
+    max_images: int = 0  # regimes stage: seeded subset of test images per category; 0 = all
+    seed: int = 0  # test subset, groups, reference draws, adaptation noise
 
 
 @dataclass(frozen=True)
@@ -437,6 +438,30 @@ def _build(tp: Any, value: Any, where: str, key: str = "") -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _build(args[0], value, where, key)
     return _leaf(tp, value, where, key)
+
+
+# `dzad train --profile real`: the configuration chosen for real images on CPU, applied over the
+# params' values (the UNet is the demo profile's). Training and map: the `shared` study's settings,
+# chosen on SOURCE data (docs/results_shared.md: 128 px, EfficientNet-Lite0 feature latent at
+# stride 16 with the latent as SG hint, noise-excess map with 4 noise draws per stage, 400 steps).
+PROFILE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "real": {
+        "data": {"image_size": 128, "mask_threshold": 127},
+        "model": {"latent": "backbone_features", "sg_hint": "latent", "feature_stride": 16},
+        "train": {"steps": 400},
+        "noise": {"m_samples": 4},
+        "anomaly_map": {"base": "noise_excess"},
+    },
+}
+
+
+def with_profile(cfg: DZADConfig, profile: str) -> DZADConfig:
+    """``cfg`` with ``model.profile = profile`` and that profile's :data:`PROFILE_SETTINGS`."""
+    raw = to_dict(cfg)
+    raw["model"]["profile"] = profile
+    for section, values in PROFILE_SETTINGS.get(profile, {}).items():
+        raw[section].update(values)
+    return from_dict(raw)
 
 
 def validate(cfg: DZADConfig) -> DZADConfig:

@@ -41,6 +41,8 @@ PROFILES: dict[str, Profile] = {
     "tiny": Profile((16, 32), 1, 8, (8, 16, 32, 64)),
     # 2 CPU cores: 64 px pixel-unshuffle -> 12x32x32 latent; widths measured in the README
     "demo": Profile((32, 64, 64), 1, 16, (16, 32, 64, 128)),
+    # real images on CPU: the demo UNet; the rest of the profile is config (PROFILE_SETTINGS)
+    "real": Profile((32, 64, 64), 1, 16, (16, 32, 64, 128)),
     # SD-1.5's UNet: 860 M parameters, 4x32x32 VAE latent at 256 px, CLIP-sized context
     "paper": Profile(
         (320, 640, 1280, 1280),

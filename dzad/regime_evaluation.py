@@ -109,11 +109,13 @@ def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tens
     return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
 
 
-def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths):
+def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths, memo):
     accs: dict[str, MetricAccumulator] = {}
     for group in seeded_groups(len(images), rc.group_size, rc.seed):
         x, m, y = images[group], masks[group], labels[group]
-        scored = score_batch(backbone, x, rc, model)
+        key = ("batch", tuple(paths[j] for j in group))
+        scored = score_batch(backbone, x, rc, model, memo.get(key))
+        memo[key] = (scored.parts["backbone"], scored.descriptors)
         _accumulate(accs, "regime", y, scored.scores, m, scored.maps, pixel)
         c_s, c_m = _backbone_only(scored, rc.rescore_k, scored.descriptors, x.shape[-1])
         _accumulate(accs, "control:mutual", y, c_s, m, c_m, pixel)
@@ -126,16 +128,26 @@ def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, pat
     return [_results(accs, pixel)]
 
 
-def _few_shot_category(model, backbone, rc, images, masks, labels, pixel, rows, paths, train, k):
+def _few_shot_category(
+    model, backbone, rc, images, masks, labels, pixel, rows, paths, train, k, memo
+):  # fmt: skip
     draws = []
     for d in range(rc.few_shot_draws):
         refs = draw_references(train, k, rc.seed + d)
         ref_ds = ImageDataset(refs, rc.image_size, model.cfg.data)
         ref_images = torch.stack([ref_ds[i]["image"] for i in range(len(ref_ds))])
         accs: dict[str, MetricAccumulator] = {}
-        scored = score_few_shot(backbone, images, ref_images, rc, model)
+        key = ("few", tuple(paths), tuple(str(r.path) for r in refs))
+        scored = score_few_shot(
+            backbone, images, ref_images, rc, model, backbone_part=memo.get(key)
+        )
+        memo[key] = scored.parts["backbone"]
         _accumulate(accs, "regime", labels, scored.scores, masks, scored.maps, pixel)
-        ctrl = score_few_shot(backbone, images, ref_images, rc, None, degrees=(3,))
+        key = ("patchcore", *key[1:])
+        ctrl = score_few_shot(
+            backbone, images, ref_images, rc, None, degrees=(3,), backbone_part=memo.get(key)
+        )
+        memo[key] = ctrl.parts["backbone"]
         _accumulate(accs, "control:fewshot_patchcore", labels, ctrl.scores, masks, ctrl.maps, pixel)
         for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
@@ -167,8 +179,14 @@ def evaluate_regime(
     few_shot: int = 0,
     skip_bad: bool = False,
     progress: Callable[[int], None] | None = None,
+    memo: dict[tuple, Any] | None = None,
 ) -> dict[str, Any]:
-    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw."""
+    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw.
+
+    ``memo``: backbone grids by (regime, image paths[, reference paths]), filled and reused, so a
+    caller scoring several models on the same images (a study's seeds) computes them once; the
+    backbone, ``rc`` and the data settings must be the same for every call sharing it."""
+    memo = {} if memo is None else memo
     root, out_dir = Path(root), Path(out_dir)
     mode = "few-shot" if few_shot else "batch-zero-shot"
     cats = list(categories) or list_categories(root)
@@ -177,7 +195,8 @@ def evaluate_regime(
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts, rows = {}, []
     for cat in cats:
-        samples = category_samples(root, cat, eval_cfg, model.cfg.seed, skip_bad)
+        # the subset (eval_cfg.max_images) is the regime's: the same images for every checkpoint
+        samples = category_samples(root, cat, eval_cfg, rc.seed, skip_bad)
         if not samples:
             skipped["categories"][cat] = "no test images"
             continue
@@ -190,10 +209,13 @@ def evaluate_regime(
             if not train:
                 raise DZADInputError(root / cat, "few-shot needs train/good images to draw from")
             draws = _few_shot_category(
-                model, backbone, rc, images, masks, labels, pixel, rows, paths, train, few_shot
-            )
+                model, backbone, rc, images, masks, labels, pixel, rows, paths, train, few_shot,
+                memo,
+            )  # fmt: skip
         else:
-            draws = _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths)
+            draws = _batch_category(
+                model, backbone, rc, images, masks, labels, pixel, rows, paths, memo
+            )
         for name in draws[0]:
             mean, std = _mean_std(draws, name)
             if name == "regime":

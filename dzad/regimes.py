@@ -115,12 +115,24 @@ def _with_dzad(
     return fuse(grid, dz, cfg.dzad_weight), parts, {**info, "dzad_weight": cfg.dzad_weight}
 
 
-def score_batch(
-    backbone: Backbone, images: Tensor, cfg: RegimeConfig, model: DZAD | None = None
-) -> Scored:
-    """Batch zero-shot: ``images`` ``(B,3,S,S)`` at ``cfg.image_size`` scored together."""
+def mutual_grid(backbone: Backbone, images: Tensor, cfg: RegimeConfig) -> tuple[Tensor, Tensor]:
+    """The batch regime's backbone part: grid ``(B,h,w)`` and global descriptors ``(B,D)``. It
+    does not depend on the DZAD model, so a caller scoring several models may reuse it."""
     feats, glob = patch_features(backbone, images, cfg.levels, cfg.degrees)
     grid = torch.stack([mutual_patch_scores(f, cfg.mutual_fraction) for f in feats]).mean(0)
+    return grid, glob
+
+
+def score_batch(
+    backbone: Backbone,
+    images: Tensor,
+    cfg: RegimeConfig,
+    model: DZAD | None = None,
+    backbone_part: tuple[Tensor, Tensor] | None = None,
+) -> Scored:
+    """Batch zero-shot: ``images`` ``(B,3,S,S)`` at ``cfg.image_size`` scored together;
+    ``backbone_part``: :func:`mutual_grid` of the same images and settings, when known."""
+    grid, glob = backbone_part or mutual_grid(backbone, images, cfg)
     fused, parts, info = _with_dzad(grid, model, images, None, cfg)
     scores, maps = _finish(fused, images.shape[-1], glob, cfg.rescore_k)
     return Scored(scores, maps, parts, info, glob)
@@ -133,16 +145,21 @@ def score_few_shot(
     cfg: RegimeConfig,
     model: DZAD | None = None,
     degrees: tuple[int, ...] | None = None,
+    backbone_part: Tensor | None = None,
 ) -> Scored:
     """Few-shot: ``images`` ``(B,3,S,S)`` against known-good ``references`` ``(R,3,S,S)``.
 
-    ``degrees`` overrides ``cfg.degrees`` (the PatchCore control uses ``(3,)``)."""
+    ``degrees`` overrides ``cfg.degrees`` (the PatchCore control uses ``(3,)``);
+    ``backbone_part``: the backbone grid ``(B,h,w)`` of the same inputs and settings (its
+    ``Scored.parts["backbone"]``), when known: it does not depend on the DZAD model."""
     degrees = tuple(degrees or cfg.degrees)
-    feats, _ = patch_features(backbone, images, cfg.levels, degrees)
-    refs, _ = patch_features(backbone, references, cfg.levels, degrees)
-    grid = torch.stack(
-        [reference_patch_scores(f, r) for f, r in zip(feats, refs, strict=True)]
-    ).mean(0)
+    grid = backbone_part
+    if grid is None:
+        feats, _ = patch_features(backbone, images, cfg.levels, degrees)
+        refs, _ = patch_features(backbone, references, cfg.levels, degrees)
+        grid = torch.stack(
+            [reference_patch_scores(f, r) for f, r in zip(feats, refs, strict=True)]
+        ).mean(0)
     fused, parts, info = _with_dzad(grid, model, images, references, cfg)
     scores, maps = _finish(fused, images.shape[-1], None, 0)
     return Scored(scores, maps, parts, info)

@@ -82,7 +82,7 @@ def main() -> None:
         cfg, detection=dataclasses.replace(cfg.detection, position_images=a.position_images)
     )
     src = source[position_subset(len(source), pos_cfg)]
-    shape = tuple(model.bank.noise.shape[2:])
+    shape = model.encoder.latent_shape(model.image_size)
     with torch.inference_mode():
         z_src = model.encoder.encode(src)
         banks = {

@@ -20,7 +20,7 @@ def _help(command: str) -> str:
 
 def test_choices_and_shared_spellings_in_help():
     train, score, evaluate = _help("train"), _help("score"), _help("evaluate")
-    assert "tiny|demo|paper" in train and "auto|cpu|cuda" in train
+    assert "tiny|demo|real|paper" in train and "auto|cpu|cuda" in train
     assert "models:/<name>@<alias>" in score and "models:/<name>@<alias>" in evaluate
     for text in (train, evaluate):  # one spelling, one meaning
         assert "--source-categories" in text and "repeat the option or comma-separate" in text

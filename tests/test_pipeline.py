@@ -71,7 +71,8 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_runs_every_stage_and_writes_sane_outputs(repo):
     log = (repo / "first_repro.log").read_text()
     stages = ("prepare", "preprocess_source", "preprocess_target@objects", "train",
-              "evaluate@objects", "evaluate@mesh", "ablate", "report")  # fmt: skip
+              "evaluate@objects", "evaluate@mesh", "regimes@objects", "regimes@mesh", "ablate",
+              "report")  # fmt: skip
     for stage in stages:
         assert f"Running stage '{stage}'" in log
     for target, cats in (("objects", {"washer", "nut"}), ("mesh", {"mesh"})):
@@ -96,6 +97,9 @@ def test_repro_runs_every_stage_and_writes_sane_outputs(repo):
     assert (repo / "models" / "seed_0" / "dzad.json").is_file()
     lock = (repo / "dvc.lock").read_text()
     assert "evaluate@mesh" in lock and "sets.targets.mesh" in lock
+    for name in ("batch_zero_shot_dzad", "batch_zero_shot_control_mutual", "few_shot_dzad"):
+        assert (repo / "metrics" / "regimes_objects" / f"{name}.json").is_file()
+    assert "| batch zero-shot: control: mutual scoring" in index
 
 
 @pytest.mark.slow

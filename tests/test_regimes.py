@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -209,3 +210,105 @@ def test_score_regimes(tiny_checkpoint, synth_root, tmp_path, regime_params):
         app, [*base, "--out", str(tmp_path / "m"), "--reference", str(tmp_path / "nope")]
     )
     assert missing.exit_code == 2 and "nope" in missing.stderr
+
+
+def test_real_profile_sets_the_real_image_configuration_and_overrides_win():
+    from dzad.cli.model_cmds import _with_overrides
+    from dzad.config import PROFILE_SETTINGS, DZADConfig, flatten, load, with_profile
+    from dzad.networks import PROFILES, resolve_profile
+
+    cfg = _with_overrides(DZADConfig(), "real", steps=5, device=None)
+    assert cfg.model.profile == "real" and cfg.train.steps == 5  # --steps beats the profile's 400
+    assert (cfg.data.image_size, cfg.model.latent, cfg.model.feature_stride) == (
+        128,
+        "backbone_features",
+        16,
+    )
+    assert (cfg.noise.m_samples, cfg.anomaly_map.base) == (4, "noise_excess")
+    assert resolve_profile(cfg.model) == resolve_profile(with_profile(DZADConfig(), "demo").model)
+    assert set(PROFILES) >= set(PROFILE_SETTINGS)
+    # the profile is the `shared` study's training and map configuration, key for key
+    shared = flatten(load("studies/shared.yaml"))
+    real = flatten(with_profile(DZADConfig(), "real"))
+    for section, values in PROFILE_SETTINGS["real"].items():
+        if section != "regime":
+            assert all(real[f"{section}.{k}"] == shared[f"{section}.{k}"] for k in values)
+    assert with_profile(DZADConfig(), "demo") == replace(
+        DZADConfig(), model=replace(DZADConfig().model, profile="demo")
+    )
+
+
+def test_a_test_only_target_gets_batch_zero_shot_alone(synth_root, tmp_path):
+    """A study target without train/good (e.g. glass in the `shared` study) must not fail the
+    regimes stage: few-shot is left out, batch zero-shot stays."""
+    import shutil
+
+    from dzad.config import DatasetRef
+    from dzad.study.seed_regimes import REGIME_DIRS, runnable_regimes
+
+    assert runnable_regimes(DatasetRef(str(synth_root), ("grain",))) == list(REGIME_DIRS)
+    shutil.copytree(synth_root / "grain" / "test", tmp_path / "grain" / "test")
+    shutil.copytree(synth_root / "weave", tmp_path / "weave")
+    assert runnable_regimes(DatasetRef(str(tmp_path), ("weave",))) == list(REGIME_DIRS)
+    assert runnable_regimes(DatasetRef(str(tmp_path), ())) == ["batch_zero_shot"]
+
+
+def test_a_shared_memo_reuses_the_backbone_grids_and_changes_no_number(
+    tiny_model, synth_root, tmp_path
+):
+    """The study scores every seed on the same images: the second call must not run the
+    backbone at all (it raises here) and must give the first call's metrics exactly."""
+    from dataclasses import replace as dc_replace
+
+    from dzad.config import EvalConfig
+    from dzad.evaluation import control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = dc_replace(RegimeConfig(), image_size=32, degrees=(1, 3), few_shot_draws=2, group_size=6)
+    backbone = control_backbone(tiny_model)
+
+    class NoBackbone:
+        strides, mean, name = backbone.strides, backbone.mean, backbone.name
+
+        def __call__(self, x):
+            raise AssertionError("backbone ran although its grids were in the memo")
+
+    def run(b, out: str, k: int, memo: dict) -> dict:
+        return evaluate_regime(
+            tiny_model, b, synth_root, ["grain"], tmp_path / out, rc, EvalConfig(),
+            few_shot=k, memo=memo,
+        )  # fmt: skip
+
+    for k in (0, 2):
+        memo: dict = {}
+        first = run(backbone, f"a{k}", k, memo)
+        assert len(memo) == (2 if k == 0 else 4)  # 2 groups; 2 draws x (regime, PatchCore)
+        assert run(NoBackbone(), f"b{k}", k, memo) == first
+
+
+def test_the_regimes_subset_is_drawn_with_the_regime_seed(
+    tiny_model, synth_root, tmp_path, monkeypatch
+):
+    """``max_images`` picks the same test images for every checkpoint (the study's seeds share
+    them and their backbone grids), and another ``regime.seed`` picks another subset."""
+    import pandas as pd
+
+    from dzad.config import EvalConfig
+    from dzad.evaluation import control_backbone
+    from dzad.regime_evaluation import evaluate_regime
+
+    rc = replace(RegimeConfig(), image_size=32, degrees=(1,), group_size=0)
+    backbone = control_backbone(tiny_model)
+
+    def paths(out: str, rc: RegimeConfig) -> list[str]:
+        m = evaluate_regime(
+            tiny_model, backbone, synth_root, ["grain"], tmp_path / out, rc,
+            EvalConfig(max_images=5),
+        )  # fmt: skip
+        assert m["counts"]["grain"]["images"] == 5
+        return sorted(pd.read_csv(tmp_path / out / "scores.csv")["path"])
+
+    first = paths("a", rc)
+    monkeypatch.setattr(tiny_model, "cfg", replace(tiny_model.cfg, seed=tiny_model.cfg.seed + 7))
+    assert paths("b", rc) == first
+    assert paths("c", replace(rc, seed=3)) != first

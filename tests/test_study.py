@@ -29,6 +29,7 @@ from dzad.study.seed_evaluation import (
     export_evaluation,
     seed_results,
 )
+from dzad.study.seed_regimes import evaluate_regimes, export_regimes
 from dzad.study.seed_training import train_seeds
 from dzad.study.summaries import mean_std, write_json
 from dzad.weighting import weights_by_name
@@ -53,6 +54,14 @@ def tiny_study() -> config.DZADConfig:
         ),
         train=replace(cfg.train, steps=8),
         ablation=replace(cfg.ablation, t_starts=(500, 999), architecture=True),
+        regime=replace(
+            cfg.regime,
+            image_size=32,
+            degrees=(1, 3),
+            few_shot_draws=2,
+            dzad_weight=0.5,
+            adapt_steps=0,
+        ),
     )
 
 
@@ -68,11 +77,14 @@ def run(tmp_path_factory):
         trained = train_seeds(cfg, "models")
         summary = evaluate_seeds(cfg, "models", "grain", "runs/eval/grain")
         eval_dirs = {"grain": Path("runs/eval/grain")}
+        regimes = evaluate_regimes(cfg, "models", "grain", "runs/regimes/grain")
         frame = ablate(cfg, Path("models"), eval_dirs, Path("runs/ablation"))
-        files = report(cfg, eval_dirs, Path("runs/ablation"), Path("reports"))
+        regime_dirs = {"grain": Path("runs/regimes/grain")}
+        files = report(cfg, eval_dirs, Path("runs/ablation"), Path("reports"), regime_dirs)
     return {
         "root": root, "cfg": cfg, "roots": roots, "caches": caches, "trained": trained,
         "summary": summary, "frame": frame, "files": files, "eval": root / "runs/eval/grain",
+        "regimes": regimes,
     }  # fmt: skip
 
 
@@ -192,6 +204,51 @@ def test_report_tables_carry_controls_mean_rows_and_paper_order(run):
         assert f"`{stem}.csv`" in index
     assert (reports / "figure4_timesteps.png").stat().st_size > 0
     assert Path("reports/index.md") in run["files"]  # returned relative to the working folder
+
+
+@pytest.mark.slow
+def test_regimes_stage_reports_every_regime_beside_its_control(run, tmp_path):
+    """Both regimes per seed on the target's root (at regime.image_size, not the 32 px cache),
+    their summaries, the DVC metrics and the report's first table, whose rows all name a regime."""
+    folder = run["root"] / "runs/regimes/grain"
+    for name, k, control in (
+        ("batch_zero_shot", 0, "mutual"),
+        ("few_shot", 4, "fewshot_patchcore"),
+    ):
+        per_seed = [
+            json.loads((folder / f"{name}/seed_{s}/metrics.json").read_text()) for s in (0, 1)
+        ]
+        assert [m["protocol"]["few_shot_k"] for m in per_seed] == [k, k]
+        assert per_seed[0]["counts"]["grain"]["images"] == 7 and set(per_seed[0]["controls"]) == {
+            control
+        }
+        summary = run["regimes"][name]
+        values = [m["categories"]["grain"]["pixel_auroc"] for m in per_seed]
+        assert summary["dzad"]["pixel_auroc"]["mean"] == pytest.approx(np.mean(values))
+        assert summary["regime"] == per_seed[0]["regime"]
+    export_regimes(folder, tmp_path / "m")
+    assert {p.stem for p in (tmp_path / "m").glob("*.json")} == {
+        "batch_zero_shot_dzad", "batch_zero_shot_control_mutual",
+        "few_shot_dzad", "few_shot_control_fewshot_patchcore",
+    }  # fmt: skip
+    table = pd.read_csv(run["root"] / "reports/regimes.csv", index_col=0)
+    regimes = ("zero-shot: ", "batch zero-shot: ", "few-shot (K = 4): ")
+    assert all(row.startswith(regimes) for row in table.index)
+    assert {r for r in regimes if any(i.startswith(r) for i in table.index)} == set(regimes)
+    batch = "batch zero-shot: DZAD: backbone patches + DZAD copy (frozen SOURCE model), w = 0.5"
+    column = "grain: pixel_auroc"
+    assert table.loc[batch, column] == pytest.approx(
+        run["regimes"]["batch_zero_shot"]["dzad"]["pixel_auroc"]["mean"]
+    )
+    # the fusion's parts are rows too; the backbone part is the mutual control, number for number
+    mutual = (
+        "batch zero-shot: control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)"
+    )
+    part = table.loc["batch zero-shot: part: backbone patches alone"]
+    assert part.to_dict() == table.loc[mutual].to_dict()
+    assert "few-shot (K = 4): part: DZAD copy alone" in table.index
+    index = (run["root"] / "reports/index.md").read_text()
+    assert index.index("`regimes.csv`") < index.index("`summary.csv`")  # the first table
 
 
 @pytest.mark.slow

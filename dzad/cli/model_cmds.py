@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from dzad.cli._app import CATEGORIES_HELP, app, clean_errors, load_config, split_list
-from dzad.config import DEVICES, DZADConfig, ModelConfig
+from dzad.config import DEVICES, DZADConfig, ModelConfig, validate, with_profile
 from dzad.io_utils import check_writable
 from dzad.overrides import Overrides, apply_overrides
 
@@ -22,6 +22,26 @@ from dzad.overrides import Overrides, apply_overrides
 _PROFILES = typing.get_args(typing.get_type_hints(ModelConfig)["profile"])
 Profile = StrEnum("Profile", {p: p for p in _PROFILES})
 Device = StrEnum("Device", {d: d for d in DEVICES})
+
+
+def _with_overrides(
+    cfg: DZADConfig,
+    profile: str | None,
+    steps: int | None,
+    device: str | None,
+    threads: int | None = None,
+) -> DZADConfig:
+    if profile is not None:  # first: the other overrides win over the profile's settings
+        cfg = with_profile(cfg, profile)
+    model, train, runtime = cfg.model, cfg.train, cfg.runtime
+    if steps is not None:
+        train = dataclasses.replace(train, steps=steps)
+    if device is not None:
+        train = dataclasses.replace(train, device=device)
+    if threads is not None:
+        runtime = dataclasses.replace(runtime, threads=threads)
+    changed = dataclasses.replace(cfg, model=model, train=train, runtime=runtime)
+    return validate(changed)  # as strict as params.yaml
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
@@ -53,7 +73,11 @@ def train_cmd(
     data: Path = typer.Option(..., help="SOURCE dataset root (MVTec layout)."),
     out: Path = typer.Option(..., help="Checkpoint folder to write (atomically)."),
     source_categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
-    profile: Profile | None = typer.Option(None, help="Model profile (overrides params)."),
+    profile: Profile | None = typer.Option(
+        None,
+        help="Model profile (overrides params); `real` also sets the configuration chosen for "
+        "real images on CPU (dzad.config.PROFILE_SETTINGS).",
+    ),
     params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
@@ -101,12 +125,12 @@ def profiles_cmd(
     from dzad.latents import build_encoder
     from dzad.networks import build_network, model_stats
 
-    cfg = load_config(params)
-    image_size = cfg.data.image_size
-    # the latent is the config's (a VAE's: model.vae / model.pretrained), whatever the profile
-    channels, size, _ = build_encoder(cfg.model, image_size).latent_shape(image_size)
     for name in profile:
-        model = dataclasses.replace(cfg.model, profile=name, pretrained=None)
+        cfg = with_profile(load_config(params), name)  # `real` brings its latent and image size
+        image_size = cfg.data.image_size
+        # the latent is the config's (a VAE's: model.vae / model.pretrained)
+        channels, size, _ = build_encoder(cfg.model, image_size).latent_shape(image_size)
+        model = dataclasses.replace(cfg.model, pretrained=None)
         torch.manual_seed(0)
         net = build_network(model, channels, size, image_size=image_size)
         s = model_stats(net, channels, size)

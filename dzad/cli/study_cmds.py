@@ -14,8 +14,8 @@ import typer
 from dzad.cli._app import app, clean_errors, load_config
 
 stage = typer.Typer(
-    help="Study stages (what `dvc repro` runs): prepare -> preprocess -> train -> evaluate -> "
-    "ablate -> report.",
+    help="Study stages (what `dvc repro` runs): prepare -> preprocess -> train -> evaluate, "
+    "regimes -> ablate -> report.",
     no_args_is_help=True,
 )
 app.add_typer(stage, name="stage")
@@ -111,6 +111,32 @@ def evaluate_cmd(
     _done(f"evaluated -> {eval_root / target}", t0)
 
 
+@stage.command("regimes")
+@clean_errors
+def regimes_cmd(
+    target: str = typer.Option(..., "--target", help="a name under sets.targets"),
+    params: Path = PARAMS,
+    models: Path = MODELS,
+    out_root: Path = typer.Option(
+        Path("runs/regimes"), "--out-root", help="folder of <target>/ regime evaluations"
+    ),
+    metrics: Path = typer.Option(Path("metrics"), "--metrics", help="folder of DVC metrics"),
+) -> None:
+    """Batch zero-shot and few-shot (K = regime.few_shot_k) on one target, with their controls."""
+    from dzad.study.seed_regimes import evaluate_regimes, export_regimes
+
+    t0 = time.perf_counter()
+    summaries = evaluate_regimes(load_config(params), models, target, out_root / target)
+    export_regimes(out_root / target, metrics / f"regimes_{target}")
+    for summary in summaries.values():
+        d = summary["dzad"]
+        typer.echo(
+            f"{target}, {summary['regime']}: image AUROC {d['image_auroc']['mean']}, "
+            f"pixel AUROC {d['pixel_auroc']['mean']} (mean over {len(summary['seeds'])} seed(s))"
+        )
+    _done(f"regimes -> {out_root / target}", t0)
+
+
 @stage.command("ablate")
 @clean_errors
 def ablate_cmd(
@@ -139,6 +165,9 @@ def report_cmd(
     params: Path = PARAMS,
     eval_root: Path = EVAL_ROOT,
     ablation: Path = typer.Option(Path("runs/ablation"), "--ablation"),
+    regimes_root: Path = typer.Option(
+        Path("runs/regimes"), "--regimes-root", help="folder of <target>/ regime evaluations"
+    ),
     out: Path = typer.Option(Path("reports"), "--out"),
 ) -> None:
     """AUROC tables (paper layout, controls beside DZAD) and figures; prints where they are."""
@@ -147,6 +176,7 @@ def report_cmd(
     t0 = time.perf_counter()
     cfg = load_config(params)
     eval_dirs = {t: eval_root / t for t in cfg.sets.targets}
-    files = report(cfg, eval_dirs, ablation, out)
+    regime_dirs = {t: regimes_root / t for t in cfg.sets.targets}
+    files = report(cfg, eval_dirs, ablation, out, regime_dirs)
     typer.echo(f"{len(files)} files; all tables: {out / 'index.md'}")
     _done("reported", t0)

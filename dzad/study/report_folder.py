@@ -11,6 +11,7 @@ from dzad.config import DZADConfig
 from dzad.io_utils import atomic_dir, atomic_write_text
 from dzad.study.ablations import ABLATION_JSON, plot_timesteps, timesteps_table
 from dzad.study.seed_evaluation import first_seed_scores, seed_results
+from dzad.study.seed_regimes import regime_results
 from dzad.study.summaries import KEY_METRICS
 
 VARIANT_LABELS = {
@@ -31,15 +32,62 @@ def _roc_figure(eval_dir: Path, target: str, path: Path) -> Path:
     return plot_roc_curves(curves, path, title=f"{target}: image-level ROC (seed {first})")
 
 
+# each signal of a fused regime alone (the ablation of its fusion); a backbone-only regime has one
+REGIME_PARTS = {
+    "backbone": "part: backbone patches alone",
+    "dzad": "part: DZAD copy alone",
+}
+
+
+def _regime_method(result: dict[str, Any]) -> str:
+    """What the regime row scored with: honest about whether a DZAD signal is in it."""
+    rc = result["protocol"]["settings"]
+    if rc["dzad_weight"] <= 0:
+        return "backbone patches only (regime.dzad_weight = 0: no DZAD signal)"
+    copy = f"adapted {rc['adapt_steps']} steps" if rc["adapt_steps"] else "frozen SOURCE model"
+    return f"DZAD: backbone patches + DZAD copy ({copy}), w = {rc['dzad_weight']:g}"
+
+
+def _regime_label(result: dict[str, Any]) -> str:
+    k = result["protocol"]["few_shot_k"]
+    return f"{result['regime']} (K = {k})" if k else result["regime"]
+
+
+def regime_runs(eval_dir: Path, regime_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Row label -> per-seed results: per-image zero-shot DZAD and its controls, then each regime
+    and its controls; every label starts with its regime so no row can be read without it."""
+    zero = list(seed_results(eval_dir).values())
+    runs: dict[str, list[dict[str, Any]]] = {"zero-shot: DZAD (per image)": zero}
+    for name in zero[0].get("controls", {}):
+        runs[f"zero-shot: control: {name}"] = [r["controls"][name] for r in zero]
+    for results in regime_results(regime_dir).values():
+        regime = _regime_label(results[0])
+        runs[f"{regime}: {_regime_method(results[0])}"] = results
+        parts = results[0].get("variants", {})
+        if len(parts) > 1:  # a fused regime: each signal alone
+            for name in parts:
+                label = REGIME_PARTS.get(name, f"part: {name}")
+                runs[f"{regime}: {label}"] = [r["variants"][name] for r in results]
+        for name, block in results[0]["controls"].items():
+            runs[f"{regime}: {block['label']}"] = [r["controls"][name] for r in results]
+    return runs
+
+
 def report(
-    cfg: DZADConfig, eval_dirs: dict[str, Path], ablation_dir: Path, out_dir: Path
+    cfg: DZADConfig,
+    eval_dirs: dict[str, Path],
+    ablation_dir: Path,
+    out_dir: Path,
+    regime_dirs: dict[str, Path] | None = None,
 ) -> list[Path]:
     """The study's tables in the paper's layout (Markdown + CSV, control columns/rows beside
     DZAD) and PNG figures in ``out_dir``, plus ``index.md`` holding them all; returns the files.
 
     Per target: ``<target>_<metric>.*`` (rows = categories + mean, columns = DZAD and controls).
-    ``summary.*`` (real-image study layout), ``table4_weighting.*``, ``figure4_timesteps.*`` and
-    ``table3_<target>.*`` when those ablations ran.
+    ``regimes.*`` (the three regimes side by side, first in ``index.md``) when ``regime_dirs``
+    (``{target: folder of evaluate_regimes}``) is given, ``summary.*`` (real-image study layout),
+    ``table4_weighting.*``, ``figure4_timesteps.*`` and ``table3_<target>.*`` when those
+    ablations ran.
     """
     from dzad import reports
 
@@ -62,6 +110,11 @@ def report(
             sections.append((f"{target}: ROC curves", "", figure.name))
         reports.summary_table(runs_by_target).write(tmp, "summary")
         sections.insert(0, ("Summary: macro means over categories", "summary", None))
+        if regime_dirs:
+            runs = {t: regime_runs(eval_dirs[t], d) for t, d in regime_dirs.items()}
+            reports.summary_table(runs, controls=False).write(tmp, "regimes")
+            title = "The three scoring regimes: macro means over categories (each row its regime)"
+            sections.insert(0, (title, "regimes", None))
         if _write_undefined(runs_by_target, tmp):
             sections.insert(1, ("Undefined metrics (n/a in the tables) and why", "undefined", None))
         record = json.loads((Path(ablation_dir) / ABLATION_JSON).read_text())

@@ -1,0 +1,144 @@
+"""Other ways to combine the DZAD signal with the backbone in the regimes (docs/method.md §11.1; the second exploration session).
+
+``explore_regimes.py`` measured the additive map fusion (``dzad.regimes.fuse``). This script
+measures, on the same cached backbone grids, three other forms (``w`` = DZAD weight):
+
+- ``image``: the pixel map is the backbone's alone; only the image score mixes in DZAD:
+  ``(1 - w) z(max bb) + w z(max dz)`` (z: median / MAD over the scored images);
+- ``reweight``: the backbone's mutual distances re-weighted per patch by the DZAD excess,
+  ``bb * (1 + w * max(z(dz), 0))`` (z over every patch of the batch, DZAD grid resized onto the
+  backbone grid), so DZAD can only amplify what the backbone already sees;
+- ``reweight+image``: both.
+
+The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy) are cached per checkpoint
+and steps under ``--cache`` beside the backbone grids. One JSON line per (checkpoint, regime,
+form, weight, draw) with image / pixel AUROC and AUPRO.
+
+    python studies/explore_fusions.py --data ROOT --category C --ckpt CKPT [...] --cache DIR \\
+        [--max-images N] [--steps 20] [--weights 0.1 0.25 0.5] [--regimes batch few]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from explore_regimes import backbone_grids, load, metrics
+
+from dzad.config import DataConfig, RegimeConfig
+from dzad.data.dataset import collect_samples
+from dzad.metrics import MetricAccumulator
+from dzad.model import DZAD
+from dzad.mutual_scoring import upsample
+from dzad.regimes import dzad_grids, robust_scale
+
+
+def _z(x: Tensor) -> Tensor:
+    med = x.median()
+    return (x - med) / (1.4826 * (x - med).abs().median()).clamp_min(1e-8)
+
+
+def reweight(bb: Tensor, dz: Tensor, w: float) -> Tensor:
+    """``bb`` ``(B,h,w)`` amplified where the DZAD grid ``dz`` ``(B,h',w')`` is high."""
+    d = F.interpolate(dz[:, None].float(), size=bb.shape[-2:], mode="bilinear")[:, 0]
+    return bb * (1 + w * robust_scale(d).clamp_min(0))
+
+
+def image_mix(grid: Tensor, dz: Tensor, w: float) -> Tensor:
+    """Image scores ``(B,)``: the map's max and the DZAD grid's max, each z-scored, mixed."""
+    return (1 - w) * _z(grid.flatten(1).amax(1)) + w * _z(dz.flatten(1).amax(1).float())
+
+
+def score(labels, grid, masks, size, image: Tensor | None = None) -> dict[str, float]:
+    if image is None:
+        return metrics(labels, grid, masks, size)
+    acc = MetricAccumulator()
+    acc.add(labels, image, masks, upsample(grid, size))
+    r = acc.result()
+    return {m: round(float(r[m]), 4) for m in ("image_auroc", "pixel_auroc", "aupro")}
+
+
+def forms(bb: Tensor, dz: Tensor, w: float) -> dict[str, tuple[Tensor, Tensor | None]]:
+    rw = reweight(bb, dz, w)
+    return {
+        "image": (bb, image_mix(bb, dz, w)),
+        "reweight": (rw, None),
+        "reweight+image": (rw, image_mix(rw, dz, w)),
+    }
+
+
+def cached_dzad(path: Path, fn):
+    if path.exists():
+        return torch.load(path)
+    out = fn()
+    torch.save(out, path)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--category", required=True)
+    ap.add_argument("--ckpt", nargs="*", default=[])
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--max-images", type=int, default=0)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
+    args = ap.parse_args()
+    rc = replace(RegimeConfig(), adapt_steps=args.steps)
+    cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
+    images, masks, labels = load(args.data, args.category, rc.image_size, args.max_images, cfg_data)
+    train = collect_samples(args.data, (args.category,), ("train",))
+    cache = backbone_grids(args, rc, images, train, cfg_data)
+    size = rc.image_size
+    emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
+    order = torch.cat([g["index"] for g in cache["groups"]])
+    lab, msk = labels[order], masks[order]
+    for ckpt in args.ckpt:
+        model = DZAD.from_checkpoint(ckpt)
+        stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}"
+        if "batch" in args.regimes:
+            groups = cached_dzad(
+                stem.with_suffix(".batch.pt"),
+                lambda m=model: [
+                    dzad_grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
+                ],
+            )
+            bbs = [
+                torch.stack([g["grids"][r] for r in rc.degrees]).mean(0) for g in cache["groups"]
+            ]
+            for w in args.weights:
+                per_form: dict[str, list] = {}
+                for bb, dz in zip(bbs, groups, strict=True):
+                    for name, (grid, img) in forms(bb, dz, w).items():
+                        per_form.setdefault(name, []).append((grid, img))
+                for name, parts in per_form.items():
+                    grid = torch.cat([p[0] for p in parts])
+                    img = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+                    emit(ckpt=ckpt, regime="batch", form=name, steps=args.steps, weight=w,
+                         **score(lab, grid, msk, size, img))  # fmt: skip
+        if "few" in args.regimes:
+            dzs = cached_dzad(
+                stem.with_suffix(".few.pt"),
+                lambda m=model: [dzad_grids(m, images, d["refs"], rc)[0] for d in cache["draws"]],
+            )
+            for i, (d, dz) in enumerate(zip(cache["draws"], dzs, strict=True)):
+                bb = torch.stack([d["grids"][r] for r in rc.degrees]).mean(0)
+                for w in args.weights:
+                    for name, (grid, img) in forms(bb, dz, w).items():
+                        emit(ckpt=ckpt, regime="few", draw=i, form=name, steps=args.steps,
+                             weight=w, **score(labels, grid, masks, size, img))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
