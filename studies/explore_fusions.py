@@ -1,4 +1,4 @@
-"""Other ways to combine the DZAD signal with the backbone in the regimes (docs/method.md §11.1; the second exploration session).
+"""Other ways to combine the DZAD signal with the backbone in the regimes (docs/method.md §11.1).
 
 ``explore_regimes.py`` measured the additive map fusion (``dzad.regimes.fuse``). This script
 measures, on the same cached backbone grids, three other forms (``w`` = DZAD weight):

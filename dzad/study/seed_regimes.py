@@ -1,4 +1,4 @@
-"""The batch zero-shot and few-shot regimes of a study on one target (the ``regimes`` stage, docs/method.md §11.1).
+"""The batch zero-shot and few-shot regimes of a study on one target (docs/method.md §11.1).
 
 Per seed's checkpoint, :func:`dzad.regime_evaluation.evaluate_regime` (the function ``dzad evaluate
 --batch-zero-shot`` / ``--few-shot K`` runs) on the target's dataset root, so the regimes see the
@@ -21,8 +21,8 @@ from typing import Any
 from dzad.config import DatasetRef, DZADConfig
 from dzad.errors import DZADInputError
 from dzad.io_utils import atomic_dir
-from dzad.study.seed_evaluation import SUMMARY, compact_metrics, load_model, seed_results
 from dzad.study.layout import checkpoints, seed_dir, target_ref, with_seed
+from dzad.study.seed_evaluation import SUMMARY, compact_metrics, load_model, seed_results
 from dzad.study.summaries import summarise, write_json
 
 log = logging.getLogger(__name__)
