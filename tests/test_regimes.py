@@ -286,9 +286,7 @@ def test_a_shared_memo_reuses_the_backbone_grids_and_changes_no_number(
         assert run(NoBackbone(), f"b{k}", k, memo) == first
 
 
-def test_the_regimes_subset_is_drawn_with_the_regime_seed(
-    tiny_model, synth_root, tmp_path, monkeypatch
-):
+def test_the_regimes_subset_is_drawn_with_the_regime_seed(tiny_model, synth_root, tmp_path):
     """``max_images`` picks the same test images for every checkpoint (the study's seeds share
     them and their backbone grids), and another ``regime.seed`` picks another subset."""
     import pandas as pd
@@ -300,15 +298,15 @@ def test_the_regimes_subset_is_drawn_with_the_regime_seed(
     rc = replace(RegimeConfig(), image_size=32, degrees=(1,), group_size=0)
     backbone = control_backbone(tiny_model)
 
-    def paths(out: str, rc: RegimeConfig) -> list[str]:
+    def paths(out: str, rc: RegimeConfig, model=tiny_model) -> list[str]:
         m = evaluate_regime(
-            tiny_model, backbone, synth_root, ["grain"], tmp_path / out, rc,
+            model, backbone, synth_root, ["grain"], tmp_path / out, rc,
             EvalConfig(max_images=5),
         )  # fmt: skip
         assert m["counts"]["grain"]["images"] == 5
         return sorted(pd.read_csv(tmp_path / out / "scores.csv")["path"])
 
     first = paths("a", rc)
-    monkeypatch.setattr(tiny_model, "cfg", replace(tiny_model.cfg, seed=tiny_model.cfg.seed + 7))
-    assert paths("b", rc) == first
+    other_seed = tiny_model.with_settings(replace(tiny_model.cfg, seed=tiny_model.cfg.seed + 7))
+    assert paths("b", rc, other_seed) == first
     assert paths("c", replace(rc, seed=3)) != first
