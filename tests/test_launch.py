@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
 from dzad import config
 from dzad.checkpoint import load_checkpoint
+from dzad.cli import app
 from dzad.config import TrainConfig
 from dzad.launch import check_processes, launch_command, result_path
 from dzad.study.data import prepare_data, preprocess_data
@@ -65,15 +65,16 @@ def test_in_process_training_refuses_a_process_count_it_does_not_have(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_stage_reports_an_indivisible_batch_before_launching(tmp_path):
+def test_stage_reports_an_indivisible_batch_before_launching(tmp_path, monkeypatch):
+    """`dzad stage train` (in process: the `python -m dzad` wrapper adds nothing) refuses the
+    batch before it reads data or launches anything."""
     cfg = _study(3)  # batch 4 on 3 processes
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(config.to_dict(cfg)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dzad", "stage", "train", "--params", str(params), "--out", "m"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["stage", "train", "--params", str(params), "--out", "m"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
         "error: train.batch_size 4 is not divisible by train.processes 3: each process takes "
         "batch_size / processes images per step"
     )

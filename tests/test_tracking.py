@@ -245,6 +245,7 @@ print(json.dumps({"dists": sorted(dists), "dzad": dzad.__file__}))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports the logged model (~15 s)
 def test_logged_model_is_self_contained_and_described(study, tmp_path):
     """requirements.txt pins what scoring imports (of dzad's dependencies) and nothing else (no
     DVC, Prefect); the dzad code travels with the model and is what it runs; the version's
