@@ -60,6 +60,7 @@ def test_atomic_dir_swaps_the_folder_whole_or_not_at_all(tmp_path):
     with io_utils.atomic_dir(out) as tmp:
         (tmp / "a").write_text("2")
     assert _names(out) == ["a"] and (out / "a").read_text() == "2"  # no stale b
+    assert _names(tmp_path) == ["ckpt"]  # the swapped-out folder is gone too
     with pytest.raises(RuntimeError), io_utils.atomic_dir(out) as tmp:
         (tmp / "a").write_text("3")
         raise RuntimeError("save failed")
