@@ -13,6 +13,7 @@ one command function of ``dzad/cli/study_cmds.py`` and what that imports.
 from __future__ import annotations
 
 import ast
+import functools
 import shlex
 from pathlib import Path
 
@@ -79,6 +80,15 @@ def _imported_names(nodes: list[ast.stmt], package: str) -> set[str]:
     return {n for n in out if module_file(n)}
 
 
+@functools.cache
+def _module_imports(name: str) -> frozenset[str]:
+    """Project modules that module ``name`` imports anywhere in its file."""
+    path = module_file(name)
+    assert path is not None, name
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return frozenset(_imported_names(ast.parse(path.read_text()).body, package))
+
+
 def _with_parents(name: str) -> list[str]:
     """``a.b.c`` -> ``[a, a.b, a.b.c]``: importing a module runs its packages' ``__init__``."""
     parts = name.split(".")
@@ -94,11 +104,7 @@ def closure(roots: set[str]) -> set[Path]:
         if name in seen or name in NOT_STAGE_CODE:
             continue
         seen.add(name)
-        path = module_file(name)
-        assert path is not None, name
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        tree = ast.parse(path.read_text())
-        todo.extend(p for n in _imported_names(tree.body, package) for p in _with_parents(n))
+        todo.extend(p for n in _module_imports(name) for p in _with_parents(n))
     files = {module_file(n) for n in seen}
     return {f for f in files if f is not None and (f.name != "__init__.py" or _runs_code(f))}
 

@@ -33,7 +33,7 @@ mlflow = pytest.importorskip("mlflow")
 pyfunc = pytest.importorskip("flows.pyfunc")
 
 TARGET = "textures"
-STEPS = 30  # tiny_config.train.steps
+STEPS = 12  # training steps of this file's model: two flushes of the buffered step metrics
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def study(tmp_path_factory, synth_root, tiny_config):
     cfg = dataclasses.replace(
         tiny_config,
         data=dataclasses.replace(tiny_config.data, cache_dir=str(tmp / "cache")),
+        train=dataclasses.replace(tiny_config.train, steps=STEPS),
         sets=sets,
         tracking=TrackingConfig(
             tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_root=str(tmp / "mlartifacts")
