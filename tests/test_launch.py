@@ -159,6 +159,22 @@ def test_gradient_checkpointing_saves_activations_and_keeps_the_gradients():
         torch.testing.assert_close(grads_ckpt[k], grads[k], msg=k)
 
 
+def test_step_batches_follow_the_step_order_per_process():
+    """The batches one process reads, in step order (in process; the worker processes' reading
+    of the same batches is the slow test below)."""
+    from dzad.calibration import ImageSource
+    from dzad.training import StepBatches, step_loader
+
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batches = StepBatches(ImageSource(images), torch.arange(10), 4, 0, rank=1, world=2)
+    inline = list(step_loader(batches, 2, 6, workers=0))
+    assert len(inline) == 4
+    for (i0, x0), step in zip(inline, range(2, 6), strict=True):
+        assert torch.equal(i0, batches[step][0]) and len(i0) == 2
+        assert torch.equal(x0, images[i0])
+
+
+@pytest.mark.slow  # DataLoader worker processes and three trainings
 def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch):
     """train.num_workers: the DataLoader's workers decode the same batches, in step order, and a
     streamed run trains exactly what the in-process reading trains."""
