@@ -1,7 +1,9 @@
 """Prefect flows, run for real: a temporary Prefect API (``prefect_test_harness``) for in-process
-tests, and one slow test that serves the deployments behind ``prefect server start`` and runs
+tests, and one test that serves the deployments behind ``prefect server start`` and runs
 ``prefect deployment run dzad/ablation --watch`` through the CLI. MLflow writes to a SQLite store in
-the test's folder. The study is ``studies/tiny.yaml`` with the overrides ``SMALL``.
+the test's folder. The study is ``studies/tiny.yaml`` with the overrides ``SMALL``. The tests on a
+Prefect API are slow (the harness and the tiny study take ~1 min on 2 cores); the fast tier checks
+the retry, cache and arm rules they rely on (tests/test_flow_policies.py).
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ def test_three_deployments_of_the_dzad_flow():
 
 
 # ------------------------------------------------------------------- flows on a Prefect API
+@pytest.mark.slow
 def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
     result = study["result"]
     table = pd.read_csv(result["table"], dtype={"setting": str})
@@ -213,6 +216,7 @@ def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
     assert (workdir / "out" / "tiny" / "data" / "raw" / "datasets.json").is_file()
 
 
+@pytest.mark.slow
 def test_rerun_reuses_cached_results(study, workdir):
     ckpt = Path(study["result"]["models"][0]["checkpoint"]) / "dzad.json"
     before = ckpt.stat().st_mtime_ns
@@ -229,6 +233,7 @@ def test_rerun_reuses_cached_results(study, workdir):
     pd.testing.assert_frame_equal(_artifact_table(result["mlflow_run_id"]), first)
 
 
+@pytest.mark.slow
 def test_training_cache_ignores_what_training_does_not_read(study, workdir):
     """Another target list (and its manifests) reuses the trained checkpoint."""
     state = _run(stage="evaluate", targets=["mesh"])
@@ -237,6 +242,7 @@ def test_training_cache_ignores_what_training_does_not_read(study, workdir):
     assert tasks["train-seed0"] == "Cached"
 
 
+@pytest.mark.slow
 def test_seed_override_retrains_and_names_the_run(study, workdir):
     state = _run(stage="train", seed=1)
     assert state.is_completed(), state.message
@@ -248,6 +254,7 @@ def test_seed_override_retrains_and_names_the_run(study, workdir):
     assert _mlflow().get_run(state.result()["mlflow_run_id"]).info.run_name == "train-tiny-seed1"
 
 
+@pytest.mark.slow
 def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
     calls = []
     real = flow_tasks.prepare_data
@@ -277,6 +284,7 @@ def test_io_task_retries_oserror_only(study, workdir, monkeypatch):
     assert len(calls) == 1  # a bad input is not retried
 
 
+@pytest.mark.slow
 def test_missing_params_file_fails_with_the_reason(harness, workdir):
     state = pipeline.dzad(params_file="nowhere.yaml", out_dir="out", return_state=True)
     assert state.is_failed()

@@ -3,18 +3,18 @@ dzad.study.seed_training.train_launched)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
 from dzad import config
 from dzad.checkpoint import load_checkpoint
+from dzad.cli import app
 from dzad.config import TrainConfig
 from dzad.launch import check_processes, launch_command, result_path
 from dzad.study.data import prepare_data, preprocess_data
@@ -66,15 +66,16 @@ def test_in_process_training_refuses_a_process_count_it_does_not_have(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_stage_reports_an_indivisible_batch_before_launching(tmp_path):
+def test_stage_reports_an_indivisible_batch_before_launching(tmp_path, monkeypatch):
+    """`dzad stage train` (in process: the `python -m dzad` wrapper adds nothing) refuses the
+    batch before it reads data or launches anything."""
     cfg = _study(3)  # batch 4 on 3 processes
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(config.to_dict(cfg)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dzad", "stage", "train", "--params", str(params), "--out", "m"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["stage", "train", "--params", str(params), "--out", "m"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
         "error: train.batch_size 4 is not divisible by train.processes 3: each process takes "
         "batch_size / processes images per step"
     )
@@ -159,6 +160,22 @@ def test_gradient_checkpointing_saves_activations_and_keeps_the_gradients():
         torch.testing.assert_close(grads_ckpt[k], grads[k], msg=k)
 
 
+def test_step_batches_follow_the_step_order_per_process():
+    """The batches one process reads, in step order (in process; the worker processes' reading
+    of the same batches is the slow test below)."""
+    from dzad.calibration import ImageSource
+    from dzad.training import StepBatches, step_loader
+
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batches = StepBatches(ImageSource(images), torch.arange(10), 4, 0, rank=1, world=2)
+    inline = list(step_loader(batches, 2, 6, workers=0))
+    assert len(inline) == 4
+    for (i0, x0), step in zip(inline, range(2, 6), strict=True):
+        assert torch.equal(i0, batches[step][0]) and len(i0) == 2
+        assert torch.equal(x0, images[i0])
+
+
+@pytest.mark.slow  # DataLoader worker processes and three trainings
 def test_worker_processes_read_the_batches_the_loop_reads(tmp_path, monkeypatch):
     """train.num_workers: the DataLoader's workers decode the same batches, in step order, and a
     streamed run trains exactly what the in-process reading trains."""

@@ -123,6 +123,7 @@ def test_uncalibrated_or_missing_checkpoint_is_a_clear_error(tmp_path):
         DZAD.from_checkpoint(tmp_path / "bad")
 
 
+@pytest.mark.slow  # trains its own backbone-features model; the map math: test_anomaly_map.py
 def test_latent_without_decoder_uses_latent_distances(tmp_path, caplog):
     from dzad.config import (
         DataConfig,

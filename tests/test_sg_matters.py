@@ -28,7 +28,7 @@ TOL_OTHER_HINT = 5e-5  # same, real hint -> another training image's hint
 TOL_FEATURES = 5e-5  # mean relative change of F (B,N,M) and of the detection score
 
 
-@pytest.fixture(scope="module", params=["image", "latent"])
+@pytest.fixture(scope="module", params=["image", pytest.param("latent", marks=pytest.mark.slow)])
 def sg_model(request, tmp_path_factory, synth_root, tiny_config) -> tuple[DZAD, Tensor]:
     """A `tiny` model trained 40 steps on weave normals (lr 1e-2, no EMA) and 8 of its images;
     its SG hint is the image or the latent (``model.sg_hint``)."""

@@ -4,6 +4,9 @@ One module-scoped study laid out like a Prefect flow run: a parent run with a ne
 (tracking callbacks on, the model registered there) and a nested evaluation run. The tests check
 what the store holds -- params, per-step curves, provenance, metrics, tables, figures -- that the
 registered pyfunc scores exactly like the library, promotion, offline resolution and the DVC stage.
+The study is a whole flow (preprocess, train, register, evaluate, promote) and one test imports the
+logged model in a fresh interpreter, so its tests are slow; the fast tier checks the registry and
+promotion rules on versions made without training (tests/test_registry.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ mlflow = pytest.importorskip("mlflow")
 pyfunc = pytest.importorskip("flows.pyfunc")
 
 TARGET = "textures"
-STEPS = 30  # tiny_config.train.steps
+STEPS = 12  # training steps of this file's model: two flushes of the buffered step metrics
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,7 @@ def study(tmp_path_factory, synth_root, tiny_config):
     cfg = dataclasses.replace(
         tiny_config,
         data=dataclasses.replace(tiny_config.data, cache_dir=str(tmp / "cache")),
+        train=dataclasses.replace(tiny_config.train, steps=STEPS),
         sets=sets,
         tracking=TrackingConfig(
             tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_root=str(tmp / "mlartifacts")
@@ -87,6 +91,7 @@ def study(tmp_path_factory, synth_root, tiny_config):
         }
 
 
+@pytest.mark.slow
 def test_training_run_logs_params_curves_tags_and_checkpoint(study):
     c, rid, cfg = study["client"], study["train_run"], study["cfg"]
     run = c.get_run(rid)
@@ -120,6 +125,7 @@ def test_training_run_logs_params_curves_tags_and_checkpoint(study):
     assert logged.read_text() == (study["ckpt"] / "dzad.json").read_text()
 
 
+@pytest.mark.slow
 def test_evaluation_run_logs_named_metrics_tables_and_figures(study):
     c, rid, metrics = study["client"], study["eval_run"], study["metrics"]
     logged = c.get_run(rid).data.metrics
@@ -163,6 +169,7 @@ def test_summary_over_seeds_is_logged_as_mean_and_std():
     assert names["t/a/image_auroc"] == pytest.approx(0.7)
 
 
+@pytest.mark.slow
 def test_registered_version_candidate_then_champion_from_sibling_evaluation(study):
     c, version, metrics = study["client"], study["version"], study["metrics"]
     assert str(version.run_id) == study["train_run"]
@@ -185,6 +192,7 @@ def test_registered_version_candidate_then_champion_from_sibling_evaluation(stud
     assert str(champion) in (str(version.version), str(int(version.version) + 1))  # + DVC stage
 
 
+@pytest.mark.slow
 def test_pyfunc_champion_predicts_like_the_library(study):
     from dzad.data.images import load_image
     from dzad.study.seed_evaluation import load_model
@@ -212,6 +220,7 @@ def test_pyfunc_champion_predicts_like_the_library(study):
     np.testing.assert_allclose(by_array["image_score"], by_path["image_score"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pyfunc_scores_a_path_and_its_array_the_same(study, tmp_path):
     """Images of another size than the model's: a file and the uint8 array of its pixels take
     the same resize, so they score the same (PNG and JPEG)."""
@@ -245,6 +254,7 @@ print(json.dumps({"dists": sorted(dists), "dzad": dzad.__file__}))
 """
 
 
+@pytest.mark.slow
 def test_logged_model_is_self_contained_and_described(study, tmp_path):
     """requirements.txt pins what scoring imports (of dzad's dependencies) and nothing else (no
     DVC, Prefect); the dzad code travels with the model and is what it runs; the version's
@@ -270,6 +280,7 @@ def test_logged_model_is_self_contained_and_described(study, tmp_path):
     assert "Trained on" in mv.description and mv.tags["dzad.data.manifest_sha256"]
 
 
+@pytest.mark.slow
 def test_resolve_model_works_offline_in_place(study, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network disabled in this test")
@@ -287,6 +298,7 @@ def test_resolve_model_works_offline_in_place(study, monkeypatch):
     assert registry.resolve_model("models:/dzad@champion") == folder
 
 
+@pytest.mark.slow
 def test_dvc_register_stage_logs_registers_and_promotes(study):
     from dzad.study.summaries import summarise, write_json
     from flows import register
