@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect.states import Failed
 
+from dzad.overrides import Overrides, apply_overrides
 from flows import parameters, tasks
 
 TINY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
@@ -50,8 +51,8 @@ def test_training_cache_key_reads_what_training_reads_only():
 
 
 def test_ablation_arms_and_each_arm_config_hold_one_setting():
-    cfg = parameters.apply_overrides(
-        parameters.load_params(TINY), weightings=["uniform", "dzad"], t_starts=[500]
+    cfg = apply_overrides(
+        parameters.load_params(TINY), Overrides(weightings=["uniform", "dzad"], t_starts=[500])
     )
     arms = tasks.ablation_arms(cfg)
     assert [(a["kind"], a["value"]) for a in arms] == [

@@ -163,8 +163,8 @@ def test_gradient_checkpointing_saves_activations_and_keeps_the_gradients():
 def test_step_batches_follow_the_step_order_per_process():
     """The batches one process reads, in step order (in process; the worker processes' reading
     of the same batches is the slow test below)."""
-    from dzad.calibration import ImageSource
-    from dzad.training import StepBatches, step_loader
+    from dzad.data.source import ImageSource
+    from dzad.training_loop import StepBatches, step_loader
 
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     batches = StepBatches(ImageSource(images), torch.arange(10), 4, 0, rank=1, world=2)

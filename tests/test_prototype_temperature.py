@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from dzad.config import DetectionConfig, ModelConfig, WeightingConfig
-from dzad.detection import calibrate, detect, fit_temperature
+from dzad.detection import calibrate, detect
+from dzad.detection_modes.base import ModeSource
+from dzad.detection_modes.prototype import fit_temperature
 from dzad.networks import make_scheduler
 from dzad.noise_features import NoiseFeatures
 from dzad.weighting import weights_by_name
@@ -46,24 +48,21 @@ def _errors(features: NoiseFeatures) -> torch.Tensor:
     return z @ weights_by_name("dzad", 3.0, N, AB)
 
 
+def _under(null_hint: bool, residuals) -> NoiseFeatures:
+    """The labelled split's features under the prototype condition ``residuals``."""
+    assert null_hint
+    return UNDER_NORMAL if residuals is PROTOS[0] else UNDER_ANOMALOUS
+
+
 def _calibrate(det: DetectionConfig):
-    return calibrate(
-        NORMAL,
-        WeightingConfig(),
-        det,
-        AB,
-        labels=LABELS,
-        prototypes=PROTOS,
-        features_labelled_prototypes=[UNDER_NORMAL, UNDER_ANOMALOUS],
-    )
+    source = ModeSource(NORMAL, labels=LABELS, labelled_of=_under, prototypes_of=lambda: PROTOS)
+    return calibrate(NORMAL, WeightingConfig(), det, AB, labels=LABELS, source=source)
 
 
 @pytest.mark.parametrize("temperature", [0.25, 4.0])
 def test_configured_temperature_scales_the_softmax(temperature):
     det = DetectionConfig(mode="prototype", fit_temperature=False, temperature=temperature)
-    prob, decision = detect(
-        UNDER_NORMAL, _calibrate(det), det, features_prototypes=[UNDER_NORMAL, UNDER_ANOMALOUS]
-    )
+    prob, decision = detect(UNDER_NORMAL, _calibrate(det), [UNDER_NORMAL, UNDER_ANOMALOUS])
     d = _errors(UNDER_NORMAL) - _errors(UNDER_ANOMALOUS)  # e_0 - e_1
     torch.testing.assert_close(prob, torch.sigmoid(d / temperature), atol=1e-5, rtol=1e-4)
     assert torch.equal(decision, d > 0)  # the better-explaining prototype, whatever T
@@ -77,5 +76,5 @@ def test_fitted_temperature_is_the_nll_minimiser_on_the_labelled_split():
     d = _errors(UNDER_NORMAL) - _errors(UNDER_ANOMALOUS)
     t_fit = fit_temperature(d, LABELS)
     assert abs(math.log(t_fit)) > 0.5  # far from the configured 1.0, so the test can tell
-    prob, _ = detect(UNDER_NORMAL, calib, det, features_prototypes=[UNDER_NORMAL, UNDER_ANOMALOUS])
+    prob, _ = detect(UNDER_NORMAL, calib, [UNDER_NORMAL, UNDER_ANOMALOUS])
     torch.testing.assert_close(prob, torch.sigmoid(d / t_fit), atol=1e-5, rtol=1e-4)
