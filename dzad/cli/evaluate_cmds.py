@@ -3,9 +3,12 @@ report.html), per image (zero-shot) or in the batch / few-shot regimes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -21,7 +24,7 @@ from dzad.cli.model_options import (
 )
 from dzad.cli.score_outputs import print_metrics
 from dzad.errors import DZADInputError
-from dzad.io_utils import check_writable
+from dzad.io_utils import check_writable, lock_folder, replace_outputs, write_error
 
 
 def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
@@ -70,35 +73,69 @@ def evaluate_cmd(
     ),
 ) -> None:
     """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
-    panel per image and report.html."""
-    from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
+    panel per image and report.html.
 
-    check_writable(out)  # before the model is loaded and anything evaluated
-    dzad = load_model(model, random_backbone)
-    apply_options(dzad, threads, compile_)
-    if not json_out:
-        from dzad.checkpoint import read_meta
-        from dzad.training_data import describe
-
-        typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
-    eval_cfg = dzad.cfg.evaluate
+    ``--out`` is locked for the run (a second evaluate into it fails at once) and receives this
+    run's outputs only, swapped in whole at the end; a failed or killed run leaves it as it was.
+    """
     if batch_zero_shot and few_shot:
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
-    if batch_zero_shot or few_shot:
-        return _evaluate_regime(
-            dzad, data, out, split_list(categories), regime_params, eval_cfg, few_shot,
-            batch_size, max_images, skip_bad, json_out,
-        )  # fmt: skip
+    check_writable(out)  # before the model is loaded and anything evaluated
+    with lock_folder(out, "dzad evaluate run"), _staged(out) as stage:
+        dzad = load_model(model, random_backbone)
+        apply_options(dzad, threads, compile_)
+        if not json_out:
+            from dzad.checkpoint import read_meta
+            from dzad.training_data import describe
+
+            typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
+        eval_cfg = dzad.cfg.evaluate
+        if batch_zero_shot or few_shot:
+            result = _evaluate_regime(
+                dzad, data, stage, split_list(categories), regime_params, eval_cfg, few_shot,
+                batch_size, max_images, skip_bad, json_out,
+            )  # fmt: skip
+        else:
+            result = _evaluate_zero_shot(
+                dzad, data, stage, split_list(categories), controls, (source, source_categories),
+                batch_size, max_images, save_maps, save_masks, skip_bad, json_out,
+            )  # fmt: skip
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_metrics(result, out)
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A staging folder whose outputs replace the previous run's in ``out`` whole, on success
+    only (:func:`dzad.io_utils.replace_outputs`); a full disk is one line naming ``out``."""
+    from dzad.evaluation_outputs import OUTPUTS  # not at import: it imports torch
+
+    try:
+        with replace_outputs(out, OUTPUTS) as stage:
+            yield stage
+    except OSError as exc:
+        raise write_error(out, exc) from None
+
+
+def _evaluate_zero_shot(
+    dzad, data, out, cats, controls, source, batch_size, max_images, save_maps, save_masks,
+    skip_bad, json_out,
+) -> dict[str, Any]:  # fmt: skip
+    """Per-image (zero-shot) evaluation into ``out`` (:func:`dzad.evaluation.evaluate`);
+    ``source``: ``(--source, --source-categories)`` of the controls."""
+    from dzad.data.dataset import list_categories
+    from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
+
     given = (("batch_size", batch_size), ("max_images", max_images))
-    changes = {k: v for k, v in given if v is not None}
-    eval_cfg = replace(eval_cfg, **changes)
+    eval_cfg = replace(dzad.cfg.evaluate, **{k: v for k, v in given if v is not None})
     use_controls = eval_cfg.controls if controls is None else controls
-    cats = split_list(categories)
     if not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
     fitted = None
     if use_controls:
-        refs = _source_refs(dzad, source, source_categories)
+        refs = _source_refs(dzad, *source)
         missing = [r.root for r in refs if not Path(r.root).is_dir()]
         if not refs or missing:
             where = missing[0] if missing else "sets.source"
@@ -113,13 +150,11 @@ def evaluate_cmd(
             eval_cfg,
             lambda: source_batches(refs, dzad.image_size, data_cfg, eval_cfg.batch_size),
         )
-    from dzad.data.dataset import list_categories
-
     names = cats or list_categories(data)
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
     prog, task = progress(not json_out, total, "evaluating")
     with prog:
-        result = evaluate(
+        return evaluate(
             dzad,
             data,
             names,
@@ -132,16 +167,12 @@ def evaluate_cmd(
             pictures=True,
             save_masks=save_masks,
         )
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_metrics(result, out)
 
 
 def _evaluate_regime(
     dzad, data, out, cats, regime_params, eval_cfg, few_shot, batch_size, max_images, skip_bad,
     json_out,
-) -> None:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`)."""
     from dzad.data.dataset import list_categories
     from dzad.evaluation import category_samples, control_backbone
@@ -160,7 +191,4 @@ def _evaluate_regime(
             dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
             few_shot=few_shot, skip_bad=skip_bad, progress=lambda n: prog.advance(task, n),
         )  # fmt: skip
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_metrics(result, out)
+    return result
