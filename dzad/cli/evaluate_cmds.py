@@ -17,14 +17,18 @@ from dzad.cli.model_options import (
     COMPILE_HELP,
     THREADS_HELP,
     apply_options,
+    config_option,
     load_model,
     progress,
     regime_config,
     resolve_model,
+    scoring_settings,
+    set_option,
 )
 from dzad.cli.score_outputs import print_metrics
 from dzad.errors import DZADInputError
 from dzad.io_utils import check_writable, lock_folder, replace_outputs, write_error
+from dzad.overrides import EVALUATE_KEYS
 
 
 def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
@@ -71,9 +75,14 @@ def evaluate_cmd(
     regime_params: Path = typer.Option(
         None, "--regime-params", help="Take the `regime` section of this params file."
     ),
+    config: Path = config_option(),
+    set_: list[str] = set_option(),
 ) -> None:
     """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
     panel per image and report.html.
+
+    The checkpoint's config applies; --config / --set may change its scoring-time settings only
+    (those of dzad score, the evaluate section and data.mask_threshold).
 
     ``--out`` is locked for the run (a second evaluate into it fails at once) and receives this
     run's outputs only, swapped in whole at the end; a failed or killed run leaves it as it was.
@@ -82,8 +91,16 @@ def evaluate_cmd(
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
     check_writable(out)  # before the model is loaded and anything evaluated
     with lock_folder(out, "dzad evaluate run"), _staged(out) as stage:
-        dzad = load_model(model, random_backbone)
-        apply_options(dzad, threads, compile_)
+        options = {
+            "runtime.threads": threads,
+            "runtime.compile": compile_,
+            "evaluate.batch_size": batch_size,
+            "evaluate.max_images": max_images,
+            "evaluate.controls": controls,
+        }
+        changes = scoring_settings(model, config, set_, options, EVALUATE_KEYS, json_out)
+        dzad = load_model(model, random_backbone, changes)
+        apply_options(dzad)
         if not json_out:
             from dzad.checkpoint import read_meta
             from dzad.training_data import describe
@@ -97,8 +114,8 @@ def evaluate_cmd(
             )  # fmt: skip
         else:
             result = _evaluate_zero_shot(
-                dzad, data, stage, split_list(categories), controls, (source, source_categories),
-                batch_size, max_images, save_maps, save_masks, skip_bad, json_out,
+                dzad, data, stage, split_list(categories), (source, source_categories), save_maps,
+                save_masks, skip_bad, json_out,
             )  # fmt: skip
     if json_out:
         print(json.dumps(result))
@@ -120,21 +137,18 @@ def _staged(out: Path) -> Iterator[Path]:
 
 
 def _evaluate_zero_shot(
-    dzad, data, out, cats, controls, source, batch_size, max_images, save_maps, save_masks,
-    skip_bad, json_out,
+    dzad, data, out, cats, source, save_maps, save_masks, skip_bad, json_out,
 ) -> dict[str, Any]:  # fmt: skip
     """Per-image (zero-shot) evaluation into ``out`` (:func:`dzad.evaluation.evaluate`);
     ``source``: ``(--source, --source-categories)`` of the controls."""
     from dzad.data.dataset import list_categories
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
-    given = (("batch_size", batch_size), ("max_images", max_images))
-    eval_cfg = replace(dzad.cfg.evaluate, **{k: v for k, v in given if v is not None})
-    use_controls = eval_cfg.controls if controls is None else controls
+    eval_cfg = dzad.cfg.evaluate  # --batch-size / --max-images / --controls: in the settings
     if not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
     fitted = None
-    if use_controls:
+    if eval_cfg.controls:
         refs = _source_refs(dzad, *source)
         missing = [r.root for r in refs if not Path(r.root).is_dir()]
         if not refs or missing:

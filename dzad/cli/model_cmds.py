@@ -1,7 +1,8 @@
 """Model commands: ``dzad train`` (eq. 8 + SOURCE calibration) and ``dzad profiles``.
 
 Thin edges over :func:`dzad.training.train` and :func:`dzad.networks.model_stats`; the config comes
-from ``--params`` (else the defaults), the command-line overrides on top (:mod:`dzad.overrides`).
+from ``--config`` (or its older spelling ``--params``; else the defaults), ``--set KEY=VALUE`` and
+the named options on top (:mod:`dzad.overrides`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import typer
 
 from dzad.cli._app import CATEGORIES_HELP, app, clean_errors, load_config, split_list
+from dzad.cli.model_options import set_option
 from dzad.config import DEVICES, DZADConfig, ModelConfig
 from dzad.io_utils import check_writable
-from dzad.overrides import Overrides, apply_overrides
+from dzad.overrides import Overrides, apply_assignments, parse_assignments, with_options
 
 # choices shown in --help, taken from the config's own allowed values
 _PROFILES = typing.get_args(typing.get_type_hints(ModelConfig)["profile"])
@@ -54,7 +56,10 @@ def train_cmd(
     out: Path = typer.Option(..., help="Checkpoint folder to write (atomically)."),
     source_categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
     profile: Profile | None = typer.Option(None, help="Model profile (overrides params)."),
-    params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
+    params: Path | None = typer.Option(
+        None, "--config", "--params", help="Params / study YAML file; defaults when absent."
+    ),
+    set_: list[str] = set_option(),
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     device: Device | None = typer.Option(None, help="Training device (overrides params)."),
@@ -75,7 +80,7 @@ def train_cmd(
     cfg = load_config(params)
     values = [None if v is None else v.value for v in (profile, device)]  # plain str in the config
     given = Overrides(profile=values[0], steps=steps, device=values[1], threads=threads)
-    cfg = apply_overrides(cfg, given)
+    cfg = apply_assignments(cfg, with_options(parse_assignments(set_), given.assignments()))
     set_threads(cfg.runtime.threads)
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = split_list(source_categories)
