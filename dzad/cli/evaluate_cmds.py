@@ -1,5 +1,6 @@
-"""``dzad evaluate``: the paper's protocol on an MVTec-layout root (metrics, figures, pictures,
-report.html), per image (zero-shot) or in the batch / few-shot regimes."""
+"""``dzad evaluate``: the paper's protocol on an MVTec-layout root or plain normal / abnormal /
+masks folders (metrics, figures, pictures, report.html), per image (zero-shot) or, on a root, in
+the batch / few-shot regimes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from dzad.cli.model_options import (
     set_option,
 )
 from dzad.cli.score_outputs import print_metrics
+from dzad.data.dataset import FolderSet
 from dzad.errors import DZADInputError
 from dzad.io_utils import check_writable, lock_folder, replace_outputs, write_error
 from dzad.overrides import EVALUATE_KEYS
@@ -43,7 +45,21 @@ def _source_refs(dzad, source: Path | None, source_categories: list[str] | None)
 @clean_errors
 def evaluate_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    data: Path = typer.Option(..., "--data", help="Dataset root in MVTec layout."),
+    data: Path = typer.Option(None, "--data", help="Dataset root in MVTec layout."),
+    normal: Path = typer.Option(
+        None,
+        "--normal",
+        help="Instead of --data: a folder of normal test images (with --abnormal).",
+    ),
+    abnormal: Path = typer.Option(
+        None, "--abnormal", help="Instead of --data: a folder of abnormal test images."
+    ),
+    masks: Path = typer.Option(
+        None,
+        "--masks",
+        help="With --abnormal: their masks, matched by file stem (x.png or x_mask.png); "
+        "without it: image metrics only.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
     controls: bool = typer.Option(
@@ -89,6 +105,8 @@ def evaluate_cmd(
     """
     if batch_zero_shot and few_shot:
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
+    regime = batch_zero_shot or few_shot
+    test_set = _test_set(data, normal, abnormal, masks, categories, regime, skip_bad)
     check_writable(out)  # before the model is loaded and anything evaluated
     with lock_folder(out, "dzad evaluate run"), _staged(out) as stage:
         options = {
@@ -114,13 +132,34 @@ def evaluate_cmd(
             )  # fmt: skip
         else:
             result = _evaluate_zero_shot(
-                dzad, data, stage, split_list(categories), (source, source_categories), save_maps,
-                save_masks, skip_bad, json_out,
+                dzad, test_set, stage, split_list(categories), (source, source_categories),
+                save_maps, save_masks, skip_bad, json_out,
             )  # fmt: skip
     if json_out:
         print(json.dumps(result))
     else:
         print_metrics(result, out)
+
+
+def _test_set(data, normal, abnormal, masks, categories, regime, skip_bad) -> Path | FolderSet:
+    """``--data ROOT`` (MVTec layout) or the plain folders ``--normal``/``--abnormal``/``--masks``
+    (:class:`dzad.data.dataset.FolderSet`, one category, listed here so that an empty folder or
+    a missing mask stops before the model loads); any other mix is refused."""
+    folders = (normal, abnormal, masks)
+    if data is not None and any(f is not None for f in folders):
+        raise typer.BadParameter("give --data ROOT or --normal/--abnormal [--masks], not both")
+    if data is not None:
+        return data
+    if normal is None or abnormal is None:
+        raise typer.BadParameter("give --data ROOT (MVTec layout) or --normal DIR --abnormal DIR")
+    if categories or regime:
+        raise typer.BadParameter(
+            "--normal/--abnormal are one category scored per image: no --categories, "
+            "--batch-zero-shot or --few-shot (those need --data ROOT)"
+        )
+    folders = FolderSet(normal, abnormal, masks)
+    folders.samples(skip_bad)
+    return folders
 
 
 @contextlib.contextmanager
@@ -139,14 +178,19 @@ def _staged(out: Path) -> Iterator[Path]:
 def _evaluate_zero_shot(
     dzad, data, out, cats, source, save_maps, save_masks, skip_bad, json_out,
 ) -> dict[str, Any]:  # fmt: skip
-    """Per-image (zero-shot) evaluation into ``out`` (:func:`dzad.evaluation.evaluate`);
-    ``source``: ``(--source, --source-categories)`` of the controls."""
+    """Per-image (zero-shot) evaluation of ``data`` (a root or a FolderSet) into ``out``
+    (:func:`dzad.evaluation.evaluate`); ``source``: ``(--source, --source-categories)`` of the
+    controls."""
     from dzad.data.dataset import list_categories
     from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
 
     eval_cfg = dzad.cfg.evaluate  # --batch-size / --max-images / --controls: in the settings
-    if not data.is_dir():
+    if isinstance(data, FolderSet):
+        names = [data.category]
+    elif not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
+    else:
+        names = cats or list_categories(data)
     fitted = None
     if eval_cfg.controls:
         refs = _source_refs(dzad, *source)
@@ -164,7 +208,6 @@ def _evaluate_zero_shot(
             eval_cfg,
             lambda: source_batches(refs, dzad.image_size, data_cfg, eval_cfg.batch_size),
         )
-    names = cats or list_categories(data)
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
     prog, task = progress(not json_out, total, "evaluating")
     with prog:
