@@ -209,7 +209,7 @@ def _evaluate_zero_shot(
             lambda: source_batches(refs, dzad.image_size, data_cfg, eval_cfg.batch_size),
         )
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
-    prog, task = progress(not json_out, total, "evaluating")
+    prog = progress(not json_out, total, "evaluating")
     with prog:
         return evaluate(
             dzad,
@@ -220,7 +220,7 @@ def _evaluate_zero_shot(
             fitted,
             save_maps=save_maps,
             skip_bad=skip_bad,
-            progress=lambda n: prog.advance(task, n),
+            progress=prog.advance,
             pictures=True,
             save_masks=save_masks,
         )
@@ -242,10 +242,10 @@ def _evaluate_regime(
         raise DZADInputError(data, "dataset root is not a folder")
     names = cats or list_categories(data)
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
-    prog, task = progress(not json_out, total, "evaluating")
+    prog = progress(not json_out, total, "evaluating")
     with prog:
         result = evaluate_regime(
             dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
-            few_shot=few_shot, skip_bad=skip_bad, progress=lambda n: prog.advance(task, n),
+            few_shot=few_shot, skip_bad=skip_bad, progress=prog.advance,
         )  # fmt: skip
     return result

@@ -120,17 +120,8 @@ def regime_config(dzad, regime_params: Path | None):
 
 
 def progress(enabled: bool, total: int, what: str):
-    """A Rich progress bar on stderr (``disable``d when not ``enabled``) and its task."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    """The progress display of ``total`` images on stderr (:class:`dzad.progress.Progress`: a bar
+    on a terminal, periodic log lines elsewhere); nothing when not ``enabled``."""
+    from dzad.progress import Progress
 
-    prog = Progress(
-        f"[bold]{what}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=True,
-    )
-    return prog, prog.add_task(what, total=total)
+    return Progress(total, what, "images", enabled=enabled)
