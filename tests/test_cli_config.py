@@ -172,3 +172,11 @@ def test_evaluate_takes_its_section_from_set(tmp_path, tiny_checkpoint, synth_ro
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["counts"]["grain"]["images"] == 2 and metrics["controls"] == {}
+
+
+def test_one_spelling_in_every_command():
+    for command in (["train"], ["score"], ["evaluate"], ["config", "show"]):
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert result.exit_code == 0, result.output
+        assert "--config" in result.stdout and "--set" in result.stdout and "-S" in result.stdout
+    assert "--params" in runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
