@@ -94,8 +94,8 @@ def evaluate_cmd(
     config: Path = config_option(),
     set_: list[str] = set_option(),
 ) -> None:
-    """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
-    panel per image and report.html.
+    """The paper's protocol on every category under --data (or on the --normal / --abnormal
+    folders, one category): metrics, scores, figures, a heat-map panel per image and report.html.
 
     The checkpoint's config applies; --config / --set may change its scoring-time settings only
     (those of dzad score, the evaluate section and data.mask_threshold).
