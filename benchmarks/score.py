@@ -139,6 +139,8 @@ def score_command(
             batch_zero_shot=False,  # the per-image (zero-shot) regime
             reference=None,
             regime_params=None,
+            config=None,  # the checkpoint's config, unchanged
+            set_=None,
         )
         return lap()
 

@@ -475,14 +475,33 @@ def load(path: str | Path) -> DZADConfig:
     Read as YAML 1.2, as DVC reads and rewrites it: ``dvc exp run -S`` drops the quotes of
     ``'no'``, which YAML 1.1 (PyYAML) would turn into False but YAML 1.2 keeps a string.
     """
-    from ruamel.yaml import YAML, YAMLError
+    path = Path(path)
+    raw = read_params(path)
+    try:
+        return from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read as YAML 1.2 (safe), as DVC reads params and ``-S`` values."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The plain data of a params YAML file (not yet checked); errors name the file."""
+    from ruamel.yaml import YAMLError
 
     path = Path(path)
     try:
-        raw = YAML(typ="safe", pure=True).load(path.read_text()) or {}
-        return from_dict(raw)
-    except (OSError, YAMLError, ValueError, TypeError) as exc:
+        raw = parse_yaml(path.read_text()) or {}
+    except (OSError, YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def from_dict(raw: dict[str, Any]) -> DZADConfig:

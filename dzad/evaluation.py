@@ -46,6 +46,7 @@ from dzad.category_run import finish_scores, run_category, why_undefined
 from dzad.config import DatasetRef, EvalConfig
 from dzad.controls import Control, build_control
 from dzad.data.dataset import (
+    FolderSet,
     ImageDataset,
     Sample,
     iter_samples,
@@ -135,18 +136,24 @@ def _drop_unreadable(ds: ImageDataset) -> list[str]:
     return dropped
 
 
-def category_samples(root: Path, category: str, eval_cfg: EvalConfig, seed: int, skip_bad: bool):
+def category_samples(
+    root: Path | FolderSet, category: str, eval_cfg: EvalConfig, seed: int, skip_bad: bool
+):
     """The test samples of one category (seeded subset when ``eval_cfg.max_images``); defect
-    images without a mask are kept (``mask_path`` None: the category gets image metrics only)."""
-    samples = list(
-        iter_samples(root, category, "test", skip_bad=skip_bad, allow_missing_masks=True)
-    )
+    images without a mask are kept (``mask_path`` None: the category gets image metrics only).
+    A :class:`FolderSet` is its one category's samples."""
+    if isinstance(root, FolderSet):
+        samples = root.samples(skip_bad)
+    else:
+        samples = list(
+            iter_samples(root, category, "test", skip_bad=skip_bad, allow_missing_masks=True)
+        )
     return _select(samples, eval_cfg.max_images, seed)
 
 
 def evaluate(
     model: DZAD,
-    root: str | Path,
+    root: str | Path | FolderSet,
     categories: Sequence[str],
     out_dir: str | Path,
     eval_cfg: EvalConfig,
@@ -158,7 +165,8 @@ def evaluate(
     pictures: bool = False,
     save_masks: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the test split of ``categories`` (empty = all) under ``root``.
+    """Evaluate ``model`` on the test split of ``categories`` (empty = all) under ``root``, or on
+    the one category of a :class:`~dzad.data.dataset.FolderSet` (plain folder layout).
 
     ``controls``: fitted controls (:func:`build_controls`) or None (no controls section).
     ``progress(n)`` is called after each batch of ``n`` images. ``pictures``: per-image heat maps
@@ -167,10 +175,15 @@ def evaluate(
     """
     if save_masks and not pictures:
         raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
-    root, out_dir = Path(root), Path(out_dir)
+    out_dir = Path(out_dir)
+    root = root if isinstance(root, FolderSet) else Path(root)
+    folders = isinstance(root, FolderSet)
     rule = decision_threshold(model)
-    pics = EvalPictures(model, root, rule, save_masks) if pictures else None
-    cats = list(categories) or list_categories(root)
+    # pictures are named by their path under the data (a FolderSet's: under its folders' parent)
+    pics = (
+        EvalPictures(model, root.root if folders else root, rule, save_masks) if pictures else None
+    )
+    cats = [root.category] if folders else list(categories) or list_categories(root)
     data_cfg = replace(model.cfg.data, skip_bad=False)  # unreadable files: _drop_unreadable
     controls = list(controls or [])
     per_cat: dict[str, dict[str, float]] = {}
@@ -226,7 +239,7 @@ def evaluate(
         rows += run.rows
         f_parts += run.noise_matrices
     if not per_cat:
-        raise DZADInputError(root, f"no test images in any of the categories {cats}")
+        raise DZADInputError(str(root), f"no test images in any of the categories {cats}")
     result = assemble(per_cat, variants, ctrl, controls, skipped, counts)
     result["regime"] = "zero-shot"  # per image, the paper's method (dzad.regime_evaluation: others)
     result["protocol"] = {

@@ -39,6 +39,22 @@ SCORE_COLUMNS = (
     "normalised_score",
 )
 METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
+# everything one evaluation (any regime) may write into its folder, in the order a staged run
+# swaps them in (``dzad evaluate``: dzad.io_utils.replace_outputs); metrics.json, which the
+# reports read, last
+OUTPUTS = (
+    "figures",
+    "maps",
+    "heatmaps",
+    "panels",
+    "thumbs",
+    "masks",
+    "noise_features.npz",
+    "scores.csv",
+    "metrics.csv",
+    "report.html",
+    "metrics.json",
+)
 
 
 def _nan_to_none(x: Any) -> Any:

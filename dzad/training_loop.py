@@ -23,6 +23,7 @@ from dzad.config import DZADConfig
 from dzad.data.source import ImageSource
 from dzad.latents import Encoder
 from dzad.networks import DZADNetwork
+from dzad.progress import Progress
 from dzad.training_state import Optimisation
 
 
@@ -171,26 +172,26 @@ def run_steps(
     """eq. 8 steps ``start..train.steps-1``; this run's losses (mean over processes).
 
     Every ``train.checkpoint_every`` steps (but the last) the main process writes ``snapshot``."""
-    from tqdm.auto import tqdm
-
     acc, tc = loop.acc, cfg.train
     losses: list[float] = []
     show = progress and acc.is_main_process
-    bar = tqdm(total=tc.steps, initial=start, disable=not show, desc="train", unit="step")
     loop.net.train()
     # workers decode streamed images; held in memory (a tensor) they would only copy slices
     workers = 0 if isinstance(batches.source.data, Tensor) else tc.num_workers
-    for step, (idx, x) in enumerate(step_loader(batches, start, tc.steps, workers), start):
-        metrics = _step(loop, o, cfg, step, idx, x)
-        done = step + 1
-        losses.append(metrics["loss"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-        if acc.is_main_process:
-            notify(callbacks, "on_step", done, metrics)
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
-            acc.wait_for_everyone()
+    with Progress(tc.steps, "train", "steps", enabled=show, initial=start) as bar:
+        for step, (idx, x) in enumerate(step_loader(batches, start, tc.steps, workers), start):
+            metrics = _step(loop, o, cfg, step, idx, x)
+            done = step + 1
+            losses.append(metrics["loss"])
+            status = {
+                "loss": f"{metrics['loss']:.4f}",
+                "images/s": f"{metrics['images_per_s']:.1f}",
+            }
+            bar.advance(1, **status)
             if acc.is_main_process:
-                notify(callbacks, "on_checkpoint", done, snapshot(done))
-    bar.close()
+                notify(callbacks, "on_step", done, metrics)
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    notify(callbacks, "on_checkpoint", done, snapshot(done))
     return losses

@@ -244,6 +244,75 @@ def test_second_score_run_into_a_locked_out_fails_clearly(tmp_path, monkeypatch)
     assert result.exit_code != 0 and not fresh.exists()  # a failed run leaves no empty --out
 
 
+def _evaluate_args(tiny_checkpoint, synth_root, out, max_images: int) -> list[str]:
+    return [
+        "evaluate", "-m", str(tiny_checkpoint), "--data", str(synth_root), "--categories", "grain",
+        "--out", str(out), "--random-backbone", "--no-controls", "--max-images", str(max_images),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", ["disk-full", "crash"])
+def test_failed_evaluate_leaves_the_earlier_results(
+    tmp_path, monkeypatch, tiny_checkpoint, synth_root, fault
+):
+    out = tmp_path / "ev"
+    first = runner.invoke(app, _evaluate_args(tiny_checkpoint, synth_root, out, 4))
+    assert first.exit_code == 0, first.output
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    names = sorted(p.name for p in out.iterdir())
+    import dzad.evaluation
+
+    real = dzad.evaluation.write_outputs
+
+    def fails_after_writing(out_dir, *a, **k):  # every output written (staged), then the fault
+        real(out_dir, *a, **k)
+        assert (out_dir / "metrics.json").is_file()
+        if fault == "disk-full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(dzad.evaluation, "write_outputs", fails_after_writing)
+    # another subset: had it written into --out, metrics.json and the pictures would differ
+    result = runner.invoke(app, _evaluate_args(tiny_checkpoint, synth_root, out, 6))
+    if fault == "disk-full":
+        assert result.exit_code == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "disk full" in lines[0] and str(out) in lines[0]
+    else:
+        assert isinstance(result.exception, RuntimeError)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # metrics.json byte-identical, no staging folder left
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert {"metrics.json", "report.html", "panels"} <= set(names)
+
+
+def test_evaluate_replaces_the_earlier_outputs_whole(tmp_path, tiny_checkpoint, synth_root):
+    out = tmp_path / "ev"
+    args = _evaluate_args(tiny_checkpoint, synth_root, out, 4)
+    assert runner.invoke(app, [*args, "--save-maps"]).exit_code == 0
+    assert (out / "maps" / "grain.npy").is_file()
+    assert runner.invoke(app, _evaluate_args(tiny_checkpoint, synth_root, out, 2)).exit_code == 0
+    assert not (out / "maps").exists()  # the earlier run's maps do not describe this run
+    assert len(pd.read_csv(out / "scores.csv")) == 2
+    assert len(list((out / "panels").rglob("*.png"))) == 2
+
+
+def test_second_evaluate_into_a_locked_out_fails_clearly(tmp_path, monkeypatch):
+    from dzad.io_utils import lock_folder
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    monkeypatch.setattr("dzad.cli.evaluate_cmds.load_model", _no_model)
+    args = ["evaluate", "-m", "ckpt", "--data", str(tmp_path), "--out", str(out)]
+    with lock_folder(out, "dzad evaluate run"):  # another evaluate holds --out
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by another dzad evaluate run" in lines[0]
+    assert str(out) in lines[0] and (out / "metrics.json").read_text() == "{}"
+
+
 def test_outputs_honour_the_umask(tmp_path):
     old = os.umask(0o022)
     try:

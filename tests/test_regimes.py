@@ -213,12 +213,15 @@ def test_score_regimes(tiny_checkpoint, synth_root, tmp_path, regime_params):
 
 
 def test_real_profile_sets_the_real_image_configuration_and_overrides_win():
-    from dzad.cli.model_cmds import _with_overrides
+    from dzad.cli.model_cmds import train_config
     from dzad.config import PROFILE_SETTINGS, DZADConfig, flatten, load, with_profile
     from dzad.networks import PROFILES, resolve_profile
+    from dzad.overrides import Overrides
 
-    cfg = _with_overrides(DZADConfig(), "real", steps=5, device=None)
+    cfg = train_config(DZADConfig(), "real", ["noise.m_samples=2"], Overrides(steps=5))
     assert cfg.model.profile == "real" and cfg.train.steps == 5  # --steps beats the profile's 400
+    assert cfg.noise.m_samples == 2  # --set beats the profile too
+    cfg = train_config(DZADConfig(), "real", [], Overrides())
     assert (cfg.data.image_size, cfg.model.latent, cfg.model.feature_stride) == (
         128,
         "backbone_features",

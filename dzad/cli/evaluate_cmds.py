@@ -1,11 +1,15 @@
-"""``dzad evaluate``: the paper's protocol on an MVTec-layout root (metrics, figures, pictures,
-report.html), per image (zero-shot) or in the batch / few-shot regimes."""
+"""``dzad evaluate``: the paper's protocol on an MVTec-layout root or plain normal / abnormal /
+masks folders (metrics, figures, pictures, report.html), per image (zero-shot) or, on a root, in
+the batch / few-shot regimes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,14 +18,19 @@ from dzad.cli.model_options import (
     COMPILE_HELP,
     THREADS_HELP,
     apply_options,
+    config_option,
     load_model,
     progress,
     regime_config,
     resolve_model,
+    scoring_settings,
+    set_option,
 )
 from dzad.cli.score_outputs import print_metrics
+from dzad.data.dataset import FolderSet
 from dzad.errors import DZADInputError
-from dzad.io_utils import check_writable
+from dzad.io_utils import check_writable, lock_folder, replace_outputs, write_error
+from dzad.overrides import EVALUATE_KEYS
 
 
 def _source_refs(dzad, source: Path | None, source_categories: list[str] | None):
@@ -36,7 +45,21 @@ def _source_refs(dzad, source: Path | None, source_categories: list[str] | None)
 @clean_errors
 def evaluate_cmd(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    data: Path = typer.Option(..., "--data", help="Dataset root in MVTec layout."),
+    data: Path = typer.Option(None, "--data", help="Dataset root in MVTec layout."),
+    normal: Path = typer.Option(
+        None,
+        "--normal",
+        help="Instead of --data: a folder of normal test images (with --abnormal).",
+    ),
+    abnormal: Path = typer.Option(
+        None, "--abnormal", help="Instead of --data: a folder of abnormal test images."
+    ),
+    masks: Path = typer.Option(
+        None,
+        "--masks",
+        help="With --abnormal: their masks, matched by file stem (x.png or x_mask.png); "
+        "without it: image metrics only.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     categories: list[str] = typer.Option(None, help=CATEGORIES_HELP),
     controls: bool = typer.Option(
@@ -68,37 +91,109 @@ def evaluate_cmd(
     regime_params: Path = typer.Option(
         None, "--regime-params", help="Take the `regime` section of this params file."
     ),
+    config: Path = config_option(),
+    set_: list[str] = set_option(),
 ) -> None:
-    """The paper's protocol on every category under --data: metrics, scores, figures, a heat-map
-    panel per image and report.html."""
-    from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
+    """The paper's protocol on every category under --data (or on the --normal / --abnormal
+    folders, one category): metrics, scores, figures, a heat-map panel per image and report.html.
 
-    check_writable(out)  # before the model is loaded and anything evaluated
-    dzad = load_model(model, random_backbone)
-    apply_options(dzad, threads, compile_)
-    if not json_out:
-        from dzad.checkpoint import read_meta
-        from dzad.training_data import describe
+    The checkpoint's config applies; --config / --set may change its scoring-time settings only
+    (those of dzad score, the evaluate section and data.mask_threshold).
 
-        typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
-    eval_cfg = dzad.cfg.evaluate
+    ``--out`` is locked for the run (a second evaluate into it fails at once) and receives this
+    run's outputs only, swapped in whole at the end; a failed or killed run leaves it as it was.
+    """
     if batch_zero_shot and few_shot:
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
-    if batch_zero_shot or few_shot:
-        return _evaluate_regime(
-            dzad, data, out, split_list(categories), regime_params, eval_cfg, few_shot,
-            batch_size, max_images, skip_bad, json_out,
-        )  # fmt: skip
-    given = (("batch_size", batch_size), ("max_images", max_images))
-    changes = {k: v for k, v in given if v is not None}
-    eval_cfg = replace(eval_cfg, **changes)
-    use_controls = eval_cfg.controls if controls is None else controls
-    cats = split_list(categories)
-    if not data.is_dir():
+    regime = batch_zero_shot or few_shot
+    test_set = _test_set(data, normal, abnormal, masks, categories, regime, skip_bad)
+    check_writable(out)  # before the model is loaded and anything evaluated
+    with lock_folder(out, "dzad evaluate run"), _staged(out) as stage:
+        options = {
+            "runtime.threads": threads,
+            "runtime.compile": compile_,
+            "evaluate.batch_size": batch_size,
+            "evaluate.max_images": max_images,
+            "evaluate.controls": controls,
+        }
+        changes = scoring_settings(model, config, set_, options, EVALUATE_KEYS, json_out)
+        dzad = load_model(model, random_backbone, changes)
+        apply_options(dzad)
+        if not json_out:
+            from dzad.checkpoint import read_meta
+            from dzad.training_data import describe
+
+            typer.echo(f"model trained on {describe(read_meta(resolve_model(model)).get('data'))}")
+        eval_cfg = dzad.cfg.evaluate
+        if batch_zero_shot or few_shot:
+            result = _evaluate_regime(
+                dzad, data, stage, split_list(categories), regime_params, eval_cfg, few_shot,
+                batch_size, max_images, skip_bad, json_out,
+            )  # fmt: skip
+        else:
+            result = _evaluate_zero_shot(
+                dzad, test_set, stage, split_list(categories), (source, source_categories),
+                save_maps, save_masks, skip_bad, json_out,
+            )  # fmt: skip
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_metrics(result, out)
+
+
+def _test_set(data, normal, abnormal, masks, categories, regime, skip_bad) -> Path | FolderSet:
+    """``--data ROOT`` (MVTec layout) or the plain folders ``--normal``/``--abnormal``/``--masks``
+    (:class:`dzad.data.dataset.FolderSet`, one category, listed here so that an empty folder or
+    a missing mask stops before the model loads); any other mix is refused."""
+    folders = (normal, abnormal, masks)
+    if data is not None and any(f is not None for f in folders):
+        raise typer.BadParameter("give --data ROOT or --normal/--abnormal [--masks], not both")
+    if data is not None:
+        return data
+    if normal is None or abnormal is None:
+        raise typer.BadParameter("give --data ROOT (MVTec layout) or --normal DIR --abnormal DIR")
+    if categories or regime:
+        raise typer.BadParameter(
+            "--normal/--abnormal are one category scored per image: no --categories, "
+            "--batch-zero-shot or --few-shot (those need --data ROOT)"
+        )
+    folders = FolderSet(normal, abnormal, masks)
+    folders.samples(skip_bad)
+    return folders
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A staging folder whose outputs replace the previous run's in ``out`` whole, on success
+    only (:func:`dzad.io_utils.replace_outputs`); a full disk is one line naming ``out``."""
+    from dzad.evaluation_outputs import OUTPUTS  # not at import: it imports torch
+
+    try:
+        with replace_outputs(out, OUTPUTS) as stage:
+            yield stage
+    except OSError as exc:
+        raise write_error(out, exc) from None
+
+
+def _evaluate_zero_shot(
+    dzad, data, out, cats, source, save_maps, save_masks, skip_bad, json_out,
+) -> dict[str, Any]:  # fmt: skip
+    """Per-image (zero-shot) evaluation of ``data`` (a root or a FolderSet) into ``out``
+    (:func:`dzad.evaluation.evaluate`); ``source``: ``(--source, --source-categories)`` of the
+    controls."""
+    from dzad.data.dataset import list_categories
+    from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
+
+    eval_cfg = dzad.cfg.evaluate  # --batch-size / --max-images / --controls: in the settings
+    if isinstance(data, FolderSet):
+        names = [data.category]
+    elif not data.is_dir():
         raise DZADInputError(data, "dataset root is not a folder")
+    else:
+        names = cats or list_categories(data)
     fitted = None
-    if use_controls:
-        refs = _source_refs(dzad, source, source_categories)
+    if eval_cfg.controls:
+        refs = _source_refs(dzad, *source)
         missing = [r.root for r in refs if not Path(r.root).is_dir()]
         if not refs or missing:
             where = missing[0] if missing else "sets.source"
@@ -113,13 +208,10 @@ def evaluate_cmd(
             eval_cfg,
             lambda: source_batches(refs, dzad.image_size, data_cfg, eval_cfg.batch_size),
         )
-    from dzad.data.dataset import list_categories
-
-    names = cats or list_categories(data)
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
-    prog, task = progress(not json_out, total, "evaluating")
+    prog = progress(not json_out, total, "evaluating")
     with prog:
-        result = evaluate(
+        return evaluate(
             dzad,
             data,
             names,
@@ -128,20 +220,16 @@ def evaluate_cmd(
             fitted,
             save_maps=save_maps,
             skip_bad=skip_bad,
-            progress=lambda n: prog.advance(task, n),
+            progress=prog.advance,
             pictures=True,
             save_masks=save_masks,
         )
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_metrics(result, out)
 
 
 def _evaluate_regime(
     dzad, data, out, cats, regime_params, eval_cfg, few_shot, batch_size, max_images, skip_bad,
     json_out,
-) -> None:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`)."""
     from dzad.data.dataset import list_categories
     from dzad.evaluation import category_samples, control_backbone
@@ -154,13 +242,10 @@ def _evaluate_regime(
         raise DZADInputError(data, "dataset root is not a folder")
     names = cats or list_categories(data)
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
-    prog, task = progress(not json_out, total, "evaluating")
+    prog = progress(not json_out, total, "evaluating")
     with prog:
         result = evaluate_regime(
             dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
-            few_shot=few_shot, skip_bad=skip_bad, progress=lambda n: prog.advance(task, n),
+            few_shot=few_shot, skip_bad=skip_bad, progress=prog.advance,
         )  # fmt: skip
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_metrics(result, out)
+    return result

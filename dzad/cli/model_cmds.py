@@ -1,7 +1,8 @@
 """Model commands: ``dzad train`` (eq. 8 + SOURCE calibration) and ``dzad profiles``.
 
 Thin edges over :func:`dzad.training.train` and :func:`dzad.networks.model_stats`; the config comes
-from ``--params`` (else the defaults), the command-line overrides on top (:mod:`dzad.overrides`).
+from ``--config`` (or its older spelling ``--params``; else the defaults), ``--set KEY=VALUE`` and
+the named options on top (:mod:`dzad.overrides`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 import typer
 
 from dzad.cli._app import CATEGORIES_HELP, app, clean_errors, load_config, split_list
-from dzad.config import DEVICES, DZADConfig, ModelConfig, validate, with_profile
+from dzad.cli.model_options import set_option
+from dzad.config import DEVICES, DZADConfig, ModelConfig, with_profile
 from dzad.io_utils import check_writable
-from dzad.overrides import Overrides, apply_overrides
+from dzad.overrides import Overrides, apply_assignments, parse_assignments, with_options
 
 # choices shown in --help, taken from the config's own allowed values
 _PROFILES = typing.get_args(typing.get_type_hints(ModelConfig)["profile"])
@@ -24,24 +26,14 @@ Profile = StrEnum("Profile", {p: p for p in _PROFILES})
 Device = StrEnum("Device", {d: d for d in DEVICES})
 
 
-def _with_overrides(
-    cfg: DZADConfig,
-    profile: str | None,
-    steps: int | None,
-    device: str | None,
-    threads: int | None = None,
+def train_config(
+    cfg: DZADConfig, profile: str | None, assignments: list[str], given: Overrides
 ) -> DZADConfig:
-    if profile is not None:  # first: the other overrides win over the profile's settings
+    """``cfg`` with ``--profile`` (its :data:`dzad.config.PROFILE_SETTINGS` first, so what follows
+    wins over them), then ``--set KEY=VALUE`` and the named options, validated."""
+    if profile is not None:
         cfg = with_profile(cfg, profile)
-    model, train, runtime = cfg.model, cfg.train, cfg.runtime
-    if steps is not None:
-        train = dataclasses.replace(train, steps=steps)
-    if device is not None:
-        train = dataclasses.replace(train, device=device)
-    if threads is not None:
-        runtime = dataclasses.replace(runtime, threads=threads)
-    changed = dataclasses.replace(cfg, model=model, train=train, runtime=runtime)
-    return validate(changed)  # as strict as params.yaml
+    return apply_assignments(cfg, with_options(parse_assignments(assignments), given.assignments()))
 
 
 def _source_sets(cfg: DZADConfig, data: Path, categories: list[str]):
@@ -78,7 +70,10 @@ def train_cmd(
         help="Model profile (overrides params); `real` also sets the configuration chosen for "
         "real images on CPU (dzad.config.PROFILE_SETTINGS).",
     ),
-    params: Path | None = typer.Option(None, help="params.yaml; defaults when absent."),
+    params: Path | None = typer.Option(
+        None, "--config", "--params", help="Params / study YAML file; defaults when absent."
+    ),
+    set_: list[str] = set_option(),
     steps: int | None = typer.Option(None, help="Training steps (overrides params)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     device: Device | None = typer.Option(None, help="Training device (overrides params)."),
@@ -96,10 +91,12 @@ def train_cmd(
     from dzad.training import train
     from dzad.training_data import describe
 
-    cfg = load_config(params)
-    values = [None if v is None else v.value for v in (profile, device)]  # plain str in the config
-    given = Overrides(profile=values[0], steps=steps, device=values[1], threads=threads)
-    cfg = apply_overrides(cfg, given)
+    cfg = train_config(
+        load_config(params),
+        None if profile is None else profile.value,
+        set_,
+        Overrides(steps=steps, device=None if device is None else device.value, threads=threads),
+    )
     set_threads(cfg.runtime.threads)
     check_writable(out.parent)  # the checkpoint is built beside --out and swapped in
     cats = split_list(source_categories)

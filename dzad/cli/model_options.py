@@ -1,16 +1,36 @@
-"""What ``dzad score`` and ``dzad evaluate`` share: the model a ``--model`` value names, the
-runtime options (``--threads``, ``--compile``), the ``regime`` section, the progress bar."""
+"""What ``dzad score`` and ``dzad evaluate`` share: the model a ``--model`` value names, its
+config's scoring-time changes (``--config``, ``--set``, ``--threads``, ``--compile``), the runtime,
+the ``regime`` section, the progress bar."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import typer
 
 from dzad.cli._app import MODEL_RESOLVERS
 from dzad.errors import BackboneUnavailable, DZADInputError
 
 THREADS_HELP = "torch threads (default: the checkpoint's runtime.threads; 0 = torch's default)."
 COMPILE_HELP = "auto | on | off: torch.compile the network (default: runtime.compile)."
+SET_HELP = (
+    "KEY=VALUE: set one config value (dotted key, YAML value, as `dvc exp run -S`); repeat it."
+)
+
+
+def config_option() -> Any:
+    """``--config FILE``: a params / study file (the same option in every command)."""
+    return typer.Option(
+        None, "--config", help="Params / study YAML file (at scoring time: its scoring settings)."
+    )
+
+
+def set_option() -> Any:
+    """``--set KEY=VALUE`` / ``-S``, repeatable (the same option in every command)."""
+    return typer.Option(None, "--set", "-S", metavar="KEY=VALUE", help=SET_HELP)
 
 
 def resolve_model(uri: str) -> Path:
@@ -24,34 +44,65 @@ def resolve_model(uri: str) -> Path:
     return Path(uri)
 
 
-def load_model(uri: str, random_backbone: bool):
-    """DZAD from ``--model`` (on the GPU when there is one); a missing backbone says how to
-    proceed instead of a trace."""
+def scoring_settings(
+    uri: str,
+    config_file: Path | None,
+    items: list[str] | None,
+    options: Mapping[str, Any],
+    allowed: tuple[str, ...],
+    quiet: bool,
+) -> dict[str, Any]:
+    """The changes ``--config`` / ``--set`` / the named ``options`` make to the config of the
+    checkpoint ``uri`` (its ``dzad.json`` only; :func:`dzad.overrides.scoring_assignments`), checked
+    before the model loads. Keys of ``--config`` that the checkpoint fixes and that differ from it
+    are named on stderr unless ``quiet``."""
+    from dzad.checkpoint import read_meta
+    from dzad.config import from_dict
+    from dzad.overrides import scoring_assignments
+
+    ckpt = from_dict(read_meta(resolve_model(uri))["config"])
+    settings, fixed = scoring_assignments(ckpt, config_file, items, options, allowed)
+    if fixed and not quiet:
+        more = f" and {len(fixed) - 5} more" if len(fixed) > 5 else ""
+        print(
+            f"note: {config_file}: {', '.join(fixed[:5])}{more} fixed by the checkpoint "
+            "(not applied at scoring time)",
+            file=sys.stderr,
+        )
+    return settings
+
+
+def load_model(uri: str, random_backbone: bool, settings: Mapping[str, Any] | None = None):
+    """DZAD from ``--model`` (on the GPU when there is one) with ``settings`` (dotted key ->
+    value, :func:`scoring_settings`) applied; a missing backbone says how to proceed instead of a
+    trace."""
     from dzad.model import DZAD
+    from dzad.overrides import apply_assignments
     from dzad.runtime import choose_device
 
+    settings = settings or {}
     device = choose_device("auto")
     try:
-        return DZAD.from_checkpoint(
-            resolve_model(uri), random_backbone=random_backbone, map_location=device
+        dzad = DZAD.from_checkpoint(
+            resolve_model(uri),
+            backbone_override=settings.get("anomaly_map.backbone"),  # built at load
+            random_backbone=random_backbone or bool(settings.get("anomaly_map.random_backbone")),
+            map_location=device,
         )
     except BackboneUnavailable as exc:
         raise BackboneUnavailable(
             f"{exc} -- stopping; pass --random-backbone only for tests (random features)"
         ) from None
+    cfg = apply_assignments(dzad.cfg, settings) if settings else dzad.cfg
+    return dzad if cfg == dzad.cfg else dzad.with_settings(cfg)
 
 
-def apply_options(dzad, threads: int | None, compile_: str | None) -> None:
-    """The checkpoint's ``runtime`` config with ``--threads`` / ``--compile`` on top, applied
-    (thread count, compiled network) before anything is scored."""
-    from dzad.config import validate
+def apply_options(dzad) -> None:
+    """Apply the model's ``runtime`` config (thread count, compiled network) before anything is
+    scored; ``--threads`` / ``--compile`` are among its settings (:func:`scoring_settings`)."""
     from dzad.runtime import apply_runtime
 
-    changes = {k: v for k, v in (("threads", threads), ("compile", compile_)) if v is not None}
-    runtime = dzad.cfg.runtime  # validated when the checkpoint loaded
-    if changes:  # validating the whole config costs ~3 ms, more than scoring a small image
-        runtime = validate(replace(dzad.cfg, runtime=replace(runtime, **changes))).runtime
-    apply_runtime(runtime, dzad)
+    apply_runtime(dzad.cfg.runtime, dzad)
 
 
 def regime_config(dzad, regime_params: Path | None):
@@ -69,17 +120,8 @@ def regime_config(dzad, regime_params: Path | None):
 
 
 def progress(enabled: bool, total: int, what: str):
-    """A Rich progress bar on stderr (``disable``d when not ``enabled``) and its task."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    """The progress display of ``total`` images on stderr (:class:`dzad.progress.Progress`: a bar
+    on a terminal, periodic log lines elsewhere); nothing when not ``enabled``."""
+    from dzad.progress import Progress
 
-    prog = Progress(
-        f"[bold]{what}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=True,
-    )
-    return prog, prog.add_task(what, total=total)
+    return Progress(total, what, "images", enabled=enabled)

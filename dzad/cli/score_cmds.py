@@ -26,8 +26,11 @@ from dzad.cli.model_options import (
     COMPILE_HELP,
     THREADS_HELP,
     apply_options,
+    config_option,
     load_model,
     regime_config,
+    scoring_settings,
+    set_option,
 )
 from dzad.cli.score_inputs import check_images, collect_inputs
 from dzad.cli.score_outputs import print_scores
@@ -35,6 +38,7 @@ from dzad.cli.score_pictures import run_pictures, settings
 from dzad.cli.score_run import ScoreRun, model_batches, score_into
 from dzad.errors import DZADInputError
 from dzad.io_utils import check_writable, lock_folder
+from dzad.overrides import SCORING_KEYS
 from dzad.run_panels import RunPictures
 
 _PICTURES_HELP = (
@@ -89,9 +93,14 @@ def score_cmd(
     regime_params: Path = typer.Option(
         None, "--regime-params", help="Take the `regime` section of this params file."
     ),
+    config: Path = config_option(),
+    set_: list[str] = set_option(),
 ) -> None:
     """Score images: scores.csv, report.html, a table; with --pictures a heat-map overlay and
     panel per image.
+
+    The checkpoint's config applies; --config / --set may change its scoring-time settings only
+    (runtime, regime, anomaly_map, reconstruction, noise.max_batch, noise.precision).
 
     ``--out`` is locked for the run and receives this run's outputs only (scores.csv, report.html
     and the picture folders replaced whole at the end); a failure leaves it as it was.
@@ -104,8 +113,10 @@ def score_cmd(
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --reference DIR")
     check_writable(out)  # before the model is loaded and any image scored
     with lock_folder(out, "dzad score run"):
-        dzad = load_model(model, random_backbone)
-        apply_options(dzad, threads, compile_)
+        options = {"runtime.threads": threads, "runtime.compile": compile_}
+        changes = scoring_settings(model, config, set_, options, SCORING_KEYS, json_out)
+        dzad = load_model(model, random_backbone, changes)
+        apply_options(dzad)
         if batch_zero_shot or reference is not None:
             if save_masks:
                 raise DZADInputError(model, "--save-masks: the regimes' maps have no map threshold")

@@ -58,7 +58,7 @@ def score_into(
     rows: list[dict[str, Any]] = []
     names: list[Path] = []  # the scored items' output names, in row order
     bad: list[dict[str, Any]] = []
-    prog, task = progress(not quiet, total, "scoring")
+    prog = progress(not quiet, total, "scoring")
     try:
         with prog, replace_outputs(out, SCORE_OUTPUTS) as stage:
             for items, batch_rows, maps, batch_bad in scored:
@@ -70,7 +70,7 @@ def score_into(
                 rows += batch_rows
                 names += [item.rel for item in items]
                 bad += batch_bad
-                prog.advance(task, len(items) + len(batch_bad))
+                prog.advance(len(items) + len(batch_bad))
             files = run.pictures.write(stage, run.save_masks)
             for row, name in zip(rows, names, strict=True):
                 row.update({k: files.get(name, {}).get(k) for k in FILES})

@@ -7,17 +7,19 @@ Layout (one root holds many categories)::
     root/<category>/test/<defect>/<name>.<ext>
     root/<category>/ground_truth/<defect>/<name>_mask.png      (any image suffix is accepted)
 
-A category without ``train/`` is valid (test-only). Bad input -- a defect image without a mask, a
-mask whose size differs from its image, an unreadable file, an empty category -- raises
-:class:`~dzad.errors.DZADInputError` naming the file; with ``skip_bad=True`` it is logged
-(``logging.warning``) and the sample is left out instead. With ``allow_missing_masks=True`` a
-defect image without a mask is kept with ``mask_path=None`` (image-level metrics only). A sample is
-never given a wrong label.
+A category without ``train/`` is valid (test-only). :class:`FolderSet` serves a plain folder layout
+(anomalib's Folder: normal / abnormal / masks folders) as the test samples of one such category.
+Bad input -- a defect image without a mask, a mask whose size differs from its image, an unreadable
+file, an empty category -- raises :class:`~dzad.errors.DZADInputError` naming the file; with
+``skip_bad=True`` it is logged (``logging.warning``) and the sample is left out instead. With
+``allow_missing_masks=True`` a defect image without a mask is kept with ``mask_path=None``
+(image-level metrics only). A sample is never given a wrong label.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +198,67 @@ def collect_samples(
         "allow_missing_masks": allow_missing_masks,
     }
     return [s for c in cats for sp in splits for s in iter_samples(root, c, sp, **kwargs)]
+
+
+@dataclass(frozen=True)
+class FolderSet:
+    """A test set in anomalib's Folder layout, served as one category of MVTec-layout samples:
+    the images directly in ``normal`` (label 0) and ``abnormal`` (label 1, defect = its folder's
+    name), each abnormal image's mask in ``masks`` matched by file stem (``x.png`` or
+    ``x_mask.png``, any image suffix). With ``masks`` None there are no masks (image metrics
+    only); with ``masks`` given an abnormal image without one is bad input naming it.
+    ``root`` (the folders' common parent) names the images in outputs; ``category`` is its name.
+    """
+
+    normal: Path
+    abnormal: Path
+    masks: Path | None = None
+
+    def __post_init__(self) -> None:
+        for folder in (self.normal, self.abnormal, self.masks):
+            if folder is not None and not folder.is_dir():
+                raise DZADInputError(folder, "is not a folder")
+
+    @property
+    def root(self) -> Path:
+        return Path(os.path.commonpath([self.normal.absolute(), self.abnormal.absolute()]))
+
+    @property
+    def category(self) -> str:
+        return self.root.name or "folder"
+
+    def __str__(self) -> str:
+        masks = "" if self.masks is None else f", masks {self.masks}"
+        return f"normal {self.normal}, abnormal {self.abnormal}{masks}"
+
+    def _mask_index(self) -> dict[str, Path]:
+        """Mask file by stem (``x`` and ``x_mask`` both give ``x``); ``.png`` wins a tie."""
+        index: dict[str, Path] = {}
+        for p in _image_files(self.masks) if self.masks is not None else ():
+            stem = p.stem.removesuffix("_mask")
+            if stem not in index or p.suffix.lower() == ".png":
+                index[stem] = p
+        return index
+
+    def samples(self, skip_bad: bool = False) -> list[Sample]:
+        """The test samples, normal images first (sorted names); an empty folder or a missing
+        mask raises :class:`DZADInputError` (``skip_bad``: a missing mask is logged and skipped)."""
+        normal, abnormal = _image_files(self.normal), _image_files(self.abnormal)
+        for folder, files in ((self.normal, normal), (self.abnormal, abnormal)):
+            if not files:
+                raise DZADInputError(folder, "no image files in this folder")
+        out = [Sample(p, self.category, "test", 0, GOOD, None) for p in normal]
+        masks = self._mask_index()
+        for path in abnormal:
+            mask = masks.get(path.stem)
+            if mask is None and self.masks is not None:
+                expected = f"{path.stem}.png or {path.stem}_mask.png"
+                _fail(
+                    DZADInputError(path, f"no mask in {self.masks} (expected {expected})"), skip_bad
+                )
+                continue
+            out.append(Sample(path, self.category, "test", 1, self.abnormal.name, mask))
+        return out
 
 
 class ImageDataset(torch.utils.data.Dataset):
