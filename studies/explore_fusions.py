@@ -1,7 +1,8 @@
 """Other ways to combine the DZAD signal with the backbone in the regimes (docs/method.md §11.1).
 
 ``explore_regimes.py`` measured the additive map fusion (``dzad.regimes.fuse``). This script
-measures, on the same cached backbone grids, three other forms (``w`` = DZAD weight):
+measures, on the same cached backbone grids, that form (``additive``) and three others (``w`` =
+DZAD weight):
 
 - ``image``: the pixel map is the backbone's alone; only the image score mixes in DZAD:
   ``(1 - w) z(max bb) + w z(max dz)`` (z: median / MAD over the scored images);
@@ -10,12 +11,14 @@ measures, on the same cached backbone grids, three other forms (``w`` = DZAD wei
   backbone grid), so DZAD can only amplify what the backbone already sees;
 - ``reweight+image``: both.
 
-The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy) are cached per checkpoint
-and steps under ``--cache`` beside the backbone grids. One JSON line per (checkpoint, regime,
-form, weight, draw) with image / pixel AUROC and AUPRO.
+The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy; ``--tiles n``: the copy
+scores n x n tiles of each image at its own size, ``regime.dzad_tiles``) are cached per
+checkpoint, steps and tiles under ``--cache`` beside the backbone grids. One JSON line per
+(checkpoint, regime, form, weight, draw) with image / pixel AUROC and AUPRO and the seconds the
+DZAD grids took (0 when read from the cache); ``part`` = the form, for summarise_regimes.py.
 
     python studies/explore_fusions.py --data ROOT --category C --ckpt CKPT [...] --cache DIR \\
-        [--max-images N] [--steps 20] [--weights 0.1 0.25 0.5] [--regimes batch few]
+        [--max-images N] [--steps 20] [--tiles 1] [--weights 0.1 0.25 0.5] [--regimes batch few]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from dzad.data.dataset import collect_samples
 from dzad.metrics import MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import upsample
-from dzad.regimes import dzad_grids, robust_scale
+from dzad.regimes import dzad_grids, fuse, robust_scale
 
 
 def _z(x: Tensor) -> Tensor:
@@ -69,18 +73,21 @@ def score(labels, grid, masks, size, image: Tensor | None = None) -> dict[str, f
 def forms(bb: Tensor, dz: Tensor, w: float) -> dict[str, tuple[Tensor, Tensor | None]]:
     rw = reweight(bb, dz, w)
     return {
+        "additive": (fuse(bb, dz, w), None),
         "image": (bb, image_mix(bb, dz, w)),
         "reweight": (rw, None),
         "reweight+image": (rw, image_mix(rw, dz, w)),
     }
 
 
-def cached_dzad(path: Path, fn):
+def cached_dzad(path: Path, fn) -> tuple[list[Tensor], float]:
+    """The DZAD grids (from ``path`` when there) and the seconds computing them took."""
     if path.exists():
-        return torch.load(path)
+        return torch.load(path), 0.0
+    t0 = time.time()
     out = fn()
     torch.save(out, path)
-    return out
+    return out, round(time.time() - t0, 1)
 
 
 def main() -> None:
@@ -92,10 +99,11 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=0)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tiles", type=int, default=1)
     ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
     args = ap.parse_args()
-    rc = replace(RegimeConfig(), adapt_steps=args.steps)
+    rc = replace(RegimeConfig(), adapt_steps=args.steps, dzad_tiles=args.tiles)
     cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
     images, masks, labels = load(args.data, args.category, rc.image_size, args.max_images, cfg_data)
     train = collect_samples(args.data, (args.category,), ("train",))
@@ -106,9 +114,11 @@ def main() -> None:
     lab, msk = labels[order], masks[order]
     for ckpt in args.ckpt:
         model = DZAD.from_checkpoint(ckpt)
-        stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}"
+        tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
+        stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}{tiles}"
+        tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles}
         if "batch" in args.regimes:
-            groups = cached_dzad(
+            groups, secs = cached_dzad(
                 stem.with_suffix(".batch.pt"),
                 lambda m=model: [
                     dzad_grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
@@ -125,10 +135,10 @@ def main() -> None:
                 for name, parts in per_form.items():
                     grid = torch.cat([p[0] for p in parts])
                     img = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-                    emit(ckpt=ckpt, regime="batch", form=name, steps=args.steps, weight=w,
+                    emit(**tag, regime="batch", part=name, weight=w, seconds=secs,
                          **score(lab, grid, msk, size, img))  # fmt: skip
         if "few" in args.regimes:
-            dzs = cached_dzad(
+            dzs, secs = cached_dzad(
                 stem.with_suffix(".few.pt"),
                 lambda m=model: [dzad_grids(m, images, d["refs"], rc)[0] for d in cache["draws"]],
             )
@@ -136,8 +146,8 @@ def main() -> None:
                 bb = torch.stack([d["grids"][r] for r in rc.degrees]).mean(0)
                 for w in args.weights:
                     for name, (grid, img) in forms(bb, dz, w).items():
-                        emit(ckpt=ckpt, regime="few", draw=i, form=name, steps=args.steps,
-                             weight=w, **score(labels, grid, masks, size, img))  # fmt: skip
+                        emit(**tag, regime="few", draw=i, part=name, weight=w, seconds=secs,
+                             **score(labels, grid, masks, size, img))  # fmt: skip
 
 
 if __name__ == "__main__":
