@@ -15,7 +15,8 @@ The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy; ``--tiles n
 scores n x n tiles of each image at its own size, ``regime.dzad_tiles``) are cached per
 checkpoint, steps and tiles under ``--cache`` beside the backbone grids. One JSON line per
 (checkpoint, regime, form, weight, draw) with image / pixel AUROC and AUPRO and the seconds the
-DZAD grids took (0 when read from the cache); ``part`` = the form, for summarise_regimes.py.
+DZAD grids took (0 when read from the cache); ``part`` = the form (``dzad``: the DZAD grid
+alone), for summarise_regimes.py.
 
     python studies/explore_fusions.py --data ROOT --category C --ckpt CKPT [...] --cache DIR \\
         [--max-images N] [--steps 20] [--tiles 1] [--weights 0.1 0.25 0.5] [--regimes batch few]
@@ -37,6 +38,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).parent))
 from explore_regimes import backbone_grids, load, metrics
 
+from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, to_model_size
 from dzad.config import DataConfig, RegimeConfig
 from dzad.data.dataset import collect_samples
 from dzad.metrics import MetricAccumulator
@@ -80,6 +82,35 @@ def forms(bb: Tensor, dz: Tensor, w: float) -> dict[str, tuple[Tensor, Tensor | 
     }
 
 
+def shifted(images: Tensor, dy: int, dx: int) -> Tensor:
+    """``(B,3,m,m)`` sampled at ``(y + dy, x + dx)`` (edges replicated): content moves up-left."""
+    p, m = max(abs(dy), abs(dx)), images.shape[-1]
+    padded = F.pad(images, (p, p, p, p), mode="replicate")
+    return padded[:, :, p + dy : p + dy + m, p + dx : p + dx + m]
+
+
+def shift_grids(model: DZAD, images: Tensor, rc: RegimeConfig, s: int) -> Tensor:
+    """Batch DZAD grid ``(B, s*h, s*w)`` by shift-and-stitch at the model's TRAINING scale.
+
+    The whole image at the model's size (as tiles = 1), seen at ``s x s`` sub-cell shifts
+    (offsets centred so that each view's cells are the centres of the fine grid's cells); the
+    copy is adapted on all views (same steps), their noise errors interleaved, then the excess.
+    Unlike tiles, no view is zoomed, so only the grid's coarseness changes.
+    """
+    x = to_model_size(images, model.image_size)
+    cell = model.image_size // encode(model, x[:1])[1].shape[-1]
+    offs = [round((k + 0.5) * cell / s - cell / 2) for k in range(s)]  # s = 2, cell 16: -4, 4
+    views = torch.stack([shifted(x, dy, dx) for dy in offs for dx in offs], 1).flatten(0, 1)
+    x0, z0 = encode(model, views)
+    net = model.net
+    if rc.adapt_steps > 0:
+        net, _ = adapt_network(model, x0, z0, rc, robust=True)
+    err = noise_error(model, net, x0, z0)  # (B*s*s,N,h,w)
+    b, n, h, w = len(images), *err.shape[1:]
+    fine = err.view(b, s, s, n, h, w).permute(0, 3, 4, 1, 5, 2).reshape(b, n, h * s, w * s)
+    return excess_grid(fine, fine, model.calibration.weights).cpu()
+
+
 def cached_dzad(path: Path, fn) -> tuple[list[Tensor], float]:
     """The DZAD grids (from ``path`` when there) and the seconds computing them took."""
     if path.exists():
@@ -100,6 +131,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tiles", type=int, default=1)
+    ap.add_argument("--shifts", type=int, default=1, help="> 1: shift_grids (batch), not tiles")
     ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
     args = ap.parse_args()
@@ -111,22 +143,29 @@ def main() -> None:
     size = rc.image_size
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
     order = torch.cat([g["index"] for g in cache["groups"]])
+    if args.shifts > 1:
+        grids = lambda m, x, _, c: (shift_grids(m, x, c, args.shifts), {})  # noqa: E731
+    else:
+        grids = dzad_grids
     lab, msk = labels[order], masks[order]
     for ckpt in args.ckpt:
         model = DZAD.from_checkpoint(ckpt)
         tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
+        tiles += "" if args.shifts == 1 else f"_s{args.shifts}"
         stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}{tiles}"
-        tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles}
+        tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts}
         if "batch" in args.regimes:
             groups, secs = cached_dzad(
                 stem.with_suffix(".batch.pt"),
                 lambda m=model: [
-                    dzad_grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
+                    grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
                 ],
             )
             bbs = [
                 torch.stack([g["grids"][r] for r in rc.degrees]).mean(0) for g in cache["groups"]
             ]
+            emit(**tag, regime="batch", part="dzad", seconds=secs,
+                 **score(lab, torch.cat(groups), msk, size))  # fmt: skip
             for w in args.weights:
                 per_form: dict[str, list] = {}
                 for bb, dz in zip(bbs, groups, strict=True):
@@ -144,6 +183,8 @@ def main() -> None:
             )
             for i, (d, dz) in enumerate(zip(cache["draws"], dzs, strict=True)):
                 bb = torch.stack([d["grids"][r] for r in rc.degrees]).mean(0)
+                emit(**tag, regime="few", draw=i, part="dzad", seconds=secs,
+                     **score(labels, dz, masks, size))  # fmt: skip
                 for w in args.weights:
                     for name, (grid, img) in forms(bb, dz, w).items():
                         emit(**tag, regime="few", draw=i, part=name, weight=w, seconds=secs,
