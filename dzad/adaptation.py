@@ -13,7 +13,9 @@ can show it the target instead, starting from the SOURCE weights so it takes sec
 :func:`noise_error` gives the spatial noise error per stage ``(B, N, h, w)`` of any denoiser with
 the model's noise bank; :func:`excess_grid` standardises it against a reference set (the batch
 itself, or the references) per stage and position, as the zero-shot noise-excess map does
-against SOURCE normals (:func:`dzad.detection.excess_map`).
+against SOURCE normals (:func:`dzad.detection.excess_map`). :func:`to_tiles` / :func:`stitch` let
+the copy score an image as tiles at its own size and put their maps back together
+(``regime.dzad_tiles``).
 """
 
 from __future__ import annotations
