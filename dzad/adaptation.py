@@ -13,7 +13,9 @@ can show it the target instead, starting from the SOURCE weights so it takes sec
 :func:`noise_error` gives the spatial noise error per stage ``(B, N, h, w)`` of any denoiser with
 the model's noise bank; :func:`excess_grid` standardises it against a reference set (the batch
 itself, or the references) per stage and position, as the zero-shot noise-excess map does
-against SOURCE normals (:func:`dzad.detection.excess_map`).
+against SOURCE normals (:func:`dzad.detection.excess_map`). :func:`to_tiles` / :func:`stitch` let
+the copy score an image as tiles at its own size and put their maps back together
+(``regime.dzad_tiles``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,53 @@ def to_model_size(images: Tensor, size: int) -> Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def tile_layout(size: int, model_size: int, tiles: int) -> tuple[int, list[int]]:
+    """Side (px) and per-axis offsets of ``tiles`` x ``tiles`` square tiles of a ``size`` image.
+
+    One tile: the whole image (resized to the model's size, as without tiling). More: tiles of
+    the model's own size (native resolution, no resizing), or larger where ``tiles`` of it
+    would not cover the image, evenly spaced from edge to edge (overlapping when
+    ``tiles * side > size``, e.g. 3 tiles of 128 px on 256 px: offsets 0, 64, 128).
+    """
+    if tiles <= 1:
+        return size, [0]
+    side = min(size, max(model_size, math.ceil(size / tiles)))
+    return side, [round(i * (size - side) / (tiles - 1)) for i in range(tiles)]
+
+
+def to_tiles(images: Tensor, model_size: int, tiles: int) -> Tensor:
+    """``(B,3,S,S)`` -> ``(B*tiles^2,3,m,m)`` tiles at the model's size ``m``; order: image,
+    then tile row, then tile column (:func:`tile_layout`; one tile = :func:`to_model_size`)."""
+    side, offsets = tile_layout(images.shape[-1], model_size, tiles)
+    crops = [
+        images[:, :, y : y + side, x : x + side][:, None] for y in offsets for x in offsets
+    ]  # each (B,1,3,side,side)
+    return to_model_size(torch.cat(crops, 1).flatten(0, 1), model_size)
+
+
+def stitch(maps: Tensor, size: int, tiles: int, model_size: int) -> Tensor:
+    """Per-tile maps ``(B*tiles^2,C,h,w)`` of :func:`to_tiles` -> ``(B,C,H,W)`` over the image.
+
+    A tile's cell covers ``side / h`` image pixels, so the image grid is ``H = size * h / side``
+    cells (2 tiles of 128 px on 256 px with an 8x8 latent: 16x16); each tile is placed at its
+    offset (rounded to whole cells) and overlapping cells are averaged.
+    """
+    if tiles <= 1:
+        return maps
+    side, offsets = tile_layout(size, model_size, tiles)
+    h, w = maps.shape[-2:]
+    grid = round(size * h / side)  # square tiles and latents: h == w
+    cells = [min(round(o * h / side), grid - h) for o in offsets]
+    per_image = maps.reshape(-1, tiles * tiles, *maps.shape[1:])
+    total = maps.new_zeros(per_image.shape[0], maps.shape[1], grid, grid)
+    count = maps.new_zeros(1, 1, grid, grid)
+    places = [(r, c) for r in cells for c in cells]  # the order of to_tiles
+    for t, (r, c) in enumerate(places):
+        total[:, :, r : r + h, c : c + w] += per_image[:, t]
+        count[:, :, r : r + h, c : c + w] += 1
+    return total / count
 
 
 @torch.no_grad()

@@ -228,6 +228,7 @@ class RegimeConfig:
     adapt_drop: float = 0.2  # fraction of the batch dropped after each round but the last
     adapt_lr: float = 1e-4
     adapt_batch_size: int = 16
+    dzad_tiles: int = 1  # DZAD copy: n x n tiles per image at its own size (finer map); 1 = whole
     few_shot_k: int = 4  # evaluate --few-shot default
     few_shot_draws: int = 3  # seeded draws of the references (mean +- std over draws)
     max_images: int = 0  # regimes stage: seeded subset of test images per category; 0 = all
@@ -372,6 +373,7 @@ RANGES: dict[str, Bound] = {
     "evaluate.control_levels": _POS,
     "evaluate.control_local_pool": _POS,
     "evaluate.mutual_fraction": _OPEN_UNIT,
+    "regime.dzad_tiles": _POS,
     "tracking.flush_every": _POS,
 }
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, to_model_size
+from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, stitch, to_tiles
 from dzad.backbones import Backbone
 from dzad.config import RegimeConfig
 from dzad.model import DZAD
@@ -86,20 +86,28 @@ def dzad_grids(
 ) -> tuple[Tensor, dict[str, object]]:
     """The DZAD signal ``(B,h,w)`` of a copy adapted to ``images`` (batch mode, ``references``
     None) or to ``references`` ``(R,3,H,W)`` (few-shot); the reference set of the excess is the
-    batch itself or the references. ``adapt_steps == 0``: the frozen SOURCE denoiser."""
-    size = model.image_size
-    x0, z0 = encode(model, to_model_size(images, size))
+    batch itself or the references. ``adapt_steps == 0``: the frozen SOURCE denoiser.
+
+    ``cfg.dzad_tiles`` = n > 1: every image is scored as n x n tiles at the model's own size
+    (:func:`dzad.adaptation.to_tiles`), the copy adapted on the tiles, and the tiles' noise errors
+    stitched back before the excess, so the grid is finer (2 tiles of 128 px on a 256 px image
+    with an 8x8 latent: 16x16) without another model."""
+    size, n = model.image_size, cfg.dzad_tiles
+    x0, z0 = encode(model, to_tiles(images, size, n))
     if references is None:
         rx0, rz0 = x0, z0
     else:
-        rx0, rz0 = encode(model, to_model_size(references, size))
+        rx0, rz0 = encode(model, to_tiles(references, size, n))
     net, kept = model.net, list(range(rz0.shape[0]))
     if cfg.adapt_steps > 0:
         net, kept = adapt_network(model, rx0, rz0, cfg, robust=references is None)
-    spatial = noise_error(model, net, x0, z0)
-    ref_spatial = spatial if references is None else noise_error(model, net, rx0, rz0)
+    spatial = stitch(noise_error(model, net, x0, z0), images.shape[-1], n, size)
+    ref_spatial = spatial
+    if references is not None:
+        ref_spatial = stitch(noise_error(model, net, rx0, rz0), references.shape[-1], n, size)
     grid = excess_grid(spatial, ref_spatial, model.calibration.weights)
-    return grid.cpu(), {"adapt_steps": cfg.adapt_steps, "adapted_on": len(kept)}
+    info = {"adapt_steps": cfg.adapt_steps, "adapted_on": len(kept), "dzad_tiles": n}
+    return grid.cpu(), info
 
 
 def _with_dzad(

@@ -1,7 +1,8 @@
 """Other ways to combine the DZAD signal with the backbone in the regimes (docs/method.md §11.1).
 
 ``explore_regimes.py`` measured the additive map fusion (``dzad.regimes.fuse``). This script
-measures, on the same cached backbone grids, three other forms (``w`` = DZAD weight):
+measures, on the same cached backbone grids, that form (``additive``) and three others (``w`` =
+DZAD weight):
 
 - ``image``: the pixel map is the backbone's alone; only the image score mixes in DZAD:
   ``(1 - w) z(max bb) + w z(max dz)`` (z: median / MAD over the scored images);
@@ -10,12 +11,15 @@ measures, on the same cached backbone grids, three other forms (``w`` = DZAD wei
   backbone grid), so DZAD can only amplify what the backbone already sees;
 - ``reweight+image``: both.
 
-The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy) are cached per checkpoint
-and steps under ``--cache`` beside the backbone grids. One JSON line per (checkpoint, regime,
-form, weight, draw) with image / pixel AUROC and AUPRO.
+The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy; ``--tiles n``: the copy
+scores n x n tiles of each image at its own size, ``regime.dzad_tiles``) are cached per
+checkpoint, steps and tiles under ``--cache`` beside the backbone grids. One JSON line per
+(checkpoint, regime, form, weight, draw) with image / pixel AUROC and AUPRO and the seconds the
+DZAD grids took (0 when read from the cache); ``part`` = the form (``dzad``: the DZAD grid
+alone), for summarise_regimes.py.
 
     python studies/explore_fusions.py --data ROOT --category C --ckpt CKPT [...] --cache DIR \\
-        [--max-images N] [--steps 20] [--weights 0.1 0.25 0.5] [--regimes batch few]
+        [--max-images N] [--steps 20] [--tiles 1] [--weights 0.1 0.25 0.5] [--regimes batch few]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,12 +38,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).parent))
 from explore_regimes import backbone_grids, load, metrics
 
+from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, to_model_size
 from dzad.config import DataConfig, RegimeConfig
 from dzad.data.dataset import collect_samples
 from dzad.metrics import MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import upsample
-from dzad.regimes import dzad_grids, robust_scale
+from dzad.regimes import dzad_grids, fuse, robust_scale
 
 
 def _z(x: Tensor) -> Tensor:
@@ -69,18 +75,50 @@ def score(labels, grid, masks, size, image: Tensor | None = None) -> dict[str, f
 def forms(bb: Tensor, dz: Tensor, w: float) -> dict[str, tuple[Tensor, Tensor | None]]:
     rw = reweight(bb, dz, w)
     return {
+        "additive": (fuse(bb, dz, w), None),
         "image": (bb, image_mix(bb, dz, w)),
         "reweight": (rw, None),
         "reweight+image": (rw, image_mix(rw, dz, w)),
     }
 
 
-def cached_dzad(path: Path, fn):
+def shifted(images: Tensor, dy: int, dx: int) -> Tensor:
+    """``(B,3,m,m)`` sampled at ``(y + dy, x + dx)`` (edges replicated): content moves up-left."""
+    p, m = max(abs(dy), abs(dx)), images.shape[-1]
+    padded = F.pad(images, (p, p, p, p), mode="replicate")
+    return padded[:, :, p + dy : p + dy + m, p + dx : p + dx + m]
+
+
+def shift_grids(model: DZAD, images: Tensor, rc: RegimeConfig, s: int) -> Tensor:
+    """Batch DZAD grid ``(B, s*h, s*w)`` by shift-and-stitch at the model's TRAINING scale.
+
+    The whole image at the model's size (as tiles = 1), seen at ``s x s`` sub-cell shifts
+    (offsets centred so that each view's cells are the centres of the fine grid's cells); the
+    copy is adapted on all views (same steps), their noise errors interleaved, then the excess.
+    Unlike tiles, no view is zoomed, so only the grid's coarseness changes.
+    """
+    x = to_model_size(images, model.image_size)
+    cell = model.image_size // encode(model, x[:1])[1].shape[-1]
+    offs = [round((k + 0.5) * cell / s - cell / 2) for k in range(s)]  # s = 2, cell 16: -4, 4
+    views = torch.stack([shifted(x, dy, dx) for dy in offs for dx in offs], 1).flatten(0, 1)
+    x0, z0 = encode(model, views)
+    net = model.net
+    if rc.adapt_steps > 0:
+        net, _ = adapt_network(model, x0, z0, rc, robust=True)
+    err = noise_error(model, net, x0, z0)  # (B*s*s,N,h,w)
+    b, n, h, w = len(images), *err.shape[1:]
+    fine = err.view(b, s, s, n, h, w).permute(0, 3, 4, 1, 5, 2).reshape(b, n, h * s, w * s)
+    return excess_grid(fine, fine, model.calibration.weights).cpu()
+
+
+def cached_dzad(path: Path, fn) -> tuple[list[Tensor], float]:
+    """The DZAD grids (from ``path`` when there) and the seconds computing them took."""
     if path.exists():
-        return torch.load(path)
+        return torch.load(path), 0.0
+    t0 = time.time()
     out = fn()
     torch.save(out, path)
-    return out
+    return out, round(time.time() - t0, 1)
 
 
 def main() -> None:
@@ -92,10 +130,12 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=0)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tiles", type=int, default=1)
+    ap.add_argument("--shifts", type=int, default=1, help="> 1: shift_grids (batch), not tiles")
     ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
     args = ap.parse_args()
-    rc = replace(RegimeConfig(), adapt_steps=args.steps)
+    rc = replace(RegimeConfig(), adapt_steps=args.steps, dzad_tiles=args.tiles)
     cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
     images, masks, labels = load(args.data, args.category, rc.image_size, args.max_images, cfg_data)
     train = collect_samples(args.data, (args.category,), ("train",))
@@ -103,20 +143,29 @@ def main() -> None:
     size = rc.image_size
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
     order = torch.cat([g["index"] for g in cache["groups"]])
+    if args.shifts > 1:
+        grids = lambda m, x, _, c: (shift_grids(m, x, c, args.shifts), {})  # noqa: E731
+    else:
+        grids = dzad_grids
     lab, msk = labels[order], masks[order]
     for ckpt in args.ckpt:
         model = DZAD.from_checkpoint(ckpt)
-        stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}"
+        tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
+        tiles += "" if args.shifts == 1 else f"_s{args.shifts}"
+        stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}{tiles}"
+        tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts}
         if "batch" in args.regimes:
-            groups = cached_dzad(
+            groups, secs = cached_dzad(
                 stem.with_suffix(".batch.pt"),
                 lambda m=model: [
-                    dzad_grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
+                    grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
                 ],
             )
             bbs = [
                 torch.stack([g["grids"][r] for r in rc.degrees]).mean(0) for g in cache["groups"]
             ]
+            emit(**tag, regime="batch", part="dzad", seconds=secs,
+                 **score(lab, torch.cat(groups), msk, size))  # fmt: skip
             for w in args.weights:
                 per_form: dict[str, list] = {}
                 for bb, dz in zip(bbs, groups, strict=True):
@@ -125,19 +174,21 @@ def main() -> None:
                 for name, parts in per_form.items():
                     grid = torch.cat([p[0] for p in parts])
                     img = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-                    emit(ckpt=ckpt, regime="batch", form=name, steps=args.steps, weight=w,
+                    emit(**tag, regime="batch", part=name, weight=w, seconds=secs,
                          **score(lab, grid, msk, size, img))  # fmt: skip
         if "few" in args.regimes:
-            dzs = cached_dzad(
+            dzs, secs = cached_dzad(
                 stem.with_suffix(".few.pt"),
                 lambda m=model: [dzad_grids(m, images, d["refs"], rc)[0] for d in cache["draws"]],
             )
             for i, (d, dz) in enumerate(zip(cache["draws"], dzs, strict=True)):
                 bb = torch.stack([d["grids"][r] for r in rc.degrees]).mean(0)
+                emit(**tag, regime="few", draw=i, part="dzad", seconds=secs,
+                     **score(labels, dz, masks, size))  # fmt: skip
                 for w in args.weights:
                     for name, (grid, img) in forms(bb, dz, w).items():
-                        emit(ckpt=ckpt, regime="few", draw=i, form=name, steps=args.steps,
-                             weight=w, **score(labels, grid, masks, size, img))  # fmt: skip
+                        emit(**tag, regime="few", draw=i, part=name, weight=w, seconds=secs,
+                             **score(labels, grid, masks, size, img))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
     python studies/summarise_regimes.py --select A.jsonl... --report B.jsonl... [--pixel-only]
 
-Rows are grouped by (regime, part, degrees, rescore_k, adaptation steps, fusion weight); cells are
-mean ± sample std over checkpoints (seeds) and, for few-shot, reference draws. The setting of
-each regime is picked on the ``--select`` files (the other dev direction's target) by the mean of
-image and pixel AUROC (``--pixel-only``: pixel AUROC first, image AUROC breaking ties, for a
-target whose image metric is confounded), and
-printed with its numbers on the ``--report`` files; nothing is picked on those.
+Rows are grouped by (regime, part, degrees, rescore_k, adaptation steps, fusion weight, DZAD
+tiles, DZAD shifts; ``part`` of ``explore_fusions.py`` lines: the fusion form, ``form`` in older
+ones); cells are mean ± sample std over checkpoints (seeds) and, for few-shot, reference draws.
+The setting of each regime is picked on the ``--select`` files (the other dev direction's target)
+by the mean of image and pixel AUROC (``--pixel-only``: pixel AUROC first, image AUROC breaking
+ties, for a target whose image metric is confounded), and printed with its numbers on the
+``--report`` files; nothing is picked on those.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def groups(files: list[str]) -> dict[tuple, list[dict]]:
                 continue
             key = (
                 r["regime"],
-                r["part"],
+                r.get("part", r.get("form")),
                 tuple(r.get("degrees", ())),
                 r.get("rescore_k", 0),
                 r.get("steps", -1),
-                r.get("weight", 1.0 if r["part"] == "dzad" else 0.0),
+                r.get("weight", 1.0 if r.get("part") == "dzad" else 0.0),
+                r.get("tiles", 1),
+                r.get("shifts", 1),
             )
             out[key].append(r)
     return out

@@ -53,6 +53,7 @@ CONFIG_FAULTS = {
     "mask-threshold-256": ("data: {mask_threshold: 300}", "data.mask_threshold", "<= 255"),
     "w-pa-floor-zero": ("anomaly_map: {w_pa_floor: 0}", "anomaly_map.w_pa_floor", "> 0"),
     "seed-negative": ("seed: -1", "params.seed", ">= 0"),
+    "dzad-tiles-zero": ("regime: {dzad_tiles: 0}", "regime.dzad_tiles", ">= 1"),
     "channels-item-negative": (
         "model: {block_out_channels: [32, -1]}",
         "model.block_out_channels[1]",

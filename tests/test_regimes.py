@@ -10,7 +10,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dzad.adaptation import adapt_network, encode, excess_grid, noise_error
+from dzad.adaptation import (
+    adapt_network,
+    encode,
+    excess_grid,
+    noise_error,
+    stitch,
+    tile_layout,
+    to_model_size,
+    to_tiles,
+)
 from dzad.cli import app
 from dzad.config import RegimeConfig
 from dzad.data.dataset import collect_samples
@@ -21,7 +30,7 @@ from dzad.mutual_scoring import (
     rescore_images,
 )
 from dzad.regime_evaluation import draw_references, seeded_groups
-from dzad.regimes import fuse, robust_scale
+from dzad.regimes import dzad_grids, fuse, robust_scale
 
 runner = CliRunner()
 
@@ -135,6 +144,55 @@ def test_adaptation_copies_and_drops_the_outlier(tiny_model, synth_root):
     changed = any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     assert changed
     assert noise_error(tiny_model, net, x0, z0).shape[:2] == (5, tiny_model.bank.n_stages)
+
+
+def test_two_by_two_tiles_are_the_quadrants_and_stitch_back_in_place():
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    tiles = to_tiles(images, 128, 2)  # native size: crops, no resizing
+    assert tiles.shape == (8, 3, 128, 128)
+    assert torch.equal(tiles[4 + 1], images[1, :, :128, 128:])  # image 1, top right
+    assert torch.equal(tiles[2], images[0, :, 128:, :128])  # image 0, bottom left
+    maps = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 2, 8, 8)  # tile t's map: all t
+    grid = stitch(maps, 256, 2, 128)
+    assert grid.shape == (2, 2, 16, 16)
+    quadrants = grid[:, 0, ::8, ::8]  # (B, 2, 2): top-left corner of each quadrant
+    assert quadrants.tolist() == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    assert torch.equal(grid, grid[:, :, ::8, ::8].repeat_interleave(8, 2).repeat_interleave(8, 3))
+
+
+def test_overlapping_tiles_are_averaged_and_one_tile_is_the_whole_image():
+    assert tile_layout(256, 128, 3) == (128, [0, 64, 128])
+    assert tile_layout(256, 128, 1) == (256, [0])
+    maps = torch.arange(9.0).view(9, 1, 1, 1).expand(9, 1, 8, 8)
+    grid = stitch(maps, 256, 3, 128)[0, 0]  # 16x16; tiles 4 cells apart
+    assert grid[0, 0] == 0 and grid[15, 15] == 8  # corners: one tile each
+    assert grid[5, 5] == (0 + 1 + 3 + 4) / 4 and grid[0, 5] == (0 + 1) / 2
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(to_tiles(images, 128, 1), to_model_size(images, 128))
+    assert stitch(maps, 256, 1, 128) is maps
+
+
+def test_dzad_tiles_score_each_tile_at_the_model_size(tiny_model):
+    """tiles = 1: the whole image at the model's size (the behaviour before tiling); tiles = 2:
+    the excess of the four quadrants' noise errors, each computed alone, placed side by side."""
+    size = tiny_model.image_size
+    images = torch.rand(3, 3, 2 * size, 2 * size, generator=torch.Generator().manual_seed(2))
+    cfg = RegimeConfig(adapt_steps=0)
+    net, weights = tiny_model.net, tiny_model.calibration.weights
+
+    def errors(x: torch.Tensor) -> torch.Tensor:
+        return noise_error(tiny_model, net, *encode(tiny_model, to_model_size(x, size)))
+
+    whole = excess_grid(errors(images), errors(images), weights)
+    assert torch.equal(dzad_grids(tiny_model, images, None, cfg)[0], whole.cpu())
+    corners = [(y, x) for y in (0, size) for x in (0, size)]
+    crops = [img[:, y : y + size, x : x + size] for img in images for y, x in corners]
+    q = errors(torch.stack(crops)).unflatten(0, (3, 4))  # one batch, as dzad_grids computes it
+    spatial = torch.cat([torch.cat([q[:, 0], q[:, 1]], -1), torch.cat([q[:, 2], q[:, 3]], -1)], -2)
+    tiled, info = dzad_grids(tiny_model, images, None, replace(cfg, dzad_tiles=2))
+    assert info["dzad_tiles"] == 2 and tiled.shape == (3, *spatial.shape[-2:])
+    assert tiled.shape[-1] == 2 * whole.shape[-1]
+    torch.testing.assert_close(tiled, excess_grid(spatial, spatial, weights).cpu())
 
 
 def test_reference_draw_is_seeded_and_from_train(synth_root):
