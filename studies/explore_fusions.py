@@ -24,7 +24,6 @@ alone), for summarise_regimes.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from explore_regimes import backbone_grids, load, metrics
+from explore_regimes import backbone_grids, load, metrics, target_args
 
 from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, to_model_size
 from dzad.config import DataConfig, RegimeConfig
@@ -122,17 +121,10 @@ def cached_dzad(path: Path, fn) -> tuple[list[Tensor], float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--category", required=True)
-    ap.add_argument("--ckpt", nargs="*", default=[])
-    ap.add_argument("--cache", required=True)
-    ap.add_argument("--max-images", type=int, default=0)
-    ap.add_argument("--k", type=int, default=4)
+    ap = target_args()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tiles", type=int, default=1)
     ap.add_argument("--shifts", type=int, default=1, help="> 1: shift_grids (batch), not tiles")
-    ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
     args = ap.parse_args()
     rc = replace(RegimeConfig(), adapt_steps=args.steps, dzad_tiles=args.tiles)

@@ -88,7 +88,9 @@ def backbone_grids(args, rc, images, train_samples, cfg_data):
     return out
 
 
-def main() -> None:
+def target_args() -> argparse.ArgumentParser:
+    """The options every exploration script shares: the target, checkpoints, cache, subset, K and
+    the fusion weights."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--category", required=True)
@@ -96,8 +98,13 @@ def main() -> None:
     ap.add_argument("--cache", required=True)
     ap.add_argument("--max-images", type=int, default=0)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--steps", type=int, nargs="*", default=[0, 20, 100])
     ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    return ap
+
+
+def main() -> None:
+    ap = target_args()
+    ap.add_argument("--steps", type=int, nargs="*", default=[0, 20, 100])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--image-size", type=int, default=RegimeConfig().image_size)
     args = ap.parse_args()
