@@ -48,6 +48,7 @@ def _error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # two evaluations; the folder mapping itself stays in the fast tests below
 def test_folders_give_the_metrics_of_the_same_images_in_mvtec_layout(
     folders, synth_root, tiny_checkpoint, tmp_path
 ):

@@ -169,7 +169,9 @@ def write_version_1(folder) -> None:
     (folder / "dzad.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("mode", ["self", "contrast", "prototype"])
+@pytest.mark.parametrize(
+    "mode", ["self", *(pytest.param(m, marks=pytest.mark.slow) for m in ("contrast", "prototype"))]
+)  # the fast tier migrates one mode's checkpoint
 def test_a_version_1_checkpoint_loads_and_scores_the_same(tiny_model, weave, tmp_path, mode):
     model = recalibrated(tiny_model, mode, weave)
     _, test, _ = weave

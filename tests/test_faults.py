@@ -252,7 +252,9 @@ def _evaluate_args(tiny_checkpoint, synth_root, out, max_images: int) -> list[st
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("fault", ["disk-full", "crash"])
+@pytest.mark.parametrize(
+    "fault", [pytest.param("disk-full", marks=pytest.mark.slow), "crash"]
+)  # one evaluate each; the fast tier keeps the crash
 def test_failed_evaluate_leaves_the_earlier_results(
     tmp_path, monkeypatch, tiny_checkpoint, synth_root, fault
 ):

@@ -64,6 +64,7 @@ def test_training_logs_lines_not_bar_refreshes(capsys, tmp_path, tiny_config):
     assert lines[0].startswith("train: 6/6 steps (100%)") and "loss " in lines[0]
 
 
+@pytest.mark.slow  # a whole evaluate; the progress lines themselves are the fast tests above
 def test_evaluate_logs_its_closing_line(tmp_path, tiny_checkpoint, synth_root):
     args = ["evaluate", "-m", str(tiny_checkpoint), "--data", str(synth_root), "--no-controls"]
     args += ["--categories", "grain", "--out", str(tmp_path), "--random-backbone"]

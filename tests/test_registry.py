@@ -95,6 +95,7 @@ def test_cross_dataset_mean_needs_every_target():
     assert promotion.cross_dataset_means(nan, ["a", "b"], ["image_auroc"])["image_auroc"] is None
 
 
+@pytest.mark.slow  # a SQLite MLflow registry per test (the edge; decide/means stay fast)
 def test_promotion_refuses_worse_accepts_better_forced_overrides(cfg):
     v1 = fake_version(cfg, {"a": (0.80, 0.90), "b": (0.70, 0.80)})  # means 0.75 / 0.85
     first = promotion.promote(v1, cfg)
@@ -124,6 +125,7 @@ def test_promotion_refuses_worse_accepts_better_forced_overrides(cfg):
     assert version_tags(cfg, v4)["dzad.promotion.decision"] == "forced"
 
 
+@pytest.mark.slow  # a SQLite MLflow registry per test (the edge; decide/means stay fast)
 def test_promotion_targets_are_configurable(cfg):
     only_a = dataclasses.replace(
         cfg, tracking=dataclasses.replace(cfg.tracking, promotion_targets=("a",))
@@ -136,6 +138,7 @@ def test_promotion_targets_are_configurable(cfg):
     assert champion(cfg) == v1
 
 
+@pytest.mark.slow  # a SQLite MLflow registry per test (the edge; decide/means stay fast)
 def test_version_without_metrics_is_refused_unless_forced(cfg):
     v1 = fake_version(cfg, {"a": (0.8, 0.8)})  # target b never evaluated
     result = promotion.promote(v1, cfg)
@@ -144,6 +147,7 @@ def test_version_without_metrics_is_refused_unless_forced(cfg):
     assert champion(cfg) == v1
 
 
+@pytest.mark.slow  # a SQLite MLflow registry (the edge)
 def test_cli_promote_and_models(cfg, tmp_path):
     from flows.cli import app
 
@@ -200,6 +204,7 @@ def test_pyfunc_array_inputs_follow_the_image_conventions():
         array_image(np.zeros((4, 4, 5), np.uint8), 4)
 
 
+@pytest.mark.slow  # a SQLite MLflow registry per test (the edge; decide/means stay fast)
 def test_concurrent_promotions_leave_the_better_champion(cfg, monkeypatch):
     """Two promotions started together: without a compare-and-set both read "no champion" and both
     win; the slow metric read here widens that window so the race happens every time."""

@@ -57,6 +57,7 @@ class Recorder:
         self.checkpoints.append(step)
 
 
+@pytest.mark.slow  # three trainings; resume on the same data stays fast in test_training_data
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     rec = Recorder()
     full = train(CFG, _images(), tmp_path / "a", callbacks=[rec], progress=False)
