@@ -35,11 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from explore_regimes import backbone_grids, load, metrics, target_args
+from explore_regimes import metrics, target_args, target_grids
 
 from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, to_model_size
-from dzad.config import DataConfig, RegimeConfig
-from dzad.data.dataset import collect_samples
+from dzad.config import RegimeConfig
 from dzad.metrics import MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import upsample
@@ -128,10 +127,7 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
     args = ap.parse_args()
     rc = replace(RegimeConfig(), adapt_steps=args.steps, dzad_tiles=args.tiles)
-    cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
-    images, masks, labels = load(args.data, args.category, rc.image_size, args.max_images, cfg_data)
-    train = collect_samples(args.data, (args.category,), ("train",))
-    cache = backbone_grids(args, rc, images, train, cfg_data)
+    images, masks, labels, cache = target_grids(args, rc)
     size = rc.image_size
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
     order = torch.cat([g["index"] for g in cache["groups"]])

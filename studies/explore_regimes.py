@@ -102,6 +102,17 @@ def target_args() -> argparse.ArgumentParser:
     return ap
 
 
+def target_grids(args: argparse.Namespace, rc: RegimeConfig):
+    """The target's test images, masks and labels at ``rc.image_size`` and its cached backbone
+    grids (every exploration script starts here)."""
+    from dzad.config import DataConfig
+
+    cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
+    images, masks, labels = load(args.data, args.category, rc.image_size, args.max_images, cfg_data)
+    train = collect_samples(args.data, (args.category,), ("train",))
+    return images, masks, labels, backbone_grids(args, rc, images, train, cfg_data)
+
+
 def main() -> None:
     ap = target_args()
     ap.add_argument("--steps", type=int, nargs="*", default=[0, 20, 100])
@@ -109,12 +120,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=RegimeConfig().image_size)
     args = ap.parse_args()
     rc = replace(RegimeConfig(), adapt_rounds=args.rounds, image_size=args.image_size)
-    from dzad.config import DataConfig
-
-    cfg_data = DataConfig(image_size=rc.image_size, mask_threshold=127)
-    images, masks, labels = load(args.data, args.category, rc.image_size, args.max_images, cfg_data)
-    train = collect_samples(args.data, (args.category,), ("train",))
-    cache = backbone_grids(args, rc, images, train, cfg_data)
+    images, masks, labels, cache = target_grids(args, rc)
     size = rc.image_size
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
     emit(what="backbone_seconds", seconds=round(cache["seconds"], 1), n=len(images))
