@@ -120,6 +120,27 @@ def test_scoring_refuses_settings_the_checkpoint_fixes(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["score", "evaluate"])
+def test_regime_params_and_config_or_set_regime_are_refused_together(
+    command, tmp_path, monkeypatch, tiny_checkpoint
+):
+    """Both set the regime section: one of them would silently win, so the pair stops the run."""
+    monkeypatch.setattr(f"dzad.cli.{command}_cmds.load_model", _no_model)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    params = tmp_path / "regime.yaml"
+    params.write_text("regime: {dzad_weight: 0.25}\n")
+    head = ["score", str(image)] if command == "score" else ["evaluate", "--data", str(tmp_path)]
+    base = [*head, "-m", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    base += ["--batch-zero-shot", "--regime-params", str(params)]
+    for extra in (["-S", "regime.dzad_weight=0.5"], ["--config", str(params)]):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2
+        line = _error_line(result)
+        assert "regime.yaml" in line and "--regime-params" in line and "use one" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_show_with_a_model_takes_the_files_scoring_settings(tmp_path, tiny_checkpoint):
     params = tmp_path / "study.yaml"
     params.write_text("anomaly_map: {sigma: 2.5}\ntrain: {steps: 999}\nruntime: {threads: 1}\n")

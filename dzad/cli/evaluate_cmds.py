@@ -18,6 +18,7 @@ from dzad.cli.model_options import (
     COMPILE_HELP,
     THREADS_HELP,
     apply_options,
+    check_regime_sources,
     config_option,
     load_model,
     progress,
@@ -107,6 +108,7 @@ def evaluate_cmd(
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
     regime = batch_zero_shot or few_shot
     test_set = _test_set(data, normal, abnormal, masks, categories, regime, skip_bad)
+    check_regime_sources(regime_params, config, set_)
     check_writable(out)  # before the model is loaded and anything evaluated
     with lock_folder(out, "dzad evaluate run"), _staged(out) as stage:
         options = {

@@ -105,6 +105,19 @@ def apply_options(dzad) -> None:
     apply_runtime(dzad.cfg.runtime, dzad)
 
 
+def check_regime_sources(
+    regime_params: Path | None, config_file: Path | None, items: list[str] | None
+) -> None:
+    """``--regime-params`` and ``--config`` / ``--set regime.*`` both set the regime section:
+    refuse the pair instead of letting one silently win."""
+    if regime_params is None:
+        return
+    if config_file is not None or any(i.strip().startswith("regime.") for i in items or []):
+        raise DZADInputError(
+            regime_params, "--regime-params and --config / --set regime.* both set it: use one"
+        )
+
+
 def regime_config(dzad, regime_params: Path | None):
     """The checkpoint's ``regime`` section, or that of ``--regime-params`` (errors name it)."""
     if regime_params is None:

@@ -26,6 +26,7 @@ from dzad.cli.model_options import (
     COMPILE_HELP,
     THREADS_HELP,
     apply_options,
+    check_regime_sources,
     config_option,
     load_model,
     regime_config,
@@ -111,6 +112,7 @@ def score_cmd(
     inputs, skipped = collect_inputs(paths, skip_bad, out)
     if batch_zero_shot and reference is not None:
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --reference DIR")
+    check_regime_sources(regime_params, config, set_)
     check_writable(out)  # before the model is loaded and any image scored
     with lock_folder(out, "dzad score run"):
         options = {"runtime.threads": threads, "runtime.compile": compile_}
