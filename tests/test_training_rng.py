@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from dzad.checkpoint import load_checkpoint
-from dzad.config import (
-    DetectionConfig,
-    DZADConfig,
-    ModelConfig,
-    NoiseConfig,
-    ReconstructionConfig,
-    TrainConfig,
-)
+from dzad.config import NoiseConfig, TrainConfig
 from dzad.networks import build_network
 from dzad.training import seeded, train
+from tests.test_training import CFG as TRAINING_CFG
 
-CFG = DZADConfig(
-    model=ModelConfig(profile="tiny", latent="pixel", num_train_timesteps=100),
+# test_training's tiny pixel model, with fewer steps and noise draws (the RNG is what is checked)
+CFG = replace(
+    TRAINING_CFG,
     train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, device="cpu"),
     noise=NoiseConfig(n_stages=2, m_samples=1, max_batch=32),
-    detection=DetectionConfig(calibration_holdout=0.25),
-    reconstruction=ReconstructionConfig(t_start=99),
 )
 IMAGES = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
