@@ -33,7 +33,7 @@ from dzad.cli.model_options import (
     scoring_settings,
     set_option,
 )
-from dzad.cli.score_inputs import check_images, collect_inputs
+from dzad.cli.score_inputs import collect_inputs, decode_batch
 from dzad.cli.score_outputs import print_scores
 from dzad.cli.score_pictures import run_pictures, settings
 from dzad.cli.score_run import ScoreRun, model_batches, score_into
@@ -124,12 +124,15 @@ def score_cmd(
                 raise DZADInputError(model, "--save-masks: the regimes' maps have no map threshold")
             from dzad.cli.score_regimes import score_regime
 
-            inputs, bad = check_images(inputs, dzad.image_size, dzad.cfg.data.resample, skip_bad)
+            rc = regime_config(dzad, regime_params)
+            # each image decoded once, at the regime's size, before anything is written
+            inputs, images, bad = decode_batch(
+                inputs, rc.image_size, dzad.cfg.data.resample, skip_bad
+            )
             if not inputs:
                 raise DZADInputError(paths[0], "none of the given paths holds a readable image")
             skipped += bad
-            rc = regime_config(dzad, regime_params)
-            rows, maps, rule, regime = score_regime(dzad, rc, inputs, out, reference, thr)
+            rows, maps, rule, regime = score_regime(dzad, rc, inputs, images, out, reference, thr)
             collector = RunPictures(None, draw=pictures)
             map_note = f"{regime}: one colour scale, no map threshold"
             scored: Iterable = [(inputs, rows, maps, [])]

@@ -1,7 +1,7 @@
 """The inputs of ``dzad score``: PATH arguments (files, folders, glob patterns) expanded to images.
 
-:func:`collect_inputs` gives every image a unique output name; :func:`check_images` decodes each one
-before anything is written, or :func:`decode_batch` as each batch is scored (decoded once). A bad
+:func:`collect_inputs` gives every image a unique output name; :func:`decode_batch` decodes each
+one once, as its batch is scored (the regimes: the whole call, before anything is written). A bad
 input raises :class:`dzad.errors.DZADInputError` (one error line, exit code 2), or with
 ``--skip-bad`` is warned about and becomes a row marked ``skipped``.
 """
@@ -127,13 +127,6 @@ def _decoded(item: ScoreInput, size: int, resample: str, skip_bad: bool, bad: li
         return None
 
 
-def check_images(inputs: list[ScoreInput], size: int, resample: str, skip_bad: bool):
-    """Decode every image once before anything is written; bad ones raise or are skipped."""
-    bad: list[dict[str, Any]] = []
-    good = [i for i in inputs if _decoded(i, size, resample, skip_bad, bad) is not None]
-    return good, bad
-
-
 def decode_batch(
     items: list[ScoreInput], size: int, resample: str, skip_bad: bool
 ) -> tuple[list[ScoreInput], torch.Tensor | None, list[dict[str, Any]]]:
@@ -146,8 +139,3 @@ def decode_batch(
     good = [(i, x) for i, x in pairs if x is not None]
     batch = torch.stack([x for _, x in good]) if good else None
     return [i for i, _ in good], batch, bad
-
-
-def load_batch(items: list[ScoreInput], size: int, resample: str) -> torch.Tensor:
-    """The images of ``items`` at ``size`` as one batch ``(B, 3, size, size)`` in [0, 1]."""
-    return decode_batch(items, size, resample, skip_bad=False)[1]  # type: ignore[return-value]

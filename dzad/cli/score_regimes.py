@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dzad.cli.score_inputs import ScoreInput, check_images, collect_inputs, load_batch
+from dzad.cli.score_inputs import ScoreInput, collect_inputs, decode_batch
 from dzad.decisions import Threshold
 from dzad.errors import DZADInputError
 from dzad.regimes import REGIME_LABELS, score_batch, score_few_shot
@@ -33,16 +33,17 @@ def score_regime(
     dzad,
     rc,
     inputs: list[ScoreInput],
+    images: torch.Tensor,
     out: Path,
     reference: Path | None,
     threshold: float | None,
 ) -> tuple[list[dict[str, Any]], np.ndarray, Threshold, str]:
-    """``inputs`` scored as one batch (or against ``reference``): their rows of ``scores.csv``,
-    their maps ``(B, h, w)``, the decision rule and the regime's label."""
+    """``inputs`` (decoded: ``images`` ``(B,3,S,S)`` at ``rc.image_size``) scored as one batch
+    (or against ``reference``): their rows of ``scores.csv``, their maps ``(B, h, w)``, the
+    decision rule and the regime's label."""
     from dzad.evaluation import control_backbone
 
     resample = dzad.cfg.data.resample
-    images = load_batch(inputs, rc.image_size, resample)  # (B,3,S,S)
     backbone = control_backbone(dzad)
     if reference is None:
         if len(inputs) < 2:
@@ -50,10 +51,9 @@ def score_regime(
         scored, mode = score_batch(backbone, images, rc, dzad), "batch-zero-shot"
     else:
         refs, _ = collect_inputs([str(reference)], False, out)
-        refs, _ = check_images(refs, rc.image_size, resample, skip_bad=False)
+        refs, ref_images, _ = decode_batch(refs, rc.image_size, resample, skip_bad=False)
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
-        ref_images = load_batch(refs, rc.image_size, resample)
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
     thr = outlier_threshold(scored.scores) if threshold is None else threshold
     scores = scored.scores.double()
