@@ -140,8 +140,10 @@ def main() -> None:
         model = DZAD.from_checkpoint(ckpt)
         tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
         tiles += "" if args.shifts == 1 else f"_s{args.shifts}"
+        tiles += "" if args.k == 4 else f"_k{args.k}"
         stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}{tiles}"
-        tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts}
+        tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts,
+               "k": args.k}  # fmt: skip
         if "batch" in args.regimes:
             groups, secs = cached_dzad(
                 stem.with_suffix(".batch.pt"),

@@ -58,11 +58,20 @@ def load(root, cat, size, max_images, cfg_data, split="test", samples=None):
 
 
 def backbone_grids(args, rc, images, train_samples, cfg_data):
-    """Cached: per group the mutual grid and descriptors; per draw the reference grids."""
+    """Cached: per group the mutual grid and descriptors; per draw the reference grids (of
+    ``args.k`` references; K other than 4 cached in a file of their own beside the groups')."""
     path = Path(args.cache) / f"{args.category}_{rc.image_size}_{args.max_images}.pt"
-    if path.exists():
-        return torch.load(path)
+    k_path = path.with_name(f"{path.stem}_k{args.k}.pt")
     bb = build_backbone("efficientnet_lite0")
+    if path.exists():
+        out = torch.load(path)
+        if args.k == 4:
+            return out
+        if k_path.exists():
+            return {**out, "draws": torch.load(k_path)}
+        out["draws"] = reference_grids(args, rc, bb, images, train_samples, cfg_data)
+        torch.save(out["draws"], k_path)
+        return out
     out = {"groups": [], "draws": []}
     t0 = time.time()
     for g in seeded_groups(len(images), rc.group_size, rc.seed):
@@ -72,7 +81,17 @@ def backbone_grids(args, rc, images, train_samples, cfg_data):
             for r, f in zip(rc.degrees, feats, strict=True)
         }
         out["groups"].append({"index": torch.as_tensor(g), "grids": grids, "glob": glob})
+    out["draws"] = reference_grids(args, rc, bb, images, train_samples, cfg_data)
+    out["seconds"] = time.time() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path if args.k == 4 else k_path)
+    return out
+
+
+def reference_grids(args, rc, bb, images, train_samples, cfg_data) -> list[dict]:
+    """Per draw of ``args.k`` references: the grids of every degree and the references."""
     feats, _ = patch_features(bb, images, rc.levels, rc.degrees)
+    draws = []
     for d in range(rc.few_shot_draws):
         refs = draw_references(train_samples, args.k, rc.seed + d)
         ref_images, _, _ = load(None, None, rc.image_size, 0, cfg_data, samples=refs)
@@ -81,11 +100,8 @@ def backbone_grids(args, rc, images, train_samples, cfg_data):
             r: reference_patch_scores(f, q)
             for r, f, q in zip(rc.degrees, feats, rfeats, strict=True)
         }
-        out["draws"].append({"grids": grids, "refs": ref_images})
-    out["seconds"] = time.time() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
-    return out
+        draws.append({"grids": grids, "refs": ref_images})
+    return draws
 
 
 def target_args() -> argparse.ArgumentParser:

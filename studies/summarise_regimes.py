@@ -3,8 +3,9 @@
     python studies/summarise_regimes.py --select A.jsonl... --report B.jsonl... [--pixel-only]
 
 Rows are grouped by (regime, part, degrees, rescore_k, adaptation steps, fusion weight, DZAD
-tiles, DZAD shifts; ``part`` of ``explore_fusions.py`` lines: the fusion form, ``form`` in older
-ones); cells are mean ± sample std over checkpoints (seeds) and, for few-shot, reference draws.
+tiles, DZAD shifts, re-weighting on top of a reference selection, K; ``part`` of
+``explore_fusions.py`` lines: the fusion form, ``form`` in older ones); cells are mean ± sample
+std over checkpoints (seeds) and, for few-shot, reference draws.
 The setting of each regime is picked on the ``--select`` files (the other dev direction's target)
 by the mean of image and pixel AUROC (``--pixel-only``: pixel AUROC first, image AUROC breaking
 ties, for a target whose image metric is confounded), and printed with its numbers on the
@@ -38,6 +39,8 @@ def groups(files: list[str]) -> dict[tuple, list[dict]]:
                 r.get("weight", 1.0 if r.get("part") == "dzad" else 0.0),
                 r.get("tiles", 1),
                 r.get("shifts", 1),
+                r.get("rw", 0.0),
+                r.get("k", 4),
             )
             out[key].append(r)
     return out
