@@ -70,7 +70,8 @@ class EvalPictures:
             yield Path(tmp) / f"{category}.npy"
 
     def add(self, samples: Sequence[Sample], rows: Sequence[dict[str, Any]], maps) -> None:
-        """One category: ``maps`` ``(n, H, W)`` in ``rows`` / ``samples`` order."""
+        """One category (a regime: one scored batch): ``maps`` ``(n, H, W)`` in ``rows`` /
+        ``samples`` order, on the latest scale (:meth:`new_scale`)."""
         for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
             path = Path(sample.path)
             name = path.relative_to(self.root) if path.is_relative_to(self.root) else path.name
