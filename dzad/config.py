@@ -231,6 +231,7 @@ class RegimeConfig:
     dzad_tiles: int = 1  # DZAD copy: n x n tiles per image at its own size (finer map); 1 = whole
     few_shot_k: int = 4  # evaluate --few-shot default
     few_shot_draws: int = 3  # seeded draws of the references (mean +- std over draws)
+    mask_k: float = 3.0  # predicted region: map > median + mask_k scaled MADs of the batch's maps
     max_images: int = 0  # regimes stage: seeded subset of test images per category; 0 = all
     seed: int = 0  # test subset, groups, reference draws, adaptation noise
 
@@ -374,6 +375,7 @@ RANGES: dict[str, Bound] = {
     "evaluate.control_local_pool": _POS,
     "evaluate.mutual_fraction": _OPEN_UNIT,
     "regime.dzad_tiles": _POS,
+    "regime.mask_k": Bound(0, lo_open=True),
     "tracking.flush_every": _POS,
 }
 

@@ -181,7 +181,9 @@ def evaluate(
     rule = decision_threshold(model)
     # pictures are named by their path under the data (a FolderSet's: under its folders' parent)
     pics = (
-        EvalPictures(model, root.root if folders else root, rule, save_masks) if pictures else None
+        EvalPictures.calibrated(model, root.root if folders else root, rule, save_masks)
+        if pictures
+        else None
     )
     cats = [root.category] if folders else list(categories) or list_categories(root)
     data_cfg = replace(model.cfg.data, skip_bad=False)  # unreadable files: _drop_unreadable

@@ -15,7 +15,13 @@ Per category, the test images are loaded at ``regime.image_size`` (masks too) an
 ``metrics.json`` has the layout of :func:`dzad.evaluation_outputs.assemble` (``categories``,
 ``mean``, ``variants`` = each signal alone, ``controls``) plus ``regime`` (the label every table
 must carry) and the regime's settings under ``protocol``; ``scores.csv`` has one row per image (and
-draw). Every file is written atomically.
+draw), its decision by the scored batch's own outlier rule (:func:`dzad.regimes.image_rule`).
+
+With ``pictures``, the regime's fused maps get the per-image pictures and ``report.html`` of a
+per-image evaluation (:class:`dzad.evaluation_pictures.EvalPictures`; few-shot: of draw 0 only),
+one colour scale per scored batch starting at its label-free map threshold
+(:func:`dzad.regimes.map_level`); ``save_masks`` adds the predicted masks (``masks/``). Every file
+is written atomically.
 """
 
 from __future__ import annotations
@@ -38,11 +44,21 @@ from dzad.data.dataset import ImageDataset, Sample, collect_samples, list_catego
 from dzad.errors import DZADInputError
 from dzad.evaluation import category_samples
 from dzad.evaluation_outputs import assemble, metrics_frame
+from dzad.evaluation_pictures import EvalPictures
 from dzad.io_utils import atomic_write_text
 from dzad.metrics import PIXEL_METRICS, MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import rescore_images, upsample
-from dzad.regimes import REGIME_LABELS, Scored, score_batch, score_few_shot
+from dzad.regimes import (
+    IMAGE_OUTLIER_K,
+    REGIME_LABELS,
+    Scored,
+    image_rule,
+    map_level,
+    score_batch,
+    score_few_shot,
+)
+from dzad.run_panels import FILES as PICTURE_FILES
 
 CONTROL_LABELS = {
     "mutual": "control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)",
@@ -105,12 +121,45 @@ def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[
     return out
 
 
+def _rows(
+    samples: Sequence[Sample], labels: torch.Tensor, draw: int | str, scores: torch.Tensor
+) -> list[dict[str, Any]]:
+    """Rows of ``scores.csv`` for one scored batch; ``image_score``, ``normalised_score`` and
+    ``category`` / ``defect`` are for its pictures and report."""
+    rule = image_rule(scores)
+    rows = []
+    for s, y, score in zip(samples, labels.tolist(), scores.tolist(), strict=True):
+        decision = "anomalous" if score > rule.value else "normal"
+        rows.append(
+            {"path": str(s.path), "label": int(y), "draw": draw, "score": score,
+             "decision": decision, "image_score": score, "normalised_score": rule.normalise(score),
+             "category": s.category, "defect": s.defect}
+        )  # fmt: skip
+    return rows
+
+
+def _pictures(
+    pics: EvalPictures | None, samples: Sequence[Sample], rows: list[dict[str, Any]],
+    scored: Scored, rc: RegimeConfig, shown: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """One scored batch's pictures on its own scale and map threshold; their rows join
+    ``shown``."""
+    if pics is None:
+        return
+    pics.new_scale(map_level(scored.maps, rc))
+    pics.add(samples, rows, scored.maps[:, 0].float().numpy())
+    shown += rows
+
+
 def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
 
 
-def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, paths, memo):
+def _batch_category(
+    model, backbone, rc, images, masks, labels, pixel, rows, samples, memo, pics, shown
+):  # fmt: skip
     accs: dict[str, MetricAccumulator] = {}
+    paths = [str(s.path) for s in samples]
     for group in seeded_groups(len(images), rc.group_size, rc.seed):
         x, m, y = images[group], masks[group], labels[group]
         key = ("batch", tuple(paths[j] for j in group))
@@ -121,17 +170,17 @@ def _batch_category(model, backbone, rc, images, masks, labels, pixel, rows, pat
         _accumulate(accs, "control:mutual", y, c_s, m, c_m, pixel)
         for k, (s, mp) in _part_grids_to_maps(scored, x.shape[-1]).items():
             _accumulate(accs, f"part:{k}", y, s, m, mp, pixel)
-        for i, j in enumerate(group):
-            rows.append(
-                {"path": paths[j], "label": int(y[i]), "draw": "", "score": float(scored.scores[i])}
-            )
+        batch = [samples[j] for j in group]
+        group_rows = _rows(batch, y, "", scored.scores)
+        rows += group_rows
+        _pictures(pics, batch, group_rows, scored, rc, shown)
     return [_results(accs, pixel)]
 
 
 def _few_shot_category(
-    model, backbone, rc, images, masks, labels, pixel, rows, paths, train, k, memo
+    model, backbone, rc, images, masks, labels, pixel, rows, samples, train, k, memo, pics, shown
 ):  # fmt: skip
-    draws = []
+    draws, paths = [], [str(s.path) for s in samples]
     for d in range(rc.few_shot_draws):
         refs = draw_references(train, k, rc.seed + d)
         ref_ds = ImageDataset(refs, rc.image_size, model.cfg.data)
@@ -151,12 +200,30 @@ def _few_shot_category(
         _accumulate(accs, "control:fewshot_patchcore", labels, ctrl.scores, masks, ctrl.maps, pixel)
         for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
-        for i, p in enumerate(paths):
-            rows.append(
-                {"path": p, "label": int(labels[i]), "draw": d, "score": float(scored.scores[i])}
-            )
+        draw_rows = _rows(samples, labels, d, scored.scores)
+        rows += draw_rows
+        if d == 0:  # the pictures show the first draw's maps
+            _pictures(pics, samples, draw_rows, scored, rc, shown)
         draws.append(_results(accs, pixel))
     return draws
+
+
+def _regime_pictures(
+    root: Path, rc: RegimeConfig, mode: str, mask_threshold: int, save_masks: bool
+) -> EvalPictures:
+    """The pictures of a regime evaluation: what its report states about decisions and maps."""
+    settings = {
+        "regime": REGIME_LABELS[mode],
+        "decision": f"image score > median + {IMAGE_OUTLIER_K:g} scaled MADs of the image scores "
+        "of its scored batch (no labels)",
+        "normalised score": "0.5 at the decision threshold, spanning its batch's image scores",
+        "heat maps": f"the regime's fused map; one colour scale per scored batch, from its map "
+        f"threshold: median + {rc.mask_k:g} scaled MADs of all the batch's map values "
+        "(regime.mask_k; no labels)",
+    }
+    if mode == "few-shot":
+        settings["pictures"] = f"reference draw 0 of {rc.few_shot_draws}"
+    return EvalPictures(root, "image_score", save_masks, mask_threshold, settings)
 
 
 def _mean_std(draws: list[dict[str, dict[str, float]]], name: str) -> tuple[dict, dict]:
@@ -180,9 +247,13 @@ def evaluate_regime(
     skip_bad: bool = False,
     progress: Callable[[int], None] | None = None,
     memo: dict[tuple, Any] | None = None,
+    pictures: bool = False,
+    save_masks: bool = False,
 ) -> dict[str, Any]:
     """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw.
 
+    ``pictures``: per-image pictures of the regime's maps and ``report.html`` (few-shot: draw 0);
+    ``save_masks`` adds the predicted masks, thresholded per scored batch without labels.
     ``memo``: backbone grids by (regime, image paths[, reference paths]), filled and reused, so a
     caller scoring several models on the same images (a study's seeds) computes them once; the
     backbone, ``rc`` and the data settings must be the same for every call sharing it."""
@@ -194,6 +265,11 @@ def evaluate_regime(
     per_cat, std_cat, variants, ctrl = {}, {}, {}, {}
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts, rows = {}, []
+    if save_masks and not pictures:
+        raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
+    mask_threshold = model.cfg.data.mask_threshold
+    pics = _regime_pictures(root, rc, mode, mask_threshold, save_masks) if pictures else None
+    shown: list[dict[str, Any]] = []  # the rows that have pictures, in the order added
     for cat in cats:
         # the subset (eval_cfg.max_images) is the regime's: the same images for every checkpoint
         samples = category_samples(root, cat, eval_cfg, rc.seed, skip_bad)
@@ -202,19 +278,18 @@ def evaluate_regime(
             continue
         ds = ImageDataset(samples, rc.image_size, data_cfg)
         images, masks, labels = _load(ds)
-        paths = [str(s.path) for s in samples]
         pixel = all(s.mask_path is not None for s in samples if s.label == 1)
         if few_shot:
             train = collect_samples(root, (cat,), ("train",), skip_bad=skip_bad)
             if not train:
                 raise DZADInputError(root / cat, "few-shot needs train/good images to draw from")
             draws = _few_shot_category(
-                model, backbone, rc, images, masks, labels, pixel, rows, paths, train, few_shot,
-                memo,
+                model, backbone, rc, images, masks, labels, pixel, rows, samples, train, few_shot,
+                memo, pics, shown,
             )  # fmt: skip
         else:
             draws = _batch_category(
-                model, backbone, rc, images, masks, labels, pixel, rows, paths, memo
+                model, backbone, rc, images, masks, labels, pixel, rows, samples, memo, pics, shown
             )
         for name in draws[0]:
             mean, std = _mean_std(draws, name)
@@ -250,8 +325,11 @@ def evaluate_regime(
         "backbone": backbone.name,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    if pics is not None:
+        pics.finish(out_dir, shown, result)
     atomic_write_text(out_dir / "metrics.csv", metrics_frame(result).to_csv(index=False))
-    table = pd.DataFrame.from_records(rows, columns=["path", "label", "draw", "score"])
+    columns = ["path", "label", "draw", "score", "decision", *(PICTURE_FILES if pics else ())]
+    table = pd.DataFrame.from_records(rows, columns=columns)
     atomic_write_text(out_dir / "scores.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
     return result

@@ -13,6 +13,13 @@ batch (no labels), the DZAD map bilinearly resized onto the backbone grid, and t
 weights ``1 - w`` and ``w``. The image score is the max of the fused grid (MuSc), optionally
 re-scored among similar images (batch mode only). ``Scored.parts`` keeps each signal's own grid
 and image scores, so one run yields the ablation rows.
+
+Thresholds without labels (:func:`outlier_threshold`, one rule for both): an image is anomalous
+when its score is above the median plus 3 scaled MADs of the image scores of its scored batch
+(:func:`image_rule`); a pixel is in the predicted region when its map value is above the median
+plus ``regime.mask_k`` scaled MADs of every map value of the batch (:func:`map_level`). Both
+assume the anomalous images / pixels are a minority of the batch; the SOURCE-calibrated
+thresholds belong to the per-image scores and maps and do not apply here.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from torch import Tensor
 from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, stitch, to_tiles
 from dzad.backbones import Backbone
 from dzad.config import RegimeConfig
+from dzad.decisions import Threshold
 from dzad.model import DZAD
 from dzad.mutual_scoring import (
     mutual_patch_scores,
@@ -41,6 +49,7 @@ REGIME_LABELS = {
     "batch-zero-shot": "batch zero-shot",
     "few-shot": "few-shot",
 }
+IMAGE_OUTLIER_K = 3.0  # the image rule's scaled MADs (a regime's `--threshold auto`)
 
 
 @dataclass
@@ -61,6 +70,29 @@ def robust_scale(grid: Tensor) -> Tensor:
     med = flat.median()
     mad = (flat - med).abs().median().clamp_min(1e-8)
     return (grid.float() - med) / (1.4826 * mad)
+
+
+def outlier_threshold(values: Tensor, k: float) -> float:
+    """``median + k * 1.4826 * MAD`` over every element of ``values`` (any shape); the median of
+    an even count is the lower middle value (:meth:`torch.Tensor.median`)."""
+    flat = values.double().flatten()
+    med = flat.median()
+    return float(med + k * 1.4826 * (flat - med).abs().median())
+
+
+def image_rule(scores: Tensor, value: float | None = None) -> Threshold:
+    """The decision ``image_score > value`` for the image scores ``(B,)`` of one scored batch;
+    ``value`` None: the batch's outlier threshold (:data:`IMAGE_OUTLIER_K`). The normalised
+    score spans the batch's own scores (no SOURCE references apply to a regime's scores)."""
+    thr = outlier_threshold(scores, IMAGE_OUTLIER_K) if value is None else value
+    return Threshold("image_score", thr, float(scores.min()), float(scores.max()))
+
+
+def map_level(maps: Tensor, cfg: RegimeConfig) -> float:
+    """The map threshold of one scored batch's maps ``(B,1,S,S)``: above it a pixel is in the
+    predicted region (pictures, ``--save-masks``); ``cfg.mask_k`` scaled MADs above the median
+    of all its pixels."""
+    return outlier_threshold(maps, cfg.mask_k)
 
 
 def fuse(backbone_grid: Tensor, dzad_grid: Tensor | None, weight: float) -> Tensor:

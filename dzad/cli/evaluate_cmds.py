@@ -75,9 +75,11 @@ def evaluate_cmd(
     random_backbone: bool = typer.Option(False, help="Random backbone weights (tests only)."),
     batch_size: int = typer.Option(None, min=1, help="Images per forward."),
     max_images: int = typer.Option(None, min=0, help="Seeded subset per category (0 = all)."),
-    save_maps: bool = typer.Option(False, help="Write maps/<category>.npy."),
+    save_maps: bool = typer.Option(False, help="Write maps/<category>.npy (zero-shot only)."),
     save_masks: bool = typer.Option(
-        False, help="Also write the predicted defect regions (binary PNG) under masks/."
+        False,
+        help="Also write the predicted defect regions (binary PNG) under masks/ (a regime: "
+        "thresholded per scored batch without labels, regime.mask_k).",
     ),
     skip_bad: bool = typer.Option(False, help="Warn about and skip unreadable files."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json only."),
@@ -107,6 +109,8 @@ def evaluate_cmd(
     if batch_zero_shot and few_shot:
         raise typer.BadParameter("choose one regime: --batch-zero-shot or --few-shot K")
     regime = batch_zero_shot or few_shot
+    if regime and save_maps:
+        raise typer.BadParameter("--save-maps is per image (zero-shot) only; not with a regime")
     test_set = _test_set(data, normal, abnormal, masks, categories, regime, skip_bad)
     check_regime_sources(regime_params, config, set_)
     check_writable(out)  # before the model is loaded and anything evaluated
@@ -130,7 +134,7 @@ def evaluate_cmd(
         if batch_zero_shot or few_shot:
             result = _evaluate_regime(
                 dzad, data, stage, split_list(categories), regime_params, eval_cfg, few_shot,
-                batch_size, max_images, skip_bad, json_out,
+                batch_size, max_images, skip_bad, json_out, save_masks,
             )  # fmt: skip
         else:
             result = _evaluate_zero_shot(
@@ -230,9 +234,10 @@ def _evaluate_zero_shot(
 
 def _evaluate_regime(
     dzad, data, out, cats, regime_params, eval_cfg, few_shot, batch_size, max_images, skip_bad,
-    json_out,
+    json_out, save_masks,
 ) -> dict[str, Any]:  # fmt: skip
-    """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`)."""
+    """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`), with
+    the pictures and report.html of the regime's maps (few-shot: the first reference draw's)."""
     from dzad.data.dataset import list_categories
     from dzad.evaluation import category_samples, control_backbone
     from dzad.regime_evaluation import evaluate_regime
@@ -248,6 +253,7 @@ def _evaluate_regime(
     with prog:
         result = evaluate_regime(
             dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,
-            few_shot=few_shot, skip_bad=skip_bad, progress=prog.advance,
+            few_shot=few_shot, skip_bad=skip_bad, progress=prog.advance, pictures=True,
+            save_masks=save_masks,
         )  # fmt: skip
     return result

@@ -120,8 +120,6 @@ def score_cmd(
         dzad = load_model(model, random_backbone, changes)
         apply_options(dzad)
         if batch_zero_shot or reference is not None:
-            if save_masks:
-                raise DZADInputError(model, "--save-masks: the regimes' maps have no map threshold")
             from dzad.cli.score_regimes import score_regime
 
             rc = regime_config(dzad, regime_params)
@@ -132,9 +130,14 @@ def score_cmd(
             if not inputs:
                 raise DZADInputError(paths[0], "none of the given paths holds a readable image")
             skipped += bad
-            rows, maps, rule, regime = score_regime(dzad, rc, inputs, images, out, reference, thr)
-            collector = RunPictures(None, draw=pictures)
-            map_note = f"{regime}: one colour scale, no map threshold"
+            rows, maps, rule, level, regime = score_regime(
+                dzad, rc, inputs, images, out, reference, thr
+            )
+            collector = RunPictures(level, draw=pictures)
+            map_note = (
+                f"{regime}: map threshold {level:.4g}, median + {rc.mask_k:g} scaled MADs of all "
+                "the call's map values (regime.mask_k; no labels)"
+            )
             scored: Iterable = [(inputs, rows, maps, [])]
         else:
             rule, collector, map_note = run_pictures(dzad, thr, save_masks, model, pictures)

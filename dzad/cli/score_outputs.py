@@ -47,11 +47,11 @@ def print_scores(rows: list[dict[str, Any]], out: Path, threshold: str) -> None:
             table.add_row(name, "-", "-", "-", f"[yellow]skipped[/]: {r['error']}")
             continue
         colour = "red" if r["decision"] == "anomalous" else "green"
-        norm = r.get("normalised_score")
+        norm, detection = r.get("normalised_score"), r["detection_score"]
         table.add_row(
             name,
             f"{r['image_score']:.4f}",
-            f"{r['detection_score']:.4f}",
+            "-" if detection is None else f"{detection:.4f}",  # None: a regime's row
             "-" if norm is None else f"{norm:.2f}",
             f"[{colour}]{r['decision']}[/]",
         )

@@ -4,9 +4,11 @@ The images of the call are loaded at ``regime.image_size`` and scored together
 (:func:`dzad.regimes.score_batch`) or against the known-good images under ``--reference``
 (:func:`dzad.regimes.score_few_shot`). Decisions: a numeric ``--threshold`` on the image score, or
 with ``auto`` the batch's own outlier rule (image score above the median plus 3 scaled MADs of the
-call's image scores), since the SOURCE-calibrated tau belongs to the per-image detection score.
-The normalised score spans the call's own image scores; the maps (backbone distances, fused with
-the adapted DZAD excess) have no calibrated map threshold, so their pictures show no region.
+call's image scores, :func:`dzad.regimes.image_rule`), since the SOURCE-calibrated tau belongs to
+the per-image detection score. The normalised score spans the call's own image scores. The maps
+(backbone distances, fused with the adapted DZAD excess) have no calibrated map threshold either:
+their pictures' region and ``--save-masks`` use the call's own, the median plus ``regime.mask_k``
+scaled MADs of all its map values (:func:`dzad.regimes.map_level`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,7 @@ import torch
 from dzad.cli.score_inputs import ScoreInput, collect_inputs, decode_batch
 from dzad.decisions import Threshold
 from dzad.errors import DZADInputError
-from dzad.regimes import REGIME_LABELS, score_batch, score_few_shot
-
-
-def outlier_threshold(scores: torch.Tensor) -> float:
-    """``median + 3 * 1.4826 * MAD`` of ``scores`` ``(B,)``: the ``auto`` rule of the regimes."""
-    med = scores.median()
-    return float(med + 3 * 1.4826 * (scores - med).abs().median())
+from dzad.regimes import REGIME_LABELS, image_rule, map_level, score_batch, score_few_shot
 
 
 def score_regime(
@@ -37,10 +33,10 @@ def score_regime(
     out: Path,
     reference: Path | None,
     threshold: float | None,
-) -> tuple[list[dict[str, Any]], np.ndarray, Threshold, str]:
+) -> tuple[list[dict[str, Any]], np.ndarray, Threshold, float, str]:
     """``inputs`` (decoded: ``images`` ``(B,3,S,S)`` at ``rc.image_size``) scored as one batch
     (or against ``reference``): their rows of ``scores.csv``, their maps ``(B, h, w)``, the
-    decision rule and the regime's label."""
+    decision rule, the map threshold and the regime's label."""
     from dzad.evaluation import control_backbone
 
     resample = dzad.cfg.data.resample
@@ -55,9 +51,7 @@ def score_regime(
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
-    thr = outlier_threshold(scored.scores) if threshold is None else threshold
-    scores = scored.scores.double()
-    rule = Threshold("image_score", thr, float(scores.min()), float(scores.max()))
+    rule = image_rule(scored.scores, threshold)
     rows = []
     for k, item in enumerate(inputs):
         score = float(scored.scores[k])
@@ -65,7 +59,8 @@ def score_regime(
             "path": item.shown,
             "image_score": score,
             "detection_score": None,  # the per-image eq. 13 score is not computed here
-            "decision": "anomalous" if score > thr else "normal",
+            "decision": "anomalous" if score > rule.value else "normal",
         }
         rows.append({**row, "normalised_score": rule.normalise(score)})
-    return rows, scored.maps[:, 0].float().numpy(), rule, REGIME_LABELS[mode]
+    maps = scored.maps[:, 0].float().numpy()
+    return rows, maps, rule, map_level(scored.maps, rc), REGIME_LABELS[mode]
