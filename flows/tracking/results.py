@@ -1,8 +1,9 @@
-"""Evaluation results in a run: metric names, AUROC tables (CSV + Markdown) and the files of an
-evaluation folder as artifacts."""
+"""Evaluation results in a run: metric names, AUROC tables (CSV + Markdown), the files of an
+evaluation folder as artifacts and the scoring regimes' metrics and table."""
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Mapping
@@ -111,3 +112,33 @@ def log_evaluation(
         if path.suffix not in _NOT_LOGGED and not path.name.startswith("."):
             where = path.parent.relative_to(eval_dir).as_posix()
             c.log_artifact(rid, str(path), posixpath.join("evaluation", target, where).rstrip("/."))
+
+
+def regime_metrics(target: str, regime_dir: Path) -> dict[str, float]:
+    """:func:`evaluation_metrics` of each regime's ``summary.json`` in ``regime_dir`` (a folder of
+    ``dzad.study.seed_regimes.evaluate_regimes``), under ``regimes/<target>/<regime>/``, e.g.
+    ``regimes/mesh/few_shot/mean/pixel_auroc``, ``regimes/mesh/few_shot/controls/<name>/...``."""
+    from dzad.study.seed_evaluation import SUMMARY
+    from dzad.study.seed_regimes import regime_results
+
+    out: dict[str, float] = {}
+    for name in regime_results(regime_dir):
+        summary = json.loads((Path(regime_dir) / name / SUMMARY).read_text())
+        out.update(evaluation_metrics(_name("regimes", target, name), summary))
+    return out
+
+
+def log_regimes(
+    run: Any,
+    regime_dirs: Mapping[str, Path],
+    table: Any,
+    *,
+    cfg: DZADConfig | TrackingConfig | None = None,
+) -> None:
+    """Every target's :func:`regime_metrics` and ``tables/regimes.csv|md`` (``table``:
+    ``reports/regimes.md``'s, :func:`dzad.study.report_folder.regimes_table`)."""
+    metrics: dict[str, float] = {}
+    for target, folder in regime_dirs.items():
+        metrics.update(regime_metrics(target, folder))
+    log_metrics(run, cfg, metrics)
+    log_table(run, "regimes", table, cfg=cfg)
