@@ -249,9 +249,11 @@ def test_evaluate_stage_runs_the_regimes_like_the_dvc_stage(study, workdir, tmp_
     cfg = parameters.own_data(
         apply_overrides(parameters.load_params(TINY), Overrides(**SMALL)), Path("out/tiny")
     )
-    flow_dirs = {t: out / "regimes" / t for t in TARGETS}
-    dvc_dirs = {t: tmp_path / t for t in TARGETS}
-    for target in TARGETS:
+    targets = list(cfg.sets.targets)  # the table's column order
+    assert set(targets) == TARGETS
+    flow_dirs = {t: out / "regimes" / t for t in targets}
+    dvc_dirs = {t: tmp_path / t for t in targets}
+    for target in targets:
         evaluate_regimes(cfg, out / "models", target, dvc_dirs[target])
         files = sorted(p.relative_to(dvc_dirs[target]) for p in dvc_dirs[target].rglob("*.json"))
         assert [str(f) for f in files] == [
@@ -262,7 +264,7 @@ def test_evaluate_stage_runs_the_regimes_like_the_dvc_stage(study, workdir, tmp_
             want = dict(_leaves(json.loads((dvc_dirs[target] / rel).read_text())))
             assert got == pytest.approx(want), (target, rel)
 
-    table = regimes_table({t: out / "eval" / t for t in TARGETS}, dvc_dirs).to_markdown()
+    table = regimes_table({t: out / "eval" / t for t in targets}, dvc_dirs).to_markdown()
     assert (out / "regimes" / "regimes.md").read_text() == table
     assert _artifacts("tiny-regimes")[0].data == table
     run_id = study["result"]["mlflow_run_id"]
