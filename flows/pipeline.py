@@ -146,7 +146,7 @@ def regimes_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str)
     )
     table = regimes_table({t: out / "eval" / t for t in regime_dirs}, regime_dirs)
     table.write(out / "regimes", REGIMES_TABLE)
-    log_regimes(parent_run_id, regime_dirs, table, cfg=cfg)
+    log_regimes(parent_run_id, {r["target"]: r["summaries"] for r in done}, table, cfg=cfg)
     create_markdown_artifact(
         markdown=table.to_markdown(),
         key=artifact_key(cfg, REGIMES_TABLE),

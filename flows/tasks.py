@@ -26,10 +26,10 @@ from dzad.io_utils import sha256_file
 from dzad.study.ablations import ablate
 from dzad.study.data import prepare_data, preprocess_data
 from dzad.study.layout import checkpoints, with_seed
-from dzad.study.seed_evaluation import SUMMARY, evaluate_target
+from dzad.study.seed_evaluation import evaluate_target
 from dzad.study.seed_regimes import evaluate_regimes
 from dzad.study.seed_training import train_launched
-from dzad.study.summaries import KEY_METRICS
+from dzad.study.summaries import KEY_METRICS, jsonable
 from flows.tracking import registry
 from flows.tracking.results import log_evaluation, log_table
 from flows.tracking.runs import log_metrics, run_label, set_tags, start_run
@@ -205,10 +205,11 @@ def models_folder(models: Models) -> Path:
 def regimes_task(cfg: DZADConfig, models: Models, target: str, regime_dir: Path) -> dict[str, Any]:
     """Batch zero-shot and few-shot K on one target for every seed's checkpoint (the DVC
     ``regimes`` stage's function: one task per target, so the seeds share the backbone grids);
-    ``models`` carries the fingerprints, so a retrained model invalidates the cached result."""
+    ``models`` carries the fingerprints, so a retrained model invalidates the cached result.
+    Returns ``{"target", "summaries": {regime dir: summary}}`` as the ``summary.json`` files hold
+    them (undefined -> None)."""
     summaries = evaluate_regimes(cfg, models_folder(models), target, regime_dir)
-    prints = {name: sha256_file(regime_dir / name / SUMMARY) for name in summaries}
-    return {"target": target, "fingerprints": prints}
+    return {"target": target, "summaries": jsonable(summaries)}
 
 
 def ablation_arms(cfg: DZADConfig) -> list[dict[str, Any]]:

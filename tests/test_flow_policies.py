@@ -101,7 +101,8 @@ def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, 
     target onto ``<out>/<study>/regimes/<target>`` and logs the regimes table on the parent run;
     ``stage=train`` schedules none. Only the orchestrator and the subflow's bodies run."""
     models = {0: {"checkpoint": "ckpt/seed_0", "fingerprint": "f0", "run_id": None}}
-    task = _Stub([{"target": "done"}])
+    done = [{"target": t, "summaries": {"few_shot": {}}} for t in ("objects", "mesh")]
+    task = _Stub(done)
     table = SimpleNamespace(to_markdown=lambda: "| t |", write=lambda folder, stem: None)
     logged, artifacts = [], []
     parent = SimpleNamespace(info=SimpleNamespace(run_id="parent"))
@@ -116,7 +117,7 @@ def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, 
         "set_tags": lambda *a: None,
         "runnable_regimes": lambda ref: list(REGIME_DIRS),  # no dataset on disk here
         "regimes_table": lambda evals, dirs: table,
-        "log_regimes": lambda run, dirs, t, cfg: logged.append((run, dirs, t)),
+        "log_regimes": lambda run, summaries, t, cfg: logged.append((run, summaries, t)),
         "create_markdown_artifact": lambda **kw: artifacts.append(kw),
     }
     for name, stub in stubs.items():
@@ -129,8 +130,8 @@ def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, 
     assert given == models and targets == list(cfg.sets.targets) == ["objects", "mesh"]
     assert dirs == [out / "regimes" / t for t in targets]
     assert task.options[-1] == {"refresh_cache": True}  # nothing on disk: never trust a cache
-    assert result["regimes"] == [{"target": "done"}]
-    assert logged[-1] == ("parent", dict(zip(targets, dirs, strict=True)), table)
+    assert result["regimes"] == done
+    assert logged[-1] == ("parent", {t: {"few_shot": {}} for t in targets}, table)
     assert artifacts[-1]["key"] == "tiny-regimes" and artifacts[-1]["markdown"] == "| t |"
 
 

@@ -3,7 +3,6 @@ evaluation folder as artifacts and the scoring regimes' metrics and table."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from collections.abc import Mapping
@@ -114,31 +113,28 @@ def log_evaluation(
             c.log_artifact(rid, str(path), posixpath.join("evaluation", target, where).rstrip("/."))
 
 
-def regime_metrics(target: str, regime_dir: Path) -> dict[str, float]:
-    """:func:`evaluation_metrics` of each regime's ``summary.json`` in ``regime_dir`` (a folder of
-    ``dzad.study.seed_regimes.evaluate_regimes``), under ``regimes/<target>/<regime>/``, e.g.
+def regime_metrics(target: str, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """:func:`evaluation_metrics` of each regime's ``summary.json`` (``{regime dir: summary}``, as
+    ``dzad.study.seed_regimes.evaluate_regimes`` writes them) under ``regimes/<target>/<regime>/``:
     ``regimes/mesh/few_shot/mean/pixel_auroc``, ``regimes/mesh/few_shot/controls/<name>/...``."""
-    from dzad.study.seed_evaluation import SUMMARY
-    from dzad.study.seed_regimes import regime_results
-
     out: dict[str, float] = {}
-    for name in regime_results(regime_dir):
-        summary = json.loads((Path(regime_dir) / name / SUMMARY).read_text())
+    for name, summary in summaries.items():
         out.update(evaluation_metrics(_name("regimes", target, name), summary))
     return out
 
 
 def log_regimes(
     run: Any,
-    regime_dirs: Mapping[str, Path],
+    summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
     table: Any,
     *,
     cfg: DZADConfig | TrackingConfig | None = None,
 ) -> None:
-    """Every target's :func:`regime_metrics` and ``tables/regimes.csv|md`` (``table``:
-    ``reports/regimes.md``'s, :func:`dzad.study.report_folder.regimes_table`)."""
+    """:func:`regime_metrics` of every target (``summaries``: ``{target: {regime dir: summary}}``)
+    and ``tables/regimes.csv|md`` (``table``: ``reports/regimes.md``'s,
+    :func:`dzad.study.report_folder.regimes_table`)."""
     metrics: dict[str, float] = {}
-    for target, folder in regime_dirs.items():
-        metrics.update(regime_metrics(target, folder))
+    for target, by_regime in summaries.items():
+        metrics.update(regime_metrics(target, by_regime))
     log_metrics(run, cfg, metrics)
     log_table(run, "regimes", table, cfg=cfg)
