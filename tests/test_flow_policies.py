@@ -1,4 +1,4 @@
-"""The flows' retry, cache and ablation-arm rules, without a Prefect API (fast tier).
+"""The flows' retry, cache, ablation-arm and regimes-scheduling rules, without a Prefect API (fast
 
 tests/test_flows.py runs the flows for real (slow); these check the rules those runs rely on.
 """
