@@ -1,4 +1,5 @@
-"""The flows' retry, cache, ablation-arm and regimes-scheduling rules, without a Prefect API (fast
+"""The flows' retry, cache, ablation-arm and regimes-scheduling rules, without a Prefect API
+(fast tier).
 
 tests/test_flows.py runs the flows for real (slow); these check the rules those runs rely on.
 """
