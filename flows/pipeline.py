@@ -1,21 +1,22 @@
 """Prefect flows of DZAD: the orchestrator flow ``dzad`` and its stage subflows.
 
 ``dzad(stage=...)`` runs one study as far as ``stage``: ``train`` (prepare + preprocess the data,
-train every seed), ``evaluate`` (+ every target) or ``ablation`` (+ the ablation arms as mapped
-tasks, collected into one AUROC table). The three deployments of ``flows/serve.py`` differ only in
-that default. Tasks (:mod:`flows.tasks`) call :mod:`dzad.study` (the implementation the CLI and
-the DVC stages share) and :mod:`flows.tracking` (every MLflow call); this module only
-orchestrates: the stage flows and the orchestrator.
+train every seed), ``evaluate`` (+ every target, then its scoring regimes: the DVC ``regimes``
+stage) or ``ablation`` (+ the ablation arms as mapped tasks, collected into one AUROC table). The
+three deployments of ``flows/serve.py`` differ only in that default. Tasks (:mod:`flows.tasks`)
+call :mod:`dzad.study` (the implementation the CLI and the DVC stages share) and
+:mod:`flows.tracking` (every MLflow call); this module only orchestrates: the stage flows and the
+orchestrator.
 
 - Parameters (:mod:`flows.parameters`): ``params_file`` is parsed once per file content
   (:func:`dzad.config.load`); the other parameters override it (None keeps the file's value).
 - Retries: only on I/O tasks (downloads, registry) and only for ``OSError`` (network, disk).
-- Caching: training, evaluation and ablation arms are cached on their inputs (resolved config,
-  paths, upstream fingerprints), the task's source and the ``dzad`` code version; results persist in
-  ``<out_dir>/<study>/.prefect-results``, so a re-run after a crash reuses what finished. A cached
-  result is trusted only while the files it wrote still exist.
+- Caching: training, evaluation, regimes and ablation arms are cached on their inputs (resolved
+  config, paths, upstream fingerprints), the task's source and the ``dzad`` code version; results
+  persist in ``<out_dir>/<study>/.prefect-results``, so a re-run after a crash reuses what
+  finished. A cached result is trusted only while the files it wrote still exist.
 - MLflow: one parent run per flow run (same name); training, evaluation and every ablation arm are
-  nested runs; the collected ablation table is an artifact of the parent.
+  nested runs; the regimes' metrics and table and the collected ablation table are on the parent.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from prefect.runtime import flow_run
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text
 from dzad.overrides import Overrides, apply_overrides
-from dzad.study.layout import seed_dir
+from dzad.study.layout import seed_dir, target_ref
+from dzad.study.report_folder import regimes_table
+from dzad.study.seed_evaluation import SUMMARY
+from dzad.study.seed_regimes import runnable_regimes
 from dzad.study.seed_training import resumable
 from flows.parameters import (
     flow_run_name,
@@ -47,19 +51,22 @@ from flows.tasks import (
     ablation_arms,
     arm_task,
     evaluate_task,
+    models_folder,
     prepare_task,
     preprocess_task,
+    regimes_task,
     register_task,
     resolve_task,
     train_task,
 )
-from flows.tracking.results import log_table
+from flows.tracking.results import log_regimes, log_table
 from flows.tracking.runs import log_params, set_tags, start_run
 
 Stage = Literal["train", "evaluate", "ablation"]
 STAGES: tuple[Stage, ...] = ("train", "evaluate", "ablation")
 RESULTS_DIR = ".prefect-results"
 ABLATION_TABLE = "ablation_auroc"
+REGIMES_TABLE = "regimes"  # reports/regimes.md's name
 
 
 def _missing(paths: list[Path]) -> bool:
@@ -115,6 +122,39 @@ def evaluate_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str
     ).result()
 
 
+def _regime_files(cfg: DZADConfig, regime_dirs: dict[str, Path]) -> list[Path]:
+    """What a target's cached regimes stand for: each runnable regime's summary and seeds."""
+    files = []
+    for target, folder in regime_dirs.items():
+        for name in runnable_regimes(target_ref(cfg, target)):
+            files.append(folder / name / SUMMARY)
+            files += [seed_dir(folder / name, s) / "metrics.json" for s in cfg.seeds]
+    return files
+
+
+@flow(name="dzad-regimes", flow_run_name=stage_run_name("regimes"), validate_parameters=False)
+def regimes_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str) -> list[dict]:
+    """Batch zero-shot and few-shot K on every target, one mapped task per target (it scores every
+    seed); then ``reports/regimes.md``'s table (needs the evaluate stage's ``eval/<target>/``) in
+    ``regimes/``, on the parent run with the regimes' metrics, and in the Prefect UI."""
+    regime_dirs = {t: out / "regimes" / t for t in cfg.sets.targets}
+    refresh = _missing(_regime_files(cfg, regime_dirs))
+    done = (
+        regimes_task.with_options(refresh_cache=refresh)
+        .map(unmapped(cfg), unmapped(models), list(regime_dirs), list(regime_dirs.values()))
+        .result()
+    )
+    table = regimes_table({t: out / "eval" / t for t in regime_dirs}, regime_dirs)
+    table.write(out / "regimes", REGIMES_TABLE)
+    log_regimes(parent_run_id, {r["target"]: r["summaries"] for r in done}, table, cfg=cfg)
+    create_markdown_artifact(
+        markdown=table.to_markdown(),
+        key=artifact_key(cfg, REGIMES_TABLE),
+        description=f"The scoring regimes (macro means): {run_name('regimes', cfg)}",
+    )
+    return done
+
+
 @flow(name="dzad-ablation", flow_run_name=stage_run_name("ablation"), validate_parameters=False)
 def ablation_flow(
     cfg: DZADConfig, models: Models, evals: list[dict], out: Path, parent_run_id: str
@@ -124,8 +164,7 @@ def ablation_flow(
     if not arms:
         raise ValueError("no ablation arms: ablation.weightings and ablation.t_starts are empty")
     dirs = [out / "ablation" / "arms" / f"{a['kind']}_{a['value']}" for a in arms]
-    ckpts = [Path(m["checkpoint"]) for m in models.values()]
-    models_dir = ckpts[0] if len(ckpts) == 1 else ckpts[0].parent  # checkpoints() reads it
+    models_dir = models_folder(models)
     eval_dirs = {t: out / "eval" / t for t in dict.fromkeys(e["target"] for e in evals)}
     upstream = [m["fingerprint"] for m in models.values()] + [e["fingerprint"] for e in evals]
     run_arm = arm_task.with_options(refresh_cache=_missing([d / "ablation.csv" for d in dirs]))
@@ -145,15 +184,15 @@ def ablation_flow(
     log_table(parent_run_id, ABLATION_TABLE, table, cfg=cfg)
     create_markdown_artifact(  # the table in the Prefect UI (Artifacts tab of the flow run)
         markdown=table.to_markdown(index=False),
-        key=artifact_key(cfg),
+        key=artifact_key(cfg, ABLATION_TABLE),
         description=f"AUROC per ablation arm: {run_name('ablation', cfg)}",
     )
     return table
 
 
-def artifact_key(cfg: DZADConfig) -> str:
-    """Prefect artifact key of a study's ablation table (lowercase letters, digits, dashes)."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{cfg.study.lower()}-{ABLATION_TABLE.replace('_', '-')}")
+def artifact_key(cfg: DZADConfig, table: str) -> str:
+    """Prefect artifact key of a study's table (lowercase letters, digits, dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{cfg.study.lower()}-{table.replace('_', '-')}")
 
 
 def task_runner(dask_address: str | None) -> Any:
@@ -221,6 +260,7 @@ def dzad(
         if stage == "train":
             return result
         result["evaluations"] = evaluate_flow.with_options(**storage)(cfg, models, out, pid)
+        result["regimes"] = regimes_flow.with_options(**storage)(cfg, models, out, pid)
         if stage == "evaluate":
             return result
         options = {**storage, **({"task_runner": runner} if runner else {})}

@@ -27,8 +27,9 @@ from dzad.study.ablations import ablate
 from dzad.study.data import prepare_data, preprocess_data
 from dzad.study.layout import checkpoints, with_seed
 from dzad.study.seed_evaluation import evaluate_target
+from dzad.study.seed_regimes import evaluate_regimes
 from dzad.study.seed_training import train_launched
-from dzad.study.summaries import KEY_METRICS
+from dzad.study.summaries import KEY_METRICS, jsonable
 from flows.tracking import registry
 from flows.tracking.results import log_evaluation, log_table
 from flows.tracking.runs import log_metrics, run_label, set_tags, start_run
@@ -191,6 +192,24 @@ def evaluate_task(
         metrics = evaluate_target(Path(model["checkpoint"]), cfg, target, eval_dir)
         log_evaluation(run, target, metrics, eval_dir, cfg=cfg)
     return {"target": target, "seed": seed, "fingerprint": sha256_file(eval_dir / "metrics.json")}
+
+
+def models_folder(models: Models) -> Path:
+    """What :func:`dzad.study.layout.checkpoints` reads back as ``models``: the one checkpoint, or
+    the folder holding the seeds' ``seed_<s>/`` checkpoints."""
+    ckpts = [Path(m["checkpoint"]) for m in models.values()]
+    return ckpts[0] if len(ckpts) == 1 else ckpts[0].parent
+
+
+@task(name="regimes", task_run_name="regimes-{target}", **CACHED)
+def regimes_task(cfg: DZADConfig, models: Models, target: str, regime_dir: Path) -> dict[str, Any]:
+    """Batch zero-shot and few-shot K on one target for every seed's checkpoint (the DVC
+    ``regimes`` stage's function: one task per target, so the seeds share the backbone grids);
+    ``models`` carries the fingerprints, so a retrained model invalidates the cached result.
+    Returns ``{"target", "summaries": {regime dir: summary}}`` as the ``summary.json`` files hold
+    them (undefined -> None)."""
+    summaries = evaluate_regimes(cfg, models_folder(models), target, regime_dir)
+    return {"target": target, "summaries": jsonable(summaries)}
 
 
 def ablation_arms(cfg: DZADConfig) -> list[dict[str, Any]]:

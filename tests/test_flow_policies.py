@@ -1,17 +1,24 @@
-"""The flows' retry, cache and ablation-arm rules, without a Prefect API (fast tier).
+"""The flows' retry, cache, ablation-arm and regimes-scheduling rules, without a Prefect API
+(fast tier).
 
 tests/test_flows.py runs the flows for real (slow); these check the rules those runs rely on.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+from prefect import unmapped
 from prefect.states import Failed
 
 from dzad.overrides import Overrides, apply_overrides
-from flows import parameters, tasks
+from dzad.study.seed_regimes import REGIME_DIRS
+from flows import parameters, pipeline, tasks
 
 TINY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
 
@@ -68,3 +75,84 @@ def test_ablation_arms_and_each_arm_config_hold_one_setting():
         cfg, ablation=replace(cfg.ablation, weightings=(), t_starts=(), architecture=True)
     )
     assert tasks.ablation_arms(table3) == [{"kind": "architecture", "value": "table3"}]
+
+
+class _Stub:
+    """Stands in for a Prefect flow or task: ``with_options`` -> itself; calls and ``map`` are
+    recorded and return ``value`` (a call runs ``body`` when given: a flow's body, no engine)."""
+
+    def __init__(self, value: Any = None, body: Callable[..., Any] | None = None) -> None:
+        self.value, self.body, self.calls, self.options = value, body, [], []
+
+    def with_options(self, **options: Any) -> _Stub:
+        self.options.append(options)
+        return self
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls.append(args)
+        return self.body(*args) if self.body else self.value
+
+    def map(self, *args: Any) -> SimpleNamespace:
+        self.calls.append(tuple(a.value if isinstance(a, unmapped) else a for a in args))
+        return SimpleNamespace(result=lambda: self.value)
+
+
+def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, monkeypatch):
+    """``dzad(stage=evaluate|ablation)`` runs the regimes subflow, which maps one regimes task per
+    target onto ``<out>/<study>/regimes/<target>`` and logs the regimes table on the parent run;
+    ``stage=train`` schedules none. Only the orchestrator and the subflow's bodies run."""
+    models = {0: {"checkpoint": "ckpt/seed_0", "fingerprint": "f0", "run_id": None}}
+    done = [{"target": t, "summaries": {"few_shot": {}}} for t in ("objects", "mesh")]
+    task = _Stub(done)
+    table = SimpleNamespace(to_markdown=lambda: "| t |", write=lambda folder, stem: None)
+    logged, artifacts = [], []
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="parent"))
+    stubs = {
+        "train_flow": _Stub(models),
+        "evaluate_flow": _Stub([]),
+        "ablation_flow": _Stub(),
+        "regimes_flow": _Stub(body=pipeline.regimes_flow.fn),
+        "regimes_task": task,
+        "start_run": lambda *a, **k: contextlib.nullcontext(parent),
+        "log_params": lambda *a: None,
+        "set_tags": lambda *a: None,
+        "runnable_regimes": lambda ref: list(REGIME_DIRS),  # no dataset on disk here
+        "regimes_table": lambda evals, dirs: table,
+        "log_regimes": lambda run, summaries, t, cfg: logged.append((run, summaries, t)),
+        "create_markdown_artifact": lambda **kw: artifacts.append(kw),
+    }
+    for name, stub in stubs.items():
+        monkeypatch.setattr(pipeline, name, stub)
+    for stage, runs in (("train", 0), ("evaluate", 1), ("ablation", 2)):
+        result = pipeline.dzad.fn(stage=stage, params_file=str(TINY), out_dir=str(tmp_path))
+        assert len(task.calls) == runs, stage
+    out = tmp_path / "tiny"
+    cfg, given, targets, dirs = task.calls[-1]
+    assert given == models and targets == list(cfg.sets.targets) == ["objects", "mesh"]
+    assert dirs == [out / "regimes" / t for t in targets]
+    assert task.options[-1] == {"refresh_cache": True}  # nothing on disk: never trust a cache
+    assert result["regimes"] == done
+    assert logged[-1] == ("parent", {t: {"few_shot": {}} for t in targets}, table)
+    assert artifacts[-1]["key"] == "tiny-regimes" and artifacts[-1]["markdown"] == "| t |"
+
+
+def test_regimes_cache_key_follows_the_regime_settings_and_the_models():
+    cfg = parameters.load_params(TINY)
+    models = {0: {"checkpoint": "models/seed_0", "fingerprint": "f0", "run_id": "r"}}
+    ctx = SimpleNamespace(task=tasks.regimes_task)
+
+    def key(cfg, models) -> str:
+        inputs = {"cfg": cfg, "models": models, "target": "mesh", "regime_dir": Path("r/mesh")}
+        return tasks.regimes_task.cache_policy.compute_key(ctx, inputs, {})
+
+    base = key(cfg, models)
+    assert key(parameters.load_params(TINY), models) == base  # stable across calls
+    changed = [
+        replace(cfg, regime=replace(cfg.regime, few_shot_k=cfg.regime.few_shot_k + 1)),
+        replace(cfg, regime=replace(cfg.regime, dzad_weight=0.0)),
+        replace(cfg, regime=replace(cfg.regime, image_size=64)),
+    ]
+    for other in changed:
+        assert key(other, models) != base, other.regime
+    retrained = {0: {**models[0], "fingerprint": "f1"}}
+    assert key(cfg, retrained) != base

@@ -8,6 +8,7 @@ the retry, cache and arm rules they rely on (tests/test_flow_policies.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -25,6 +27,7 @@ import pytest
 import yaml
 
 from dzad.overrides import Overrides, apply_overrides
+from dzad.study.seed_regimes import REGIME_DIRS, evaluate_regimes
 from flows import parameters, pipeline, serve
 from flows import tasks as flow_tasks
 
@@ -95,6 +98,13 @@ def _artifact_table(run_id: str) -> pd.DataFrame:
         tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
     )
     return pd.read_csv(path, dtype={"setting": str})
+
+
+def _artifact_text(run_id: str, path: str) -> str:
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=path, tracking_uri=os.environ["MLFLOW_TRACKING_URI"]
+    )
+    return Path(local).read_text()
 
 
 def _artifacts(key: str) -> list:
@@ -216,6 +226,63 @@ def test_ablation_flow_maps_arms_and_logs_them(study, workdir):
     assert (workdir / "out" / "tiny" / "data" / "raw" / "datasets.json").is_file()
 
 
+def _leaves(x: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """``(path, value)`` of every leaf of a JSON document."""
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else None
+    if items is None:
+        yield path, x
+    for k, v in items or ():
+        yield from _leaves(v, (*path, k))
+
+
+@pytest.mark.slow
+def test_evaluate_stage_runs_the_regimes_like_the_dvc_stage(study, workdir, tmp_path):
+    """One regimes task per target wrote what ``dzad stage regimes`` (``evaluate_regimes``) writes
+    for the same config; the regimes table (reports/regimes.md's) is in ``regimes/``, on the parent
+    run with metrics named by target and regime, and in the Prefect UI."""
+    from dzad.study.report_folder import regimes_table
+
+    flow_run_id = study["state"].state_details.flow_run_id
+    names = {re.sub(r"-[0-9a-f]{3}$", "", n) for n in _subflow_task_runs(flow_run_id)}
+    assert {f"regimes-{t}" for t in TARGETS} <= names
+    out = workdir / "out" / "tiny"
+    cfg = parameters.own_data(
+        apply_overrides(parameters.load_params(TINY), Overrides(**SMALL)), Path("out/tiny")
+    )
+    targets = list(cfg.sets.targets)  # the table's column order
+    assert set(targets) == TARGETS
+    flow_dirs = {t: out / "regimes" / t for t in targets}
+    dvc_dirs = {t: tmp_path / t for t in targets}
+    for target in targets:
+        evaluate_regimes(cfg, out / "models", target, dvc_dirs[target])
+        files = sorted(p.relative_to(dvc_dirs[target]) for p in dvc_dirs[target].rglob("*.json"))
+        assert [str(f) for f in files] == [
+            f"{r}/{f}" for r in REGIME_DIRS for f in ("seed_0/metrics.json", "summary.json")
+        ]
+        for rel in files:
+            got = dict(_leaves(json.loads((flow_dirs[target] / rel).read_text())))
+            want = dict(_leaves(json.loads((dvc_dirs[target] / rel).read_text())))
+            assert got == pytest.approx(want), (target, rel)
+
+    table = regimes_table({t: out / "eval" / t for t in targets}, dvc_dirs).to_markdown()
+    assert (out / "regimes" / "regimes.md").read_text() == table
+    assert _artifacts("tiny-regimes")[0].data == table
+    run_id = study["result"]["mlflow_run_id"]
+    assert _artifact_text(run_id, "tables/regimes.md") == table
+    metrics = _mlflow().get_run(run_id).data.metrics
+    named = {tuple(k.split("/")[1:3]) for k in metrics if k.startswith("regimes/")}
+    assert named == {(t, r) for t in TARGETS for r in REGIME_DIRS}
+    for t, r in named:
+        summary = json.loads((dvc_dirs[t] / r / "summary.json").read_text())
+        mean = summary["dzad"]["pixel_auroc"]["mean"]
+        assert metrics[f"regimes/{t}/{r}/mean/pixel_auroc"] == pytest.approx(mean)
+        control = next(iter(summary["controls"]))
+        mean = summary["controls"][control]["image_auroc"]["mean"]
+        assert metrics[f"regimes/{t}/{r}/controls/{control}/mean/image_auroc"] == pytest.approx(
+            mean
+        )
+
+
 @pytest.mark.slow
 def test_rerun_reuses_cached_results(study, workdir):
     ckpt = Path(study["result"]["models"][0]["checkpoint"]) / "dzad.json"
@@ -223,14 +290,20 @@ def test_rerun_reuses_cached_results(study, workdir):
     state = _run(stage="ablation")
     assert state.is_completed(), state.message
     tasks = _subflow_task_runs(state.state_details.flow_run_id)
-    expensive = {n: s for n, s in tasks.items() if n.startswith(("train-", "evaluate-", "arm-"))}
-    assert len(expensive) == 1 + len(TARGETS) + len(ARMS)
+    kinds = ("train-", "evaluate-", "regimes-", "arm-")
+    expensive = {n: s for n, s in tasks.items() if n.startswith(kinds)}
+    assert len(expensive) == 1 + 2 * len(TARGETS) + len(ARMS)
     assert set(expensive.values()) == {"Cached"}
     assert ckpt.stat().st_mtime_ns == before
     result = state.result()
     assert _children(result["mlflow_run_id"]) == []  # nothing reran, so no nested run
     first = pd.read_csv(study["result"]["table"], dtype={"setting": str})
     pd.testing.assert_frame_equal(_artifact_table(result["mlflow_run_id"]), first)
+    # cached regimes are logged on the new parent run too
+    assert (
+        "regimes/mesh/few_shot/mean/image_auroc"
+        in _mlflow().get_run(result["mlflow_run_id"]).data.metrics
+    )
 
 
 @pytest.mark.slow

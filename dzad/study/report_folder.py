@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dzad.config import DZADConfig
 from dzad.io_utils import atomic_dir, atomic_write_text
@@ -13,6 +13,9 @@ from dzad.study.ablations import ABLATION_JSON, plot_timesteps, timesteps_table
 from dzad.study.seed_evaluation import first_seed_scores, seed_results
 from dzad.study.seed_regimes import regime_results
 from dzad.study.summaries import KEY_METRICS
+
+if TYPE_CHECKING:
+    from dzad.reports import Table
 
 VARIANT_LABELS = {
     "map_score": "DZAD (map score)",
@@ -73,6 +76,17 @@ def regime_runs(eval_dir: Path, regime_dir: Path) -> dict[str, list[dict[str, An
     return runs
 
 
+def regimes_table(eval_dirs: dict[str, Path], regime_dirs: dict[str, Path]) -> Table:
+    """``reports/regimes.md``'s table: columns ``<target>: <metric>`` (macro means over categories,
+    ± std over seeds), rows :func:`regime_runs` (zero-shot, then each regime, with controls).
+    ``eval_dirs`` / ``regime_dirs``: ``{target: folder}`` of ``evaluate_seeds`` /
+    ``evaluate_regimes``."""
+    from dzad import reports
+
+    runs = {t: regime_runs(eval_dirs[t], d) for t, d in regime_dirs.items()}
+    return reports.summary_table(runs, controls=False)
+
+
 def report(
     cfg: DZADConfig,
     eval_dirs: dict[str, Path],
@@ -111,8 +125,7 @@ def report(
         reports.summary_table(runs_by_target).write(tmp, "summary")
         sections.insert(0, ("Summary: macro means over categories", "summary", None))
         if regime_dirs:
-            runs = {t: regime_runs(eval_dirs[t], d) for t, d in regime_dirs.items()}
-            reports.summary_table(runs, controls=False).write(tmp, "regimes")
+            regimes_table(eval_dirs, regime_dirs).write(tmp, "regimes")
             title = "The three scoring regimes: macro means over categories (each row its regime)"
             sections.insert(0, (title, "regimes", None))
         if _write_undefined(runs_by_target, tmp):

@@ -1,5 +1,5 @@
-"""Evaluation results in a run: metric names, AUROC tables (CSV + Markdown) and the files of an
-evaluation folder as artifacts."""
+"""Evaluation results in a run: metric names, AUROC tables (CSV + Markdown), the files of an
+evaluation folder as artifacts and the scoring regimes' metrics and table."""
 
 from __future__ import annotations
 
@@ -111,3 +111,30 @@ def log_evaluation(
         if path.suffix not in _NOT_LOGGED and not path.name.startswith("."):
             where = path.parent.relative_to(eval_dir).as_posix()
             c.log_artifact(rid, str(path), posixpath.join("evaluation", target, where).rstrip("/."))
+
+
+def regime_metrics(target: str, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """:func:`evaluation_metrics` of each regime's ``summary.json`` (``{regime dir: summary}``, as
+    ``dzad.study.seed_regimes.evaluate_regimes`` writes them) under ``regimes/<target>/<regime>/``:
+    ``regimes/mesh/few_shot/mean/pixel_auroc``, ``regimes/mesh/few_shot/controls/<name>/...``."""
+    out: dict[str, float] = {}
+    for name, summary in summaries.items():
+        out.update(evaluation_metrics(_name("regimes", target, name), summary))
+    return out
+
+
+def log_regimes(
+    run: Any,
+    summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    table: Any,
+    *,
+    cfg: DZADConfig | TrackingConfig | None = None,
+) -> None:
+    """:func:`regime_metrics` of every target (``summaries``: ``{target: {regime dir: summary}}``)
+    and ``tables/regimes.csv|md`` (``table``: ``reports/regimes.md``'s,
+    :func:`dzad.study.report_folder.regimes_table`)."""
+    metrics: dict[str, float] = {}
+    for target, by_regime in summaries.items():
+        metrics.update(regime_metrics(target, by_regime))
+    log_metrics(run, cfg, metrics)
+    log_table(run, "regimes", table, cfg=cfg)
