@@ -141,7 +141,8 @@ def main() -> None:
         tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
         tiles += "" if args.shifts == 1 else f"_s{args.shifts}"
         tiles += "" if args.k == 4 else f"_k{args.k}"
-        stem = Path(args.cache) / f"dz_{args.category}_{Path(ckpt).name}_{args.steps}{tiles}"
+        name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}{tiles}"
+        stem = Path(args.cache) / name
         tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts,
                "k": args.k}  # fmt: skip
         if "batch" in args.regimes:

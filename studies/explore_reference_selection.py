@@ -90,7 +90,7 @@ def grid_for(pairs: dict, keep: Tensor, rc: RegimeConfig, side: int) -> Tensor:
 
 def dzad_batch_grids(args, ckpt: str) -> list[Tensor]:
     """The cached batch DZAD grids ``[(B, h', w')]`` per group of ``explore_fusions.py``."""
-    name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}.batch.pt"
+    name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}.batch.pt"
     return torch.load(Path(args.cache) / name)
 
 
