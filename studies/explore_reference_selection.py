@@ -113,7 +113,7 @@ def main() -> None:
     emit(what="pair_seconds", seconds=round(time.time() - t0, 1))
     order = torch.cat([g["index"] for g in cache["groups"]])
     lab, msk = labels[order], masks[order]
-    glob = torch.cat([g["glob"] for g in cache["groups"]])
+    glob = [g["glob"] for g in cache["groups"]]
     side = cache["groups"][0]["grids"][rc.degrees[0]].shape[-1]
     everyone = [grid_for(p, torch.ones(len(g["index"]), dtype=torch.bool), rc, side)
                 for p, g in zip(pairs, cache["groups"], strict=True)]  # fmt: skip

@@ -36,11 +36,15 @@ from dzad.regime_evaluation import draw_references, seeded_groups
 from dzad.regimes import dzad_grids, fuse
 
 
-def metrics(labels, grids, masks, size, glob=None, k=0) -> dict[str, float]:
+def metrics(labels, grids, masks, size, globs=None, k=0) -> dict[str, float]:
+    """Image / pixel AUROC and AUPRO of ``grids`` ``(B,h,w)``; ``globs``: the descriptors of each
+    scored group in order (their sizes split the batch), so that images are re-scored among their
+    own group only, as :func:`dzad.regimes.score_batch` does."""
     acc = MetricAccumulator()
     scores = grids.flatten(1).amax(1)
-    if glob is not None:
-        scores = rescore_images(scores, glob, k)
+    if globs is not None:
+        parts = scores.split([len(g) for g in globs])
+        scores = torch.cat([rescore_images(s, g, k) for s, g in zip(parts, globs, strict=True)])
     acc.add(labels, scores, masks, upsample(grids, size))
     r = acc.result()
     return {m: round(float(r[m]), 4) for m in ("image_auroc", "pixel_auroc", "aupro")}
@@ -143,7 +147,7 @@ def main() -> None:
     # batch zero-shot, backbone only (= the mutual control): degrees and re-scoring
     order = torch.cat([g["index"] for g in cache["groups"]])
     lab, msk = labels[order], masks[order]
-    glob = torch.cat([g["glob"] for g in cache["groups"]])
+    glob = [g["glob"] for g in cache["groups"]]
     for degs in [(1,), (3,), tuple(rc.degrees)]:
         grid = torch.cat(
             [torch.stack([g["grids"][r] for r in degs]).mean(0) for g in cache["groups"]]
