@@ -64,20 +64,24 @@ class Scored:
     descriptors: Tensor | None = None  # (B, D) global features (batch mode's re-scoring)
 
 
+def _median_mad(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Median and MAD over every element of ``values`` (any shape); the median of an even count is
+    the lower middle value (:meth:`torch.Tensor.median`)."""
+    flat = values.flatten()
+    med = flat.median()
+    return med, (flat - med).abs().median()
+
+
 def robust_scale(grid: Tensor) -> Tensor:
     """``(B,h,w)`` -> the same, minus its median over every patch of the batch, over its MAD."""
-    flat = grid.float().flatten()
-    med = flat.median()
-    mad = (flat - med).abs().median().clamp_min(1e-8)
-    return (grid.float() - med) / (1.4826 * mad)
+    med, mad = _median_mad(grid.float())
+    return (grid.float() - med) / (1.4826 * mad.clamp_min(1e-8))
 
 
 def outlier_threshold(values: Tensor, k: float) -> float:
-    """``median + k * 1.4826 * MAD`` over every element of ``values`` (any shape); the median of
-    an even count is the lower middle value (:meth:`torch.Tensor.median`)."""
-    flat = values.double().flatten()
-    med = flat.median()
-    return float(med + k * 1.4826 * (flat - med).abs().median())
+    """``median + k * 1.4826 * MAD`` over every element of ``values`` (any shape)."""
+    med, mad = _median_mad(values.double())
+    return float(med + k * 1.4826 * mad)
 
 
 def image_rule(scores: Tensor, value: float | None = None) -> Threshold:

@@ -45,11 +45,6 @@ from dzad.mutual_scoring import upsample
 from dzad.regimes import dzad_grids, fuse, robust_scale
 
 
-def _z(x: Tensor) -> Tensor:
-    med = x.median()
-    return (x - med) / (1.4826 * (x - med).abs().median()).clamp_min(1e-8)
-
-
 def reweight(bb: Tensor, dz: Tensor, w: float) -> Tensor:
     """``bb`` ``(B,h,w)`` amplified where the DZAD grid ``dz`` ``(B,h',w')`` is high."""
     d = F.interpolate(dz[:, None].float(), size=bb.shape[-2:], mode="bilinear")[:, 0]
@@ -58,7 +53,7 @@ def reweight(bb: Tensor, dz: Tensor, w: float) -> Tensor:
 
 def image_mix(grid: Tensor, dz: Tensor, w: float) -> Tensor:
     """Image scores ``(B,)``: the map's max and the DZAD grid's max, each z-scored, mixed."""
-    return (1 - w) * _z(grid.flatten(1).amax(1)) + w * _z(dz.flatten(1).amax(1).float())
+    return (1 - w) * robust_scale(grid.flatten(1).amax(1)) + w * robust_scale(dz.flatten(1).amax(1))
 
 
 def score(labels, grid, masks, size, image: Tensor | None = None) -> dict[str, float]:

@@ -101,15 +101,21 @@ def _no_model(*_a, **_k):
     raise AssertionError("a refused setting must stop before the model loads")
 
 
-@pytest.mark.parametrize("command", ["score", "evaluate"])
-def test_scoring_refuses_settings_the_checkpoint_fixes(
-    command, tmp_path, monkeypatch, tiny_checkpoint
-):
+def _refusal_args(command, tmp_path, monkeypatch, checkpoint) -> list[str]:
+    """``dzad score IMAGE`` / ``dzad evaluate --data ROOT`` on ``checkpoint`` into ``out/``, with
+    loading the model made an error: whatever is refused must stop before it."""
     monkeypatch.setattr(f"dzad.cli.{command}_cmds.load_model", _no_model)
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)
     head = ["score", str(image)] if command == "score" else ["evaluate", "--data", str(tmp_path)]
-    base = [*head, "-m", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    return [*head, "-m", str(checkpoint), "--out", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize("command", ["score", "evaluate"])
+def test_scoring_refuses_settings_the_checkpoint_fixes(
+    command, tmp_path, monkeypatch, tiny_checkpoint
+):
+    base = _refusal_args(command, tmp_path, monkeypatch, tiny_checkpoint)
     for key in ("train.steps=5", "model.profile=demo", "detection.threshold_quantile=0.9"):
         line = _error_line(runner.invoke(app, [*base, "-S", key]))
         assert key.split("=")[0] in line and "fixed by the checkpoint" in line
@@ -125,13 +131,9 @@ def test_regime_params_and_config_or_set_regime_are_refused_together(
     command, tmp_path, monkeypatch, tiny_checkpoint
 ):
     """Both set the regime section: one of them would silently win, so the pair stops the run."""
-    monkeypatch.setattr(f"dzad.cli.{command}_cmds.load_model", _no_model)
-    image = tmp_path / "a.png"
-    Image.new("RGB", (8, 8)).save(image)
+    base = _refusal_args(command, tmp_path, monkeypatch, tiny_checkpoint)
     params = tmp_path / "regime.yaml"
     params.write_text("regime: {dzad_weight: 0.25}\n")
-    head = ["score", str(image)] if command == "score" else ["evaluate", "--data", str(tmp_path)]
-    base = [*head, "-m", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
     base += ["--batch-zero-shot", "--regime-params", str(params)]
     for extra in (["-S", "regime.dzad_weight=0.5"], ["--config", str(params)]):
         result = runner.invoke(app, [*base, *extra])

@@ -181,22 +181,36 @@ def _staged(out: Path) -> Iterator[Path]:
         raise write_error(out, exc) from None
 
 
+def _categories(data: Path | FolderSet, cats: list[str]) -> list[str]:
+    """The categories to evaluate: a FolderSet's one, or ``cats`` (all when empty) under the
+    dataset root."""
+    from dzad.data.dataset import list_categories
+
+    if isinstance(data, FolderSet):
+        return [data.category]
+    if not data.is_dir():
+        raise DZADInputError(data, "dataset root is not a folder")
+    return cats or list_categories(data)
+
+
+def _progress(dzad, data, names: list[str], eval_cfg, skip_bad: bool, json_out: bool):
+    """The progress display over the test images of ``names`` the evaluation will score."""
+    from dzad.evaluation import category_samples
+
+    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
+    return progress(not json_out, total, "evaluating")
+
+
 def _evaluate_zero_shot(
     dzad, data, out, cats, source, save_maps, save_masks, skip_bad, json_out,
 ) -> dict[str, Any]:  # fmt: skip
     """Per-image (zero-shot) evaluation of ``data`` (a root or a FolderSet) into ``out``
     (:func:`dzad.evaluation.evaluate`); ``source``: ``(--source, --source-categories)`` of the
     controls."""
-    from dzad.data.dataset import list_categories
-    from dzad.evaluation import build_controls, category_samples, evaluate, source_batches
+    from dzad.evaluation import build_controls, evaluate, source_batches
 
     eval_cfg = dzad.cfg.evaluate  # --batch-size / --max-images / --controls: in the settings
-    if isinstance(data, FolderSet):
-        names = [data.category]
-    elif not data.is_dir():
-        raise DZADInputError(data, "dataset root is not a folder")
-    else:
-        names = cats or list_categories(data)
+    names = _categories(data, cats)
     fitted = None
     if eval_cfg.controls:
         refs = _source_refs(dzad, *source)
@@ -214,8 +228,7 @@ def _evaluate_zero_shot(
             eval_cfg,
             lambda: source_batches(refs, dzad.image_size, data_cfg, eval_cfg.batch_size),
         )
-    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
-    prog = progress(not json_out, total, "evaluating")
+    prog = _progress(dzad, data, names, eval_cfg, skip_bad, json_out)
     with prog:
         return evaluate(
             dzad,
@@ -238,18 +251,14 @@ def _evaluate_regime(
 ) -> dict[str, Any]:  # fmt: skip
     """``evaluate --batch-zero-shot`` / ``--few-shot K`` (:mod:`dzad.regime_evaluation`), with
     the pictures and report.html of the regime's maps (few-shot: the first reference draw's)."""
-    from dzad.data.dataset import list_categories
-    from dzad.evaluation import category_samples, control_backbone
+    from dzad.evaluation import control_backbone
     from dzad.regime_evaluation import evaluate_regime
 
     rc = regime_config(dzad, regime_params)
     given = (("batch_size", batch_size), ("max_images", max_images))
     eval_cfg = replace(eval_cfg, **{k: v for k, v in given if v is not None})
-    if not data.is_dir():
-        raise DZADInputError(data, "dataset root is not a folder")
-    names = cats or list_categories(data)
-    total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
-    prog = progress(not json_out, total, "evaluating")
+    names = _categories(data, cats)
+    prog = _progress(dzad, data, names, eval_cfg, skip_bad, json_out)
     with prog:
         result = evaluate_regime(
             dzad, control_backbone(dzad), data, names, out, rc, eval_cfg,

@@ -24,6 +24,7 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="study params file (
 MODELS = typer.Option(Path("models"), "--models", help="folder of seed_<s>/ checkpoints")
 EVAL_ROOT = typer.Option(Path("runs/eval"), "--eval-root", help="folder of <target>/ evaluations")
 PLOTS = typer.Option(Path("plots"), "--plots", help="folder of the DVC plot CSVs")
+METRICS = typer.Option(Path("metrics"), "--metrics", help="folder of DVC metrics")
 
 
 def _done(what: str, t0: float) -> None:
@@ -93,7 +94,7 @@ def evaluate_cmd(
     params: Path = PARAMS,
     models: Path = MODELS,
     eval_root: Path = EVAL_ROOT,
-    metrics: Path = typer.Option(Path("metrics"), "--metrics", help="folder of DVC metrics"),
+    metrics: Path = METRICS,
     plots: Path = PLOTS,
 ) -> None:
     """Evaluate every seed's checkpoint on one target; write DVC metrics and ROC/PR points."""
@@ -120,7 +121,7 @@ def regimes_cmd(
     out_root: Path = typer.Option(
         Path("runs/regimes"), "--out-root", help="folder of <target>/ regime evaluations"
     ),
-    metrics: Path = typer.Option(Path("metrics"), "--metrics", help="folder of DVC metrics"),
+    metrics: Path = METRICS,
 ) -> None:
     """Batch zero-shot and few-shot (K = regime.few_shot_k) on one target, with their controls."""
     from dzad.study.seed_regimes import evaluate_regimes, export_regimes
