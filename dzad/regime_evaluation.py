@@ -40,7 +40,7 @@ import torch
 from dzad.backbones import Backbone
 from dzad.category_run import why_undefined
 from dzad.config import RegimeConfig, to_dict
-from dzad.data.dataset import ImageDataset, Sample, collect_samples, list_categories
+from dzad.data.dataset import ImageDataset, Sample, TestSet, as_test_set, collect_samples
 from dzad.errors import DZADInputError
 from dzad.evaluation import category_samples
 from dzad.evaluation_outputs import assemble, metrics_frame
@@ -237,7 +237,7 @@ def _mean_std(draws: list[dict[str, dict[str, float]]], name: str) -> tuple[dict
 def evaluate_regime(
     model: DZAD,
     backbone: Backbone,
-    root: str | Path,
+    root: str | Path | TestSet,
     categories: Sequence[str],
     out_dir: str | Path,
     rc: RegimeConfig,
@@ -250,7 +250,9 @@ def evaluate_regime(
     pictures: bool = False,
     save_masks: bool = False,
 ) -> dict[str, Any]:
-    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw.
+    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw, on
+    the test split of ``categories`` (empty = all) of ``root``, an MVTec-layout root (a path or a
+    :class:`~dzad.data.dataset.MVTecRoot`: few-shot draws from its ``train/good``).
 
     ``pictures``: per-image pictures of the regime's maps and ``report.html`` (few-shot: draw 0);
     ``save_masks`` adds the predicted masks, thresholded per scored batch without labels.
@@ -258,9 +260,9 @@ def evaluate_regime(
     caller scoring several models on the same images (a study's seeds) computes them once; the
     backbone, ``rc`` and the data settings must be the same for every call sharing it."""
     memo = {} if memo is None else memo
-    root, out_dir = Path(root), Path(out_dir)
+    data, out_dir = as_test_set(root), Path(out_dir)
     mode = "few-shot" if few_shot else "batch-zero-shot"
-    cats = list(categories) or list_categories(root)
+    cats = data.categories(categories)
     data_cfg = replace(model.cfg.data, skip_bad=False)
     per_cat, std_cat, variants, ctrl = {}, {}, {}, {}
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
@@ -268,11 +270,11 @@ def evaluate_regime(
     if save_masks and not pictures:
         raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
     mask_threshold = model.cfg.data.mask_threshold
-    pics = _regime_pictures(root, rc, mode, mask_threshold, save_masks) if pictures else None
+    pics = _regime_pictures(data.root, rc, mode, mask_threshold, save_masks) if pictures else None
     shown: list[dict[str, Any]] = []  # the rows that have pictures, in the order added
     for cat in cats:
         # the subset (eval_cfg.max_images) is the regime's: the same images for every checkpoint
-        samples = category_samples(root, cat, eval_cfg, rc.seed, skip_bad)
+        samples = category_samples(data, cat, eval_cfg, rc.seed, skip_bad)
         if not samples:
             skipped["categories"][cat] = "no test images"
             continue
@@ -280,9 +282,11 @@ def evaluate_regime(
         images, masks, labels = _load(ds)
         pixel = all(s.mask_path is not None for s in samples if s.label == 1)
         if few_shot:
-            train = collect_samples(root, (cat,), ("train",), skip_bad=skip_bad)
+            train = collect_samples(data.root, (cat,), ("train",), skip_bad=skip_bad)
             if not train:
-                raise DZADInputError(root / cat, "few-shot needs train/good images to draw from")
+                raise DZADInputError(
+                    data.root / cat, "few-shot needs train/good images to draw from"
+                )
             draws = _few_shot_category(
                 model, backbone, rc, images, masks, labels, pixel, rows, samples, train, few_shot,
                 memo, pics, shown,
@@ -309,14 +313,14 @@ def evaluate_regime(
         if progress is not None:
             progress(len(samples))
     if not per_cat:
-        raise DZADInputError(root, f"no test images in any of the categories {cats}")
+        raise DZADInputError(data.root, f"no test images in any of the categories {cats}")
     named = [_Named(n, CONTROL_LABELS[n]) for n in ctrl]
     result = assemble(per_cat, variants, ctrl, named, skipped, counts)
     result["regime"] = REGIME_LABELS[mode]
     if few_shot:
         result["std"] = std_cat
     result["protocol"] = {
-        "data": str(root),
+        "data": str(data),
         "regime": REGIME_LABELS[mode],
         "few_shot_k": few_shot,
         "model_image_size": model.image_size,
