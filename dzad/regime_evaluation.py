@@ -15,7 +15,8 @@ Per category, the test images are loaded at ``regime.image_size`` (masks too) an
 ``metrics.json`` has the layout of :func:`dzad.evaluation_outputs.assemble` (``categories``,
 ``mean``, ``variants`` = each signal alone, ``controls``) plus ``regime`` (the label every table
 must carry) and the regime's settings under ``protocol``; ``scores.csv`` has one row per image (and
-draw), its decision by the scored batch's own outlier rule (:func:`dzad.regimes.image_rule`).
+draw: ``path, label, draw, image_score, decision`` and the picture files), its decision by the
+scored batch's own outlier rule (:func:`dzad.regimes.image_rule`).
 
 With ``pictures``, the regime's fused maps get the per-image pictures and ``report.html`` of a
 per-image evaluation (:class:`dzad.evaluation_pictures.EvalPictures`; few-shot: of draw 0 only),
@@ -124,15 +125,16 @@ def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[
 def _rows(
     samples: Sequence[Sample], labels: torch.Tensor, draw: int | str, scores: torch.Tensor
 ) -> list[dict[str, Any]]:
-    """Rows of ``scores.csv`` for one scored batch; ``image_score``, ``normalised_score`` and
-    ``category`` / ``defect`` are for its pictures and report."""
+    """Rows of ``scores.csv`` for one scored batch (``image_score``: the name per-image
+    evaluations and ``dzad score`` use); ``normalised_score`` and ``category`` / ``defect`` are for
+    its pictures and report."""
     rule = image_rule(scores)
     rows = []
     for s, y, score in zip(samples, labels.tolist(), scores.tolist(), strict=True):
         decision = "anomalous" if score > rule.value else "normal"
         rows.append(
-            {"path": str(s.path), "label": int(y), "draw": draw, "score": score,
-             "decision": decision, "image_score": score, "normalised_score": rule.normalise(score),
+            {"path": str(s.path), "label": int(y), "draw": draw, "image_score": score,
+             "decision": decision, "normalised_score": rule.normalise(score),
              "category": s.category, "defect": s.defect}
         )  # fmt: skip
     return rows
@@ -332,7 +334,7 @@ def evaluate_regime(
     if pics is not None:
         pics.finish(out_dir, shown, result)
     atomic_write_text(out_dir / "metrics.csv", metrics_frame(result).to_csv(index=False))
-    columns = ["path", "label", "draw", "score", "decision", *(PICTURE_FILES if pics else ())]
+    columns = ["path", "label", "draw", "image_score", "decision", *(PICTURE_FILES if pics else ())]
     table = pd.DataFrame.from_records(rows, columns=columns)
     atomic_write_text(out_dir / "scores.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
