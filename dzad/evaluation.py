@@ -1,4 +1,4 @@
-"""The evaluation protocol (docs/method.md §11) over an MVTec-layout root, streamed batch by batch.
+"""The evaluation protocol (docs/method.md §11) over a test set, streamed batch by batch.
 
 For every category's test split: run :class:`dzad.model.DZAD`, accumulate image and pixel metrics
 (:class:`dzad.metrics.MetricAccumulator` holds the only in-memory copy of the maps), score the
@@ -45,13 +45,7 @@ from dzad.backbones import Backbone, build_backbone
 from dzad.category_run import finish_scores, run_category, why_undefined
 from dzad.config import DatasetRef, EvalConfig
 from dzad.controls import Control, build_control
-from dzad.data.dataset import (
-    FolderSet,
-    ImageDataset,
-    Sample,
-    iter_samples,
-    list_categories,
-)
+from dzad.data.dataset import ImageDataset, Sample, TestSet, as_test_set
 from dzad.data.source import source_normals
 from dzad.decisions import decision_threshold
 from dzad.errors import DZADInputError
@@ -137,23 +131,18 @@ def _drop_unreadable(ds: ImageDataset) -> list[str]:
 
 
 def category_samples(
-    root: Path | FolderSet, category: str, eval_cfg: EvalConfig, seed: int, skip_bad: bool
-):
-    """The test samples of one category (seeded subset when ``eval_cfg.max_images``); defect
-    images without a mask are kept (``mask_path`` None: the category gets image metrics only).
-    A :class:`FolderSet` is its one category's samples."""
-    if isinstance(root, FolderSet):
-        samples = root.samples(skip_bad)
-    else:
-        samples = list(
-            iter_samples(root, category, "test", skip_bad=skip_bad, allow_missing_masks=True)
-        )
+    data: str | Path | TestSet, category: str, eval_cfg: EvalConfig, seed: int, skip_bad: bool
+) -> list[Sample]:
+    """The test samples of one category of ``data`` (a path: an MVTec-layout root; seeded subset
+    when ``eval_cfg.max_images``); defect images without a mask are kept (``mask_path`` None: the
+    category gets image metrics only)."""
+    samples = as_test_set(data).samples(category, skip_bad)
     return _select(samples, eval_cfg.max_images, seed)
 
 
 def evaluate(
     model: DZAD,
-    root: str | Path | FolderSet,
+    root: str | Path | TestSet,
     categories: Sequence[str],
     out_dir: str | Path,
     eval_cfg: EvalConfig,
@@ -165,8 +154,9 @@ def evaluate(
     pictures: bool = False,
     save_masks: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the test split of ``categories`` (empty = all) under ``root``, or on
-    the one category of a :class:`~dzad.data.dataset.FolderSet` (plain folder layout).
+    """Evaluate ``model`` on the test split of ``categories`` (empty = all) of ``root``: an
+    MVTec-layout root (a path) or any :class:`~dzad.data.dataset.TestSet` (e.g. the one category
+    of a :class:`~dzad.data.dataset.FolderSet`, plain folder layout).
 
     ``controls``: fitted controls (:func:`build_controls`) or None (no controls section).
     ``progress(n)`` is called after each batch of ``n`` images. ``pictures``: per-image heat maps
@@ -176,16 +166,11 @@ def evaluate(
     if save_masks and not pictures:
         raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
     out_dir = Path(out_dir)
-    root = root if isinstance(root, FolderSet) else Path(root)
-    folders = isinstance(root, FolderSet)
+    data = as_test_set(root)
     rule = decision_threshold(model)
     # pictures are named by their path under the data (a FolderSet's: under its folders' parent)
-    pics = (
-        EvalPictures.calibrated(model, root.root if folders else root, rule, save_masks)
-        if pictures
-        else None
-    )
-    cats = [root.category] if folders else list(categories) or list_categories(root)
+    pics = EvalPictures.calibrated(model, data.root, rule, save_masks) if pictures else None
+    cats = data.categories(categories)
     data_cfg = replace(model.cfg.data, skip_bad=False)  # unreadable files: _drop_unreadable
     controls = list(controls or [])
     per_cat: dict[str, dict[str, float]] = {}
@@ -196,7 +181,7 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     f_parts: list[np.ndarray] = []
     for cat in cats:
-        samples = category_samples(root, cat, eval_cfg, model.cfg.seed, skip_bad)
+        samples = category_samples(data, cat, eval_cfg, model.cfg.seed, skip_bad)
         ds = ImageDataset(samples, model.image_size, data_cfg)
         if skip_bad:
             skipped["files"] += _drop_unreadable(ds)
@@ -241,11 +226,11 @@ def evaluate(
         rows += run.rows
         f_parts += run.noise_matrices
     if not per_cat:
-        raise DZADInputError(str(root), f"no test images in any of the categories {cats}")
+        raise DZADInputError(str(data), f"no test images in any of the categories {cats}")
     result = assemble(per_cat, variants, ctrl, controls, skipped, counts)
     result["regime"] = "zero-shot"  # per image, the paper's method (dzad.regime_evaluation: others)
     result["protocol"] = {
-        "data": str(root),
+        "data": str(data),
         "image_size": model.image_size,
         "fusion": model.cfg.anomaly_map.fusion,
         "gating": model.cfg.anomaly_map.gating,

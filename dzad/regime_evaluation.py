@@ -15,18 +15,13 @@ Per category, the test images are loaded at ``regime.image_size`` (masks too) an
 ``metrics.json`` has the layout of :func:`dzad.evaluation_outputs.assemble` (``categories``,
 ``mean``, ``variants`` = each signal alone, ``controls``) plus ``regime`` (the label every table
 must carry) and the regime's settings under ``protocol``; ``scores.csv`` has one row per image (and
-draw), its decision by the scored batch's own outlier rule (:func:`dzad.regimes.image_rule`).
-
-With ``pictures``, the regime's fused maps get the per-image pictures and ``report.html`` of a
-per-image evaluation (:class:`dzad.evaluation_pictures.EvalPictures`; few-shot: of draw 0 only),
-one colour scale per scored batch starting at its label-free map threshold
-(:func:`dzad.regimes.map_level`); ``save_masks`` adds the predicted masks (``masks/``). Every file
-is written atomically.
+draw). With ``pictures``, the regime's fused maps get the per-image pictures and ``report.html`` of
+a per-image evaluation (few-shot: of draw 0 only); ``save_masks`` adds the predicted masks
+(``masks/``). What is written, and how, is :mod:`dzad.regime_outputs`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,31 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dzad.backbones import Backbone
 from dzad.category_run import why_undefined
 from dzad.config import RegimeConfig, to_dict
-from dzad.data.dataset import ImageDataset, Sample, collect_samples, list_categories
+from dzad.data.dataset import ImageDataset, Sample, TestSet, as_test_set, collect_samples
 from dzad.errors import DZADInputError
 from dzad.evaluation import category_samples
-from dzad.evaluation_outputs import assemble, metrics_frame
-from dzad.evaluation_pictures import EvalPictures
-from dzad.io_utils import atomic_write_text
+from dzad.evaluation_outputs import assemble
 from dzad.metrics import PIXEL_METRICS, MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import rescore_images, upsample
-from dzad.regimes import (
-    IMAGE_OUTLIER_K,
-    REGIME_LABELS,
-    Scored,
-    image_rule,
-    map_level,
-    score_batch,
-    score_few_shot,
-)
-from dzad.run_panels import FILES as PICTURE_FILES
+from dzad.regime_outputs import add_pictures, regime_pictures, score_rows, write_regime_outputs
+from dzad.regimes import REGIME_LABELS, Scored, score_batch, score_few_shot
 
 CONTROL_LABELS = {
     "mutual": "control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)",
@@ -121,36 +105,6 @@ def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[
     return out
 
 
-def _rows(
-    samples: Sequence[Sample], labels: torch.Tensor, draw: int | str, scores: torch.Tensor
-) -> list[dict[str, Any]]:
-    """Rows of ``scores.csv`` for one scored batch; ``image_score``, ``normalised_score`` and
-    ``category`` / ``defect`` are for its pictures and report."""
-    rule = image_rule(scores)
-    rows = []
-    for s, y, score in zip(samples, labels.tolist(), scores.tolist(), strict=True):
-        decision = "anomalous" if score > rule.value else "normal"
-        rows.append(
-            {"path": str(s.path), "label": int(y), "draw": draw, "score": score,
-             "decision": decision, "image_score": score, "normalised_score": rule.normalise(score),
-             "category": s.category, "defect": s.defect}
-        )  # fmt: skip
-    return rows
-
-
-def _pictures(
-    pics: EvalPictures | None, samples: Sequence[Sample], rows: list[dict[str, Any]],
-    scored: Scored, rc: RegimeConfig, shown: list[dict[str, Any]],
-) -> None:  # fmt: skip
-    """One scored batch's pictures on its own scale and map threshold; their rows join
-    ``shown``."""
-    if pics is None:
-        return
-    pics.new_scale(map_level(scored.maps, rc))
-    pics.add(samples, rows, scored.maps[:, 0].float().numpy())
-    shown += rows
-
-
 def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
 
@@ -171,9 +125,9 @@ def _batch_category(
         for k, (s, mp) in _part_grids_to_maps(scored, x.shape[-1]).items():
             _accumulate(accs, f"part:{k}", y, s, m, mp, pixel)
         batch = [samples[j] for j in group]
-        group_rows = _rows(batch, y, "", scored.scores)
+        group_rows = score_rows(batch, y, "", scored.scores)
         rows += group_rows
-        _pictures(pics, batch, group_rows, scored, rc, shown)
+        add_pictures(pics, batch, group_rows, scored, rc, shown)
     return [_results(accs, pixel)]
 
 
@@ -200,30 +154,12 @@ def _few_shot_category(
         _accumulate(accs, "control:fewshot_patchcore", labels, ctrl.scores, masks, ctrl.maps, pixel)
         for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
-        draw_rows = _rows(samples, labels, d, scored.scores)
+        draw_rows = score_rows(samples, labels, d, scored.scores)
         rows += draw_rows
         if d == 0:  # the pictures show the first draw's maps
-            _pictures(pics, samples, draw_rows, scored, rc, shown)
+            add_pictures(pics, samples, draw_rows, scored, rc, shown)
         draws.append(_results(accs, pixel))
     return draws
-
-
-def _regime_pictures(
-    root: Path, rc: RegimeConfig, mode: str, mask_threshold: int, save_masks: bool
-) -> EvalPictures:
-    """The pictures of a regime evaluation: what its report states about decisions and maps."""
-    settings = {
-        "regime": REGIME_LABELS[mode],
-        "decision": f"image score > median + {IMAGE_OUTLIER_K:g} scaled MADs of the image scores "
-        "of its scored batch (no labels)",
-        "normalised score": "0.5 at the decision threshold, spanning its batch's image scores",
-        "heat maps": f"the regime's fused map; one colour scale per scored batch, from its map "
-        f"threshold: median + {rc.mask_k:g} scaled MADs of all the batch's map values "
-        "(regime.mask_k; no labels)",
-    }
-    if mode == "few-shot":
-        settings["pictures"] = f"reference draw 0 of {rc.few_shot_draws}"
-    return EvalPictures(root, "image_score", save_masks, mask_threshold, settings)
 
 
 def _mean_std(draws: list[dict[str, dict[str, float]]], name: str) -> tuple[dict, dict]:
@@ -237,7 +173,7 @@ def _mean_std(draws: list[dict[str, dict[str, float]]], name: str) -> tuple[dict
 def evaluate_regime(
     model: DZAD,
     backbone: Backbone,
-    root: str | Path,
+    root: str | Path | TestSet,
     categories: Sequence[str],
     out_dir: str | Path,
     rc: RegimeConfig,
@@ -250,7 +186,9 @@ def evaluate_regime(
     pictures: bool = False,
     save_masks: bool = False,
 ) -> dict[str, Any]:
-    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw.
+    """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw, on
+    the test split of ``categories`` (empty = all) of ``root``, an MVTec-layout root (a path or a
+    :class:`~dzad.data.dataset.MVTecRoot`: few-shot draws from its ``train/good``).
 
     ``pictures``: per-image pictures of the regime's maps and ``report.html`` (few-shot: draw 0);
     ``save_masks`` adds the predicted masks, thresholded per scored batch without labels.
@@ -258,9 +196,9 @@ def evaluate_regime(
     caller scoring several models on the same images (a study's seeds) computes them once; the
     backbone, ``rc`` and the data settings must be the same for every call sharing it."""
     memo = {} if memo is None else memo
-    root, out_dir = Path(root), Path(out_dir)
+    data, out_dir = as_test_set(root), Path(out_dir)
     mode = "few-shot" if few_shot else "batch-zero-shot"
-    cats = list(categories) or list_categories(root)
+    cats = data.categories(categories)
     data_cfg = replace(model.cfg.data, skip_bad=False)
     per_cat, std_cat, variants, ctrl = {}, {}, {}, {}
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
@@ -268,11 +206,11 @@ def evaluate_regime(
     if save_masks and not pictures:
         raise ValueError("save_masks needs pictures=True (the masks are drawn with them)")
     mask_threshold = model.cfg.data.mask_threshold
-    pics = _regime_pictures(root, rc, mode, mask_threshold, save_masks) if pictures else None
+    pics = regime_pictures(data.root, rc, mode, mask_threshold, save_masks) if pictures else None
     shown: list[dict[str, Any]] = []  # the rows that have pictures, in the order added
     for cat in cats:
         # the subset (eval_cfg.max_images) is the regime's: the same images for every checkpoint
-        samples = category_samples(root, cat, eval_cfg, rc.seed, skip_bad)
+        samples = category_samples(data, cat, eval_cfg, rc.seed, skip_bad)
         if not samples:
             skipped["categories"][cat] = "no test images"
             continue
@@ -280,9 +218,11 @@ def evaluate_regime(
         images, masks, labels = _load(ds)
         pixel = all(s.mask_path is not None for s in samples if s.label == 1)
         if few_shot:
-            train = collect_samples(root, (cat,), ("train",), skip_bad=skip_bad)
+            train = collect_samples(data.root, (cat,), ("train",), skip_bad=skip_bad)
             if not train:
-                raise DZADInputError(root / cat, "few-shot needs train/good images to draw from")
+                raise DZADInputError(
+                    data.root / cat, "few-shot needs train/good images to draw from"
+                )
             draws = _few_shot_category(
                 model, backbone, rc, images, masks, labels, pixel, rows, samples, train, few_shot,
                 memo, pics, shown,
@@ -309,14 +249,14 @@ def evaluate_regime(
         if progress is not None:
             progress(len(samples))
     if not per_cat:
-        raise DZADInputError(root, f"no test images in any of the categories {cats}")
+        raise DZADInputError(data.root, f"no test images in any of the categories {cats}")
     named = [_Named(n, CONTROL_LABELS[n]) for n in ctrl]
     result = assemble(per_cat, variants, ctrl, named, skipped, counts)
     result["regime"] = REGIME_LABELS[mode]
     if few_shot:
         result["std"] = std_cat
     result["protocol"] = {
-        "data": str(root),
+        "data": str(data),
         "regime": REGIME_LABELS[mode],
         "few_shot_k": few_shot,
         "model_image_size": model.image_size,
@@ -324,12 +264,5 @@ def evaluate_regime(
         "max_images": eval_cfg.max_images,
         "backbone": backbone.name,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if pics is not None:
-        pics.finish(out_dir, shown, result)
-    atomic_write_text(out_dir / "metrics.csv", metrics_frame(result).to_csv(index=False))
-    columns = ["path", "label", "draw", "score", "decision", *(PICTURE_FILES if pics else ())]
-    table = pd.DataFrame.from_records(rows, columns=columns)
-    atomic_write_text(out_dir / "scores.csv", table.to_csv(index=False))
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
+    write_regime_outputs(out_dir, result, rows, pics, shown)
     return result

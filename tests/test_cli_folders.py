@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dzad.cli import app
+from dzad.data import dataset
 from dzad.data.dataset import FolderSet
 from dzad.errors import DZADInputError
 
@@ -70,10 +71,14 @@ def test_folders_give_the_metrics_of_the_same_images_in_mvtec_layout(
     assert panels[0].parts[0] == "abnormal" and panels[-1].parts[0] == "normal"
 
 
-def test_without_masks_only_image_metrics(folders, tiny_checkpoint, tmp_path):
+def test_without_masks_only_image_metrics(folders, tiny_checkpoint, tmp_path, monkeypatch):
+    listed, list_files = [], dataset._image_files
+    monkeypatch.setattr(dataset, "_image_files", lambda d: listed.append(d) or list_files(d))
     plain = ["--normal", folders / "normal", "--abnormal", folders / "abnormal"]
     result, got = _evaluate("-m", tiny_checkpoint, *plain, "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
+    # listed once: the early check, the progress total and the evaluation share the listing
+    assert listed.count(folders / "normal") == 1 and listed.count(folders / "abnormal") == 1
     metrics = got["categories"]["grain_plain"]
     assert metrics["image_auroc"] is not None and metrics["pixel_auroc"] is None
     assert "pixel_auroc" in got["skipped"]["metrics"]["grain_plain"]  # explained, not silent

@@ -12,8 +12,11 @@ from PIL import Image
 
 from dzad.config import DataConfig
 from dzad.data.dataset import (
+    FolderSet,
     ImageDataset,
+    MVTecRoot,
     Sample,
+    as_test_set,
     check_sample,
     collect_samples,
     iter_samples,
@@ -122,6 +125,28 @@ def test_defect_without_mask(root, caplog):
     ]
     item = ImageDataset(kept, 8, DataConfig())[3]
     assert item["label"] == 1 and item["mask"].sum() == 0
+
+
+def test_a_root_and_plain_folders_are_one_test_set_interface(root, tmp_path):
+    """MVTecRoot: a category's test split, maskless defects kept; FolderSet: its one category;
+    each lists a category once (a file added later is not seen by the same test set)."""
+    (root / "a/ground_truth/hole/000_mask.bmp").unlink()
+    data = as_test_set(str(root))
+    assert isinstance(data, MVTecRoot) and data.root == root and str(data) == str(root)
+    assert as_test_set(data) is data
+    assert data.categories() == ["a", "b"] and data.categories(["b"]) == ["b"]
+    want = list(iter_samples(root, "a", "test", allow_missing_masks=True))
+    assert data.samples("a") == want and want[-1].mask_path is None
+    _img(root / "a/test/good/001.png")
+    assert data.samples("a") == want  # listed once
+    assert len(MVTecRoot(root).samples("a")) == len(want) + 1
+    with pytest.raises(DZADInputError, match="dataset root is not a folder"):
+        MVTecRoot(tmp_path / "nope").categories(["a"])
+    folders = FolderSet(root / "b/test/good", root / "b/test/dent")
+    assert folders.categories() == ["test"] == folders.categories(["test"])
+    assert [s.label for s in folders.samples("test")] == [0, 1]
+    with pytest.raises(ValueError, match="one category"):
+        folders.categories(["a"])
 
 
 def test_mask_size_mismatch(root, caplog):

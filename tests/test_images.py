@@ -147,6 +147,21 @@ def test_large_jpeg_is_decoded_reduced(tmp_path, monkeypatch):
     assert (t[:2] - reference[:2]).abs().mean() < 0.03  # the two smooth ramps survive
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_load_image_opens_the_file_once(tmp_path, monkeypatch, suffix):
+    """The header read for the size and the decode share one open (JPEG: draft still applied)."""
+    Image.fromarray(_rgb(40, 60)).save(tmp_path / f"a{suffix}")
+    opened, original = [], Image.open
+
+    def spy(fp, *args, **kwargs):
+        opened.append(Path(fp).name)
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", spy)
+    t = load_image(tmp_path / f"a{suffix}", 16)
+    assert opened == [f"a{suffix}"] and t.shape == (3, 16, 16)
+
+
 def test_image_size_reads_header(tmp_path):
     Image.fromarray(_rgb(7, 9)).save(tmp_path / "s.png")
     assert image_size(tmp_path / "s.png") == (9, 7)

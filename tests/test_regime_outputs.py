@@ -122,6 +122,9 @@ def test_batch_evaluate_masks_are_each_batch_map_above_its_threshold(
     level = map_level(scored.maps, rc)
     table = pd.read_csv(out / "scores.csv")
     assert table["path"].tolist() == [str(s.path) for s in samples]
+    # the per-image evaluation's and dzad score's column name, once
+    assert list(table.columns[:5]) == ["path", "label", "draw", "image_score", "decision"]
+    np.testing.assert_allclose(table["image_score"], scored.scores.numpy(), rtol=1e-6)
     for i, row in table.iterrows():
         mask = np.asarray(Image.open(out / row["mask"])) > 0
         np.testing.assert_array_equal(

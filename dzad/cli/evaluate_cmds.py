@@ -28,7 +28,7 @@ from dzad.cli.model_options import (
     set_option,
 )
 from dzad.cli.score_outputs import print_metrics
-from dzad.data.dataset import FolderSet
+from dzad.data.dataset import FolderSet, MVTecRoot, TestSet
 from dzad.errors import DZADInputError
 from dzad.io_utils import check_writable, lock_folder, replace_outputs, write_error
 from dzad.overrides import EVALUATE_KEYS
@@ -133,7 +133,7 @@ def evaluate_cmd(
         eval_cfg = dzad.cfg.evaluate
         if batch_zero_shot or few_shot:
             result = _evaluate_regime(
-                dzad, data, stage, split_list(categories), regime_params, eval_cfg, few_shot,
+                dzad, test_set, stage, split_list(categories), regime_params, eval_cfg, few_shot,
                 batch_size, max_images, skip_bad, json_out, save_masks,
             )  # fmt: skip
         else:
@@ -147,15 +147,16 @@ def evaluate_cmd(
         print_metrics(result, out)
 
 
-def _test_set(data, normal, abnormal, masks, categories, regime, skip_bad) -> Path | FolderSet:
-    """``--data ROOT`` (MVTec layout) or the plain folders ``--normal``/``--abnormal``/``--masks``
-    (:class:`dzad.data.dataset.FolderSet`, one category, listed here so that an empty folder or
-    a missing mask stops before the model loads); any other mix is refused."""
+def _test_set(data, normal, abnormal, masks, categories, regime, skip_bad) -> TestSet:
+    """``--data ROOT`` (:class:`dzad.data.dataset.MVTecRoot`) or the plain folders
+    ``--normal``/``--abnormal``/``--masks`` (:class:`dzad.data.dataset.FolderSet`, one category,
+    listed here so that an empty folder or a missing mask stops before the model loads; the
+    evaluation reuses this listing); any other mix is refused."""
     folders = (normal, abnormal, masks)
     if data is not None and any(f is not None for f in folders):
         raise typer.BadParameter("give --data ROOT or --normal/--abnormal [--masks], not both")
     if data is not None:
-        return data
+        return MVTecRoot(data)
     if normal is None or abnormal is None:
         raise typer.BadParameter("give --data ROOT (MVTec layout) or --normal DIR --abnormal DIR")
     if categories or regime:
@@ -164,7 +165,7 @@ def _test_set(data, normal, abnormal, masks, categories, regime, skip_bad) -> Pa
             "--batch-zero-shot or --few-shot (those need --data ROOT)"
         )
     folders = FolderSet(normal, abnormal, masks)
-    folders.samples(skip_bad)
+    folders.samples(folders.category, skip_bad)
     return folders
 
 
@@ -181,20 +182,9 @@ def _staged(out: Path) -> Iterator[Path]:
         raise write_error(out, exc) from None
 
 
-def _categories(data: Path | FolderSet, cats: list[str]) -> list[str]:
-    """The categories to evaluate: a FolderSet's one, or ``cats`` (all when empty) under the
-    dataset root."""
-    from dzad.data.dataset import list_categories
-
-    if isinstance(data, FolderSet):
-        return [data.category]
-    if not data.is_dir():
-        raise DZADInputError(data, "dataset root is not a folder")
-    return cats or list_categories(data)
-
-
-def _progress(dzad, data, names: list[str], eval_cfg, skip_bad: bool, json_out: bool):
-    """The progress display over the test images of ``names`` the evaluation will score."""
+def _progress(dzad, data: TestSet, names: list[str], eval_cfg, skip_bad: bool, json_out: bool):
+    """The progress display over the test images of ``names`` the evaluation will score (the
+    listing is the test set's one, :class:`dzad.data.dataset.TestSet`)."""
     from dzad.evaluation import category_samples
 
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
@@ -204,13 +194,13 @@ def _progress(dzad, data, names: list[str], eval_cfg, skip_bad: bool, json_out: 
 def _evaluate_zero_shot(
     dzad, data, out, cats, source, save_maps, save_masks, skip_bad, json_out,
 ) -> dict[str, Any]:  # fmt: skip
-    """Per-image (zero-shot) evaluation of ``data`` (a root or a FolderSet) into ``out``
-    (:func:`dzad.evaluation.evaluate`); ``source``: ``(--source, --source-categories)`` of the
-    controls."""
+    """Per-image (zero-shot) evaluation of ``data`` (a :class:`~dzad.data.dataset.TestSet`) into
+    ``out`` (:func:`dzad.evaluation.evaluate`); ``source``: ``(--source, --source-categories)`` of
+    the controls."""
     from dzad.evaluation import build_controls, evaluate, source_batches
 
     eval_cfg = dzad.cfg.evaluate  # --batch-size / --max-images / --controls: in the settings
-    names = _categories(data, cats)
+    names = data.categories(cats)
     fitted = None
     if eval_cfg.controls:
         refs = _source_refs(dzad, *source)
@@ -257,7 +247,7 @@ def _evaluate_regime(
     rc = regime_config(dzad, regime_params)
     given = (("batch_size", batch_size), ("max_images", max_images))
     eval_cfg = replace(eval_cfg, **{k: v for k, v in given if v is not None})
-    names = _categories(data, cats)
+    names = data.categories(cats)
     prog = _progress(dzad, data, names, eval_cfg, skip_bad, json_out)
     with prog:
         result = evaluate_regime(

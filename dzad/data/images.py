@@ -24,8 +24,10 @@ is warned about and its first frame used. Truncated files are detected because P
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,35 +86,55 @@ def _transposed(im: Image.Image) -> bool:
     return im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
 
 
-def open_image(path: str | Path, draft_hw: tuple[int, int] | None = None) -> Image.Image:
-    """Open and fully decode ``path`` as it is displayed (EXIF orientation applied); ``draft_hw``
-    (displayed ``(H, W)``) lets JPEG decode at a reduced scale >= it. A multi-frame file (TIFF,
-    GIF, ...) is warned about once: its first frame is used."""
-    path = Path(path)
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``path`` opened lazily: its header read, its pixels not yet decoded (closed on exit)."""
     _check_file(path)
     try:
-        with Image.open(path) as im:
-            frames = getattr(im, "n_frames", 1)
-            if frames > 1:
-                warnings.warn(f"{path}: {frames} frames; only frame 1 is used", stacklevel=2)
-            if draft_hw is not None and im.format == "JPEG":
-                h, w = draft_hw[::-1] if _transposed(im) else draft_hw
-                im.draft(im.mode, (w, h))
-            im.load()
-            return ImageOps.exif_transpose(im)  # a copy, rotated/flipped as displayed
+        im = Image.open(path)
+    except _READ_ERRORS as exc:
+        raise DZADInputError(path, f"not a readable image ({exc})") from None
+    with im:
+        yield im
+
+
+def _displayed_size(im: Image.Image, path: Path) -> tuple[int, int]:
+    """Displayed ``(W, H)`` of an opened, not yet decoded image (header only)."""
+    try:
+        return im.size[::-1] if _transposed(im) else im.size
+    except _READ_ERRORS as exc:
+        raise DZADInputError(path, f"not a readable image ({exc})") from None
+
+
+def _decoded(im: Image.Image, path: Path, draft_hw: tuple[int, int] | None) -> Image.Image:
+    """Fully decode the opened ``im`` as it is displayed (EXIF orientation applied); ``draft_hw``
+    (displayed ``(H, W)``) lets JPEG decode at a reduced scale >= it. A multi-frame file (TIFF,
+    GIF, ...) is warned about once: its first frame is used."""
+    try:
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1:
+            warnings.warn(f"{path}: {frames} frames; only frame 1 is used", stacklevel=3)
+        if draft_hw is not None and im.format == "JPEG":
+            h, w = draft_hw[::-1] if _transposed(im) else draft_hw
+            im.draft(im.mode, (w, h))
+        im.load()
+        return ImageOps.exif_transpose(im)  # a copy, rotated/flipped as displayed
     except _READ_ERRORS as exc:
         raise DZADInputError(path, f"unreadable or truncated image ({exc})") from None
+
+
+def open_image(path: str | Path, draft_hw: tuple[int, int] | None = None) -> Image.Image:
+    """Open and fully decode ``path`` as it is displayed (:func:`_decoded`)."""
+    path = Path(path)
+    with _opened(path) as im:
+        return _decoded(im, path, draft_hw)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """Displayed ``(W, H)`` from the file header alone (cheap; does not decode the pixels)."""
     path = Path(path)
-    _check_file(path)
-    try:
-        with Image.open(path) as im:
-            return im.size[::-1] if _transposed(im) else im.size
-    except _READ_ERRORS as exc:
-        raise DZADInputError(path, f"not a readable image ({exc})") from None
+    with _opened(path) as im:
+        return _displayed_size(im, path)
 
 
 def _to_display_mode(im: Image.Image, path: Path) -> Image.Image:
@@ -175,9 +197,10 @@ def load_image(
     size (then the result equals :func:`pil_to_tensor` of the decoded pixels).
     """
     path = Path(path)
-    w, h = image_size(path)
-    target = _target_hw(w, h, size, max_side)
-    im = _to_display_mode(open_image(path, draft_hw=target if draft else None), path)
+    with _opened(path) as opened:  # one open: the header gives the size, then the pixels decode
+        w, h = _displayed_size(opened, path)
+        target = _target_hw(w, h, size, max_side)
+        im = _to_display_mode(_decoded(opened, path, target if draft else None), path)
     return pil_to_tensor(im, target, resample).expand(3, -1, -1).contiguous()
 
 
