@@ -1,7 +1,7 @@
 """Other ways to combine the DZAD signal with the backbone in the regimes (docs/method.md §11.1).
 
 ``explore_regimes.py`` measured the additive map fusion (``dzad.regimes.fuse``). This script
-measures, on the same cached backbone grids, that form (``additive``) and three others (``w`` =
+measures, on the same cached backbone grids, that form (``additive``) and four others (``w`` =
 DZAD weight):
 
 - ``image``: the pixel map is the backbone's alone; only the image score mixes in DZAD:
@@ -9,17 +9,21 @@ DZAD weight):
 - ``reweight``: the backbone's mutual distances re-weighted per patch by the DZAD excess,
   ``bb * (1 + w * max(z(dz), 0))`` (z over every patch of the batch, DZAD grid resized onto the
   backbone grid), so DZAD can only amplify what the backbone already sees;
-- ``reweight+image``: both.
+- ``reweight+image``: both;
+- ``agree``: re-weighted only where both agree, ``bb * (1 + w * max(min(z(bb), z(dz)), 0))``
+  (z as in ``reweight``), so a patch that only DZAD finds high is not amplified.
 
 The DZAD grids (``dzad.regimes.dzad_grids``, frozen or adapted copy; ``--tiles n``: the copy
 scores n x n tiles of each image at its own size, ``regime.dzad_tiles``) are cached per
-checkpoint, steps and tiles under ``--cache`` beside the backbone grids. One JSON line per
-(checkpoint, regime, form, weight, draw) with image / pixel AUROC and AUPRO and the seconds the
-DZAD grids took (0 when read from the cache); ``part`` = the form (``dzad``: the DZAD grid
-alone), for summarise_regimes.py.
+checkpoint, steps, tiles, input size (``--image-size``) and adaptation settings (``--rounds``,
+``--drop``, ``--lr``: ``regime.adapt_*``) under ``--cache`` beside the backbone grids. One JSON
+line per (checkpoint, regime, form, weight, draw) with image / pixel AUROC and AUPRO and the
+seconds the DZAD grids took (0 when read from the cache); ``part`` = the form (``dzad``: the DZAD
+grid alone), for summarise_regimes.py.
 
     python studies/explore_fusions.py --data ROOT --category C --ckpt CKPT [...] --cache DIR \\
-        [--max-images N] [--steps 20] [--tiles 1] [--weights 0.1 0.25 0.5] [--regimes batch few]
+        [--max-images N] [--image-size 256] [--steps 20] [--tiles 1] [--rounds 2] [--drop 0.2] \\
+        [--lr 1e-4] [--weights 0.1 0.25 0.5] [--regimes batch few]
 """
 
 from __future__ import annotations
@@ -45,10 +49,13 @@ from dzad.mutual_scoring import upsample
 from dzad.regimes import dzad_grids, fuse, robust_scale
 
 
-def reweight(bb: Tensor, dz: Tensor, w: float) -> Tensor:
-    """``bb`` ``(B,h,w)`` amplified where the DZAD grid ``dz`` ``(B,h',w')`` is high."""
-    d = F.interpolate(dz[:, None].float(), size=bb.shape[-2:], mode="bilinear")[:, 0]
-    return bb * (1 + w * robust_scale(d).clamp_min(0))
+def reweight(bb: Tensor, dz: Tensor, w: float, agree: bool = False) -> Tensor:
+    """``bb`` ``(B,h,w)`` amplified where the DZAD grid ``dz`` ``(B,h',w')`` is high (``agree``:
+    where both are)."""
+    z = robust_scale(F.interpolate(dz[:, None].float(), size=bb.shape[-2:], mode="bilinear")[:, 0])
+    if agree:
+        z = torch.minimum(z, robust_scale(bb))
+    return bb * (1 + w * z.clamp_min(0))
 
 
 def image_mix(grid: Tensor, dz: Tensor, w: float) -> Tensor:
@@ -72,6 +79,7 @@ def forms(bb: Tensor, dz: Tensor, w: float) -> dict[str, tuple[Tensor, Tensor | 
         "image": (bb, image_mix(bb, dz, w)),
         "reweight": (rw, None),
         "reweight+image": (rw, image_mix(rw, dz, w)),
+        "agree": (reweight(bb, dz, w, agree=True), None),
     }
 
 
@@ -120,8 +128,14 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=1)
     ap.add_argument("--shifts", type=int, default=1, help="> 1: shift_grids (batch), not tiles")
     ap.add_argument("--regimes", nargs="*", default=["batch", "few"])
+    ap.add_argument("--rounds", type=int, default=RegimeConfig().adapt_rounds)
+    ap.add_argument("--drop", type=float, default=RegimeConfig().adapt_drop)
+    ap.add_argument("--lr", type=float, default=RegimeConfig().adapt_lr)
     args = ap.parse_args()
-    rc = replace(RegimeConfig(), adapt_steps=args.steps, dzad_tiles=args.tiles)
+    rc = replace(
+        RegimeConfig(), adapt_steps=args.steps, dzad_tiles=args.tiles, image_size=args.image_size,
+        adapt_rounds=args.rounds, adapt_drop=args.drop, adapt_lr=args.lr,
+    )  # fmt: skip
     images, masks, labels, cache = target_grids(args, rc)
     size = rc.image_size
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
@@ -136,13 +150,19 @@ def main() -> None:
         tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
         tiles += "" if args.shifts == 1 else f"_s{args.shifts}"
         tiles += "" if args.k == 4 else f"_k{args.k}"
+        tiles += "" if size == 256 else f"_px{size}"
+        default = RegimeConfig()
+        tiles += "" if rc.adapt_rounds == default.adapt_rounds else f"_r{rc.adapt_rounds}"
+        tiles += "" if rc.adapt_drop == default.adapt_drop else f"_d{rc.adapt_drop:g}"
+        tiles += "" if rc.adapt_lr == default.adapt_lr else f"_lr{rc.adapt_lr:g}"
         name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}{tiles}"
         stem = Path(args.cache) / name
         tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts,
-               "k": args.k}  # fmt: skip
+               "k": args.k, "size": size, "rounds": rc.adapt_rounds, "drop": rc.adapt_drop,
+               "lr": rc.adapt_lr}  # fmt: skip
         if "batch" in args.regimes:
             groups, secs = cached_dzad(
-                stem.with_suffix(".batch.pt"),
+                Path(f"{stem}.batch.pt"),
                 lambda m=model: [
                     grids(m, images[g["index"]], None, rc)[0] for g in cache["groups"]
                 ],
@@ -164,7 +184,7 @@ def main() -> None:
                          **score(lab, grid, msk, size, img))  # fmt: skip
         if "few" in args.regimes:
             dzs, secs = cached_dzad(
-                stem.with_suffix(".few.pt"),
+                Path(f"{stem}.few.pt"),
                 lambda m=model: [dzad_grids(m, images, d["refs"], rc)[0] for d in cache["draws"]],
             )
             for i, (d, dz) in enumerate(zip(cache["draws"], dzs, strict=True)):

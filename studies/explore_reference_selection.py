@@ -14,10 +14,12 @@ out as references (they are still scored). Two detectors choose:
 
 The per-pair nearest-patch distances ``(B, P, B)`` of every group and degree are computed once
 (library ``nearest_per_image``) and cached, so every ``q`` is cheap. One JSON line per
-(detector, checkpoint, q, re-scoring k), ``part`` naming the variant, for summarise_regimes.py.
+(detector, checkpoint, q, re-scoring k), ``part`` naming the variant, for summarise_regimes.py;
+``+reweight`` / ``+agree``: the selected grid then re-weighted by the DZAD grid
+(``explore_fusions.reweight``) at each ``--weights`` value.
 
     python studies/explore_reference_selection.py --data ROOT --category C --cache DIR \\
-        --ckpt CKPT [...] [--max-images N] [--drop 0.2 0.4 0.6]
+        --ckpt CKPT [...] [--max-images N] [--image-size 256] [--drop 0.2 0.4 0.6]
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -90,7 +94,8 @@ def grid_for(pairs: dict, keep: Tensor, rc: RegimeConfig, side: int) -> Tensor:
 
 def dzad_batch_grids(args, ckpt: str) -> list[Tensor]:
     """The cached batch DZAD grids ``[(B, h', w')]`` per group of ``explore_fusions.py``."""
-    name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}.batch.pt"
+    px = "" if args.image_size == 256 else f"_px{args.image_size}"
+    name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}{px}.batch.pt"
     return torch.load(Path(args.cache) / name)
 
 
@@ -104,10 +109,10 @@ def main() -> None:
     ap.add_argument("--drop", type=float, nargs="*", default=[0.2, 0.4, 0.6])
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    rc = RegimeConfig()
+    rc = replace(RegimeConfig(), image_size=args.image_size)
     images, masks, labels, cache = target_grids(args, rc)
     size = rc.image_size
-    emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
+    emit = lambda **kw: print(json.dumps({**kw, "size": size}), flush=True)  # noqa: E731
     t0 = time.time()
     pairs = pair_distances(args, rc, images, cache)
     emit(what="pair_seconds", seconds=round(time.time() - t0, 1))
@@ -140,9 +145,10 @@ def main() -> None:
             for k in (0, 5):
                 emit(**tag, regime="batch", part=part, weight=q, steps=args.steps, rescore_k=k,
                      **metrics(lab, torch.cat(parts), msk, size, glob, k))  # fmt: skip
-            for w in args.weights if dz else []:
-                rw = torch.cat([reweight(g, d, w) for g, d in zip(parts, dz, strict=True)])
-                emit(**tag, regime="batch", part=part + "+reweight", weight=q, rw=w,
+            for w, form in product(args.weights if dz else [], ("reweight", "agree")):
+                rw = torch.cat([reweight(g, d, w, form == "agree")
+                                for g, d in zip(parts, dz, strict=True)])  # fmt: skip
+                emit(**tag, regime="batch", part=f"{part}+{form}", weight=q, rw=w,
                      steps=args.steps, **metrics(lab, rw, msk, size))  # fmt: skip
 
 

@@ -109,8 +109,8 @@ def reference_grids(args, rc, bb, images, train_samples, cfg_data) -> list[dict]
 
 
 def target_args() -> argparse.ArgumentParser:
-    """The options every exploration script shares: the target, checkpoints, cache, subset, K and
-    the fusion weights."""
+    """The options every exploration script shares: the target, checkpoints, cache, subset, K, the
+    fusion weights and the input size."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--category", required=True)
@@ -119,6 +119,7 @@ def target_args() -> argparse.ArgumentParser:
     ap.add_argument("--max-images", type=int, default=0)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--weights", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--image-size", type=int, default=RegimeConfig().image_size)
     return ap
 
 
@@ -137,12 +138,11 @@ def main() -> None:
     ap = target_args()
     ap.add_argument("--steps", type=int, nargs="*", default=[0, 20, 100])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--image-size", type=int, default=RegimeConfig().image_size)
     args = ap.parse_args()
     rc = replace(RegimeConfig(), adapt_rounds=args.rounds, image_size=args.image_size)
     images, masks, labels, cache = target_grids(args, rc)
     size = rc.image_size
-    emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
+    emit = lambda **kw: print(json.dumps({**kw, "size": size}), flush=True)  # noqa: E731
     emit(what="backbone_seconds", seconds=round(cache["seconds"], 1), n=len(images))
     # batch zero-shot, backbone only (= the mutual control): degrees and re-scoring
     order = torch.cat([g["index"] for g in cache["groups"]])

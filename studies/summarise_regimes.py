@@ -3,7 +3,8 @@
     python studies/summarise_regimes.py --select A.jsonl... --report B.jsonl... [--pixel-only]
 
 Rows are grouped by (regime, part, degrees, rescore_k, adaptation steps, fusion weight, DZAD
-tiles, DZAD shifts, re-weighting on top of a reference selection, K; ``part`` of
+tiles, DZAD shifts, re-weighting on top of a reference selection, K, input size, the adaptation's
+rounds / drop / learning rate; ``part`` of
 ``explore_fusions.py`` lines: the fusion form, ``form`` in older ones); cells are mean ± sample
 std over checkpoints (seeds) and, for few-shot, reference draws.
 The setting of each regime is picked on the ``--select`` files (the other dev direction's target)
@@ -41,6 +42,8 @@ def groups(files: list[str]) -> dict[tuple, list[dict]]:
                 r.get("shifts", 1),
                 r.get("rw", 0.0),
                 r.get("k", 4),
+                r.get("size", 256),
+                (r.get("rounds", 2), r.get("drop", 0.2), r.get("lr", 1e-4)),
             )
             out[key].append(r)
     return out
