@@ -45,8 +45,9 @@ from dzad.backbones import Backbone, build_backbone
 from dzad.category_run import finish_scores, run_category, why_undefined
 from dzad.config import DatasetRef, EvalConfig
 from dzad.controls import Control, build_control
-from dzad.data.dataset import ImageDataset, Sample, TestSet, as_test_set
+from dzad.data.dataset import ImageDataset, Sample
 from dzad.data.source import source_normals
+from dzad.data.test_sets import TestSet, as_test_set
 from dzad.decisions import decision_threshold
 from dzad.errors import DZADInputError
 from dzad.evaluation_outputs import assemble, category_figures, write_outputs
@@ -155,8 +156,8 @@ def evaluate(
     save_masks: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the test split of ``categories`` (empty = all) of ``root``: an
-    MVTec-layout root (a path) or any :class:`~dzad.data.dataset.TestSet` (e.g. the one category
-    of a :class:`~dzad.data.dataset.FolderSet`, plain folder layout).
+    MVTec-layout root (a path) or any :class:`~dzad.data.test_sets.TestSet` (e.g. the one category
+    of a :class:`~dzad.data.test_sets.FolderSet`, plain folder layout).
 
     ``controls``: fitted controls (:func:`build_controls`) or None (no controls section).
     ``progress(n)`` is called after each batch of ``n`` images. ``pictures``: per-image heat maps

@@ -34,7 +34,8 @@ import torch
 from dzad.backbones import Backbone
 from dzad.category_run import why_undefined
 from dzad.config import RegimeConfig, to_dict
-from dzad.data.dataset import ImageDataset, Sample, TestSet, as_test_set, collect_samples
+from dzad.data.dataset import ImageDataset, Sample, collect_samples
+from dzad.data.test_sets import TestSet, as_test_set
 from dzad.errors import DZADInputError
 from dzad.evaluation import category_samples
 from dzad.evaluation_outputs import assemble
@@ -188,7 +189,7 @@ def evaluate_regime(
 ) -> dict[str, Any]:
     """Batch zero-shot (``few_shot == 0``) or few-shot with ``few_shot`` references per draw, on
     the test split of ``categories`` (empty = all) of ``root``, an MVTec-layout root (a path or a
-    :class:`~dzad.data.dataset.MVTecRoot`: few-shot draws from its ``train/good``).
+    :class:`~dzad.data.test_sets.MVTecRoot`: few-shot draws from its ``train/good``).
 
     ``pictures``: per-image pictures of the regime's maps and ``report.html`` (few-shot: draw 0);
     ``save_masks`` adds the predicted masks, thresholded per scored batch without labels.

@@ -1,5 +1,5 @@
 """``dzad evaluate --normal DIR --abnormal DIR [--masks DIR]``: anomalib's Folder layout served by
-the MVTec dataset code (:class:`dzad.data.dataset.FolderSet`), same metrics, one-line errors."""
+the MVTec dataset code (:class:`dzad.data.test_sets.FolderSet`), same metrics, one-line errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dzad.cli import app
-from dzad.data import dataset
-from dzad.data.dataset import FolderSet
+from dzad.data import test_sets
+from dzad.data.test_sets import FolderSet
 from dzad.errors import DZADInputError
 
 runner = CliRunner()
@@ -72,8 +72,8 @@ def test_folders_give_the_metrics_of_the_same_images_in_mvtec_layout(
 
 
 def test_without_masks_only_image_metrics(folders, tiny_checkpoint, tmp_path, monkeypatch):
-    listed, list_files = [], dataset._image_files
-    monkeypatch.setattr(dataset, "_image_files", lambda d: listed.append(d) or list_files(d))
+    listed, list_files = [], test_sets.image_files
+    monkeypatch.setattr(test_sets, "image_files", lambda d: listed.append(d) or list_files(d))
     plain = ["--normal", folders / "normal", "--abnormal", folders / "abnormal"]
     result, got = _evaluate("-m", tiny_checkpoint, *plain, "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output

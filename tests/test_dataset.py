@@ -12,17 +12,15 @@ from PIL import Image
 
 from dzad.config import DataConfig
 from dzad.data.dataset import (
-    FolderSet,
     ImageDataset,
-    MVTecRoot,
     Sample,
-    as_test_set,
     check_sample,
     collect_samples,
     iter_samples,
     list_categories,
 )
 from dzad.data.images import load_mask
+from dzad.data.test_sets import FolderSet, MVTecRoot, as_test_set
 from dzad.errors import DZADInputError
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "datasets"

@@ -28,7 +28,7 @@ from dzad.cli.model_options import (
     set_option,
 )
 from dzad.cli.score_outputs import print_metrics
-from dzad.data.dataset import FolderSet, MVTecRoot, TestSet
+from dzad.data.test_sets import FolderSet, MVTecRoot, TestSet
 from dzad.errors import DZADInputError
 from dzad.io_utils import check_writable, lock_folder, replace_outputs, write_error
 from dzad.overrides import EVALUATE_KEYS
@@ -148,8 +148,8 @@ def evaluate_cmd(
 
 
 def _test_set(data, normal, abnormal, masks, categories, regime, skip_bad) -> TestSet:
-    """``--data ROOT`` (:class:`dzad.data.dataset.MVTecRoot`) or the plain folders
-    ``--normal``/``--abnormal``/``--masks`` (:class:`dzad.data.dataset.FolderSet`, one category,
+    """``--data ROOT`` (:class:`dzad.data.test_sets.MVTecRoot`) or the plain folders
+    ``--normal``/``--abnormal``/``--masks`` (:class:`dzad.data.test_sets.FolderSet`, one category,
     listed here so that an empty folder or a missing mask stops before the model loads; the
     evaluation reuses this listing); any other mix is refused."""
     folders = (normal, abnormal, masks)
@@ -184,7 +184,7 @@ def _staged(out: Path) -> Iterator[Path]:
 
 def _progress(dzad, data: TestSet, names: list[str], eval_cfg, skip_bad: bool, json_out: bool):
     """The progress display over the test images of ``names`` the evaluation will score (the
-    listing is the test set's one, :class:`dzad.data.dataset.TestSet`)."""
+    listing is the test set's one, :class:`dzad.data.test_sets.TestSet`)."""
     from dzad.evaluation import category_samples
 
     total = sum(len(category_samples(data, c, eval_cfg, dzad.cfg.seed, skip_bad)) for c in names)
@@ -194,7 +194,7 @@ def _progress(dzad, data: TestSet, names: list[str], eval_cfg, skip_bad: bool, j
 def _evaluate_zero_shot(
     dzad, data, out, cats, source, save_maps, save_masks, skip_bad, json_out,
 ) -> dict[str, Any]:  # fmt: skip
-    """Per-image (zero-shot) evaluation of ``data`` (a :class:`~dzad.data.dataset.TestSet`) into
+    """Per-image (zero-shot) evaluation of ``data`` (a :class:`~dzad.data.test_sets.TestSet`) into
     ``out`` (:func:`dzad.evaluation.evaluate`); ``source``: ``(--source, --source-categories)`` of
     the controls."""
     from dzad.evaluation import build_controls, evaluate, source_batches
