@@ -148,15 +148,25 @@ def adapt_network(
     return net.eval().requires_grad_(False), keep.tolist()
 
 
-def excess_grid(spatial: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
+def excess_scale(spatial: Tensor, reference: Tensor) -> Tensor:
+    """Per-stage scale ``(N,)`` of :func:`excess_grid`: the scaled median absolute deviation of
+    ``spatial`` ``(B,N,h,w)`` from the references' ``(R,N,h,w)`` median, pooled over positions."""
+    dev = spatial.float() - reference.float().median(0).values
+    return 1.4826 * dev.abs().transpose(0, 1).flatten(1).median(1).values
+
+
+def excess_grid(
+    spatial: Tensor, reference: Tensor, weights: Tensor, scale: Tensor | None = None
+) -> Tensor:
     """``spatial`` ``(B,N,h,w)`` scored against ``reference`` ``(R,N,h,w)`` -> ``(B,h,w)``.
 
-    Location: the references' median per stage and position; scale: the median absolute
-    deviation of the scored images from it per stage (pooled over positions, so one or two
-    references suffice). ``sum_n w_n max(z_n(p), 0)^2`` as the zero-shot noise-excess map.
+    Location: the references' median per stage and position; scale (:func:`excess_scale`): the
+    median absolute deviation of the scored images from it per stage (pooled over positions, so
+    one or two references suffice), or ``scale`` ``(N,)`` when given (another batch's, to put
+    these images on its scale). ``sum_n w_n max(z_n(p), 0)^2`` as the zero-shot noise-excess map.
     """
     loc = reference.float().median(0).values  # (N,h,w)
     dev = spatial.float() - loc
-    scale = 1.4826 * dev.abs().transpose(0, 1).flatten(1).median(1).values  # (N,)
+    scale = excess_scale(spatial, reference) if scale is None else scale
     z = dev / scale.clamp_min(1e-8).view(1, -1, 1, 1)
     return torch.einsum("bnhw,n->bhw", z.clamp_min(0).pow(2), weights.to(z))

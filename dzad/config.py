@@ -232,6 +232,9 @@ class RegimeConfig:
     few_shot_k: int = 4  # evaluate --few-shot default
     few_shot_draws: int = 3  # seeded draws of the references (mean +- std over draws)
     mask_k: float = 3.0  # predicted region: map > median + mask_k scaled MADs of the batch's maps
+    # few-shot image decision: "references" = above the references' highest leave-one-out score
+    # (needs >= 2 references; 1: the batch rule); "batch" = the batch's outlier rule (mask_k-style)
+    few_shot_threshold: Literal["references", "batch"] = "references"
     max_images: int = 0  # regimes stage: seeded subset of test images per category; 0 = all
     seed: int = 0  # test subset, groups, reference draws, adaptation noise
 

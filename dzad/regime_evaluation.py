@@ -142,20 +142,18 @@ def _few_shot_category(
         ref_images = torch.stack([ref_ds[i]["image"] for i in range(len(ref_ds))])
         accs: dict[str, MetricAccumulator] = {}
         key = ("few", tuple(paths), tuple(str(r.path) for r in refs))
-        scored = score_few_shot(
-            backbone, images, ref_images, rc, model, backbone_part=memo.get(key)
-        )
-        memo[key] = scored.parts["backbone"]
+        grid, ref_grid = memo.get(key, (None, None))
+        scored = score_few_shot(backbone, images, ref_images, rc, model, None, grid, ref_grid)
+        memo[key] = (scored.parts["backbone"], scored.reference_grid)
         _accumulate(accs, "regime", labels, scored.scores, masks, scored.maps, pixel)
         key = ("patchcore", *key[1:])
-        ctrl = score_few_shot(
-            backbone, images, ref_images, rc, None, degrees=(3,), backbone_part=memo.get(key)
-        )
-        memo[key] = ctrl.parts["backbone"]
+        grid, ref_grid = memo.get(key, (None, None))
+        ctrl = score_few_shot(backbone, images, ref_images, rc, None, (3,), grid, ref_grid)
+        memo[key] = (ctrl.parts["backbone"], ctrl.reference_grid)
         _accumulate(accs, "control:fewshot_patchcore", labels, ctrl.scores, masks, ctrl.maps, pixel)
         for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
-        draw_rows = score_rows(samples, labels, d, scored.scores)
+        draw_rows = score_rows(samples, labels, d, scored.scores, scored.reference_scores)
         rows += draw_rows
         if d == 0:  # the pictures show the first draw's maps
             add_pictures(pics, samples, draw_rows, scored, rc, shown)

@@ -4,9 +4,10 @@ the files.
 
 ``scores.csv`` has one row per image (and draw) with the columns :data:`SCORE_COLUMNS` (the image
 score under the name the per-image evaluation and ``dzad score`` use) and, with pictures, the
-picture files; a row's decision is its scored batch's own outlier rule
-(:func:`dzad.regimes.image_rule`). The pictures get one colour scale per scored batch starting at
-its label-free map threshold (:func:`dzad.regimes.map_level`). Every file is written atomically.
+picture files; a row's decision is its scored batch's own outlier rule, or in few-shot its
+references' highest leave-one-out score (:func:`dzad.regimes.image_rule`). The pictures get one
+colour scale per scored batch starting at its label-free map threshold
+(:func:`dzad.regimes.map_level`). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ SCORE_COLUMNS = ("path", "label", "draw", "image_score", "decision")
 
 
 def score_rows(
-    samples: Sequence[Sample], labels: torch.Tensor, draw: int | str, scores: torch.Tensor
-) -> list[dict[str, Any]]:
+    samples: Sequence[Sample], labels: torch.Tensor, draw: int | str, scores: torch.Tensor,
+    reference_scores: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Rows of ``scores.csv`` for one scored batch (``labels``, ``scores``: ``(n,)``; ``draw``:
-    the few-shot reference draw, ``""`` in batch zero-shot); ``normalised_score`` and
-    ``category`` / ``defect`` are for its pictures and report."""
-    rule = image_rule(scores)
+    the few-shot reference draw, ``""`` in batch zero-shot; ``reference_scores``: few-shot's
+    leave-one-out scores, the decision's threshold when given, :func:`dzad.regimes.image_rule`);
+    ``normalised_score`` and ``category`` / ``defect`` are for its pictures and report."""
+    rule = image_rule(scores, references=reference_scores)
     rows = []
     for s, y, score in zip(samples, labels.tolist(), scores.tolist(), strict=True):
         decision = "anomalous" if score > rule.value else "normal"
@@ -52,10 +55,18 @@ def regime_pictures(
     root: Path, rc: RegimeConfig, mode: str, mask_threshold: int, save_masks: bool
 ) -> EvalPictures:
     """The pictures of a regime evaluation: what its report states about decisions and maps."""
+    batch_rule = (
+        f"image score > median + {IMAGE_OUTLIER_K:g} scaled MADs of the image scores of its "
+        "scored batch (no labels)"
+    )
+    if mode == "few-shot" and rc.few_shot_threshold == "references":
+        batch_rule = (
+            "image score > the highest leave-one-out image score of its references (each "
+            f"scored against the others; with one reference: {batch_rule})"
+        )
     settings = {
         "regime": REGIME_LABELS[mode],
-        "decision": f"image score > median + {IMAGE_OUTLIER_K:g} scaled MADs of the image scores "
-        "of its scored batch (no labels)",
+        "decision": batch_rule,
         "normalised score": "0.5 at the decision threshold, spanning its batch's image scores",
         "heat maps": f"the regime's fused map; one colour scale per scored batch, from its map "
         f"threshold: median + {rc.mask_k:g} scaled MADs of all the batch's map values "

@@ -19,7 +19,11 @@ when its score is above the median plus 3 scaled MADs of the image scores of its
 (:func:`image_rule`); a pixel is in the predicted region when its map value is above the median
 plus ``regime.mask_k`` scaled MADs of every map value of the batch (:func:`map_level`). Both
 assume the anomalous images / pixels are a minority of the batch; the SOURCE-calibrated
-thresholds belong to the per-image scores and maps and do not apply here.
+thresholds belong to the per-image scores and maps and do not apply here. Few-shot has known-good
+images, so its image rule (``regime.few_shot_threshold: references``, with 2 or more references)
+needs no such assumption: an image is anomalous when its score is above the highest
+leave-one-out score of the references (each reference scored against the others by the same
+pipeline, on the batch's fusion scale; ``Scored.reference_scores``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dzad.adaptation import adapt_network, encode, excess_grid, noise_error, stitch, to_tiles
+from dzad.adaptation import (
+    adapt_network,
+    encode,
+    excess_grid,
+    excess_scale,
+    noise_error,
+    stitch,
+    to_tiles,
+)
 from dzad.backbones import Backbone
 from dzad.config import RegimeConfig
 from dzad.decisions import Threshold
@@ -62,6 +74,8 @@ class Scored:
     parts: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
     descriptors: Tensor | None = None  # (B, D) global features (batch mode's re-scoring)
+    reference_scores: Tensor | None = None  # (R,) few-shot: each reference against the others
+    reference_grid: Tensor | None = None  # (R,h,w) few-shot: their backbone grids (reusable)
 
 
 def _median_mad(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,9 +86,10 @@ def _median_mad(values: Tensor) -> tuple[Tensor, Tensor]:
     return med, (flat - med).abs().median()
 
 
-def robust_scale(grid: Tensor) -> Tensor:
-    """``(B,h,w)`` -> the same, minus its median over every patch of the batch, over its MAD."""
-    med, mad = _median_mad(grid.float())
+def robust_scale(grid: Tensor, n: int | None = None) -> Tensor:
+    """``(B,h,w)`` -> the same, minus the median over every patch of its first ``n`` images (all
+    when None), over their MAD: rows past ``n`` are put on the scale of the first ``n``."""
+    med, mad = _median_mad(grid[:n].float())
     return (grid.float() - med) / (1.4826 * mad.clamp_min(1e-8))
 
 
@@ -84,10 +99,15 @@ def outlier_threshold(values: Tensor, k: float) -> float:
     return float(med + k * 1.4826 * mad)
 
 
-def image_rule(scores: Tensor, value: float | None = None) -> Threshold:
+def image_rule(
+    scores: Tensor, value: float | None = None, references: Tensor | None = None
+) -> Threshold:
     """The decision ``image_score > value`` for the image scores ``(B,)`` of one scored batch;
-    ``value`` None: the batch's outlier threshold (:data:`IMAGE_OUTLIER_K`). The normalised
+    ``value`` None: the highest of the ``references``' leave-one-out scores ``(R,)`` when given
+    (few-shot), else the batch's outlier threshold (:data:`IMAGE_OUTLIER_K`). The normalised
     score spans the batch's own scores (no SOURCE references apply to a regime's scores)."""
+    if value is None:
+        value = float(references.max()) if references is not None else None
     thr = outlier_threshold(scores, IMAGE_OUTLIER_K) if value is None else value
     return Threshold("image_score", thr, float(scores.min()), float(scores.max()))
 
@@ -99,15 +119,18 @@ def map_level(maps: Tensor, cfg: RegimeConfig) -> float:
     return outlier_threshold(maps, cfg.mask_k)
 
 
-def fuse(backbone_grid: Tensor, dzad_grid: Tensor | None, weight: float) -> Tensor:
-    """``(B,h,w)`` backbone and ``(B,h',w')`` DZAD grids -> ``(B,h,w)`` weighted robust sum;
-    the backbone grid unchanged when there is no DZAD signal (so it equals the control)."""
+def fuse(
+    backbone_grid: Tensor, dzad_grid: Tensor | None, weight: float, n: int | None = None
+) -> Tensor:
+    """``(B,h,w)`` backbone and ``(B,h',w')`` DZAD grids -> ``(B,h,w)`` weighted robust sum, each
+    on the scale of its first ``n`` rows (all when None); the backbone grid unchanged when there
+    is no DZAD signal (so it equals the control)."""
     if dzad_grid is None or weight <= 0:
         return backbone_grid
-    fused = robust_scale(backbone_grid)
+    fused = robust_scale(backbone_grid, n)
     size = backbone_grid.shape[-2:]
     d = F.interpolate(dzad_grid[:, None].float(), size=size, mode="bilinear", align_corners=False)
-    return (1 - weight) * fused + weight * robust_scale(d[:, 0])
+    return (1 - weight) * fused + weight * robust_scale(d[:, 0], n)
 
 
 def _finish(grid: Tensor, size: int, glob: Tensor | None, rescore_k: int) -> tuple[Tensor, Tensor]:
@@ -118,11 +141,13 @@ def _finish(grid: Tensor, size: int, glob: Tensor | None, rescore_k: int) -> tup
 
 
 def dzad_grids(
-    model: DZAD, images: Tensor, references: Tensor | None, cfg: RegimeConfig
+    model: DZAD, images: Tensor, references: Tensor | None, cfg: RegimeConfig, loo: bool = False
 ) -> tuple[Tensor, dict[str, object]]:
     """The DZAD signal ``(B,h,w)`` of a copy adapted to ``images`` (batch mode, ``references``
     None) or to ``references`` ``(R,3,H,W)`` (few-shot); the reference set of the excess is the
-    batch itself or the references. ``adapt_steps == 0``: the frozen SOURCE denoiser.
+    batch itself or the references. ``adapt_steps == 0``: the frozen SOURCE denoiser. ``loo``
+    (few-shot): ``R`` more rows, each reference's excess against the other references on the
+    batch's scale (the copy was adapted on all of them, so these rows lean low).
 
     ``cfg.dzad_tiles`` = n > 1: every image is scored as n x n tiles at the model's own size
     (:func:`dzad.adaptation.to_tiles`), the copy adapted on the tiles, and the tiles' noise errors
@@ -141,22 +166,36 @@ def dzad_grids(
     ref_spatial = spatial
     if references is not None:
         ref_spatial = stitch(noise_error(model, net, rx0, rz0), references.shape[-1], n, size)
-    grid = excess_grid(spatial, ref_spatial, model.calibration.weights)
+    weights = model.calibration.weights
+    grid = excess_grid(spatial, ref_spatial, weights)
+    if loo and references is not None:
+        scale = excess_scale(spatial, ref_spatial)
+        rows = [excess_grid(r, o, weights, scale) for r, o in _leave_one_out(ref_spatial)]
+        grid = torch.cat([grid, *rows])
     info = {"adapt_steps": cfg.adapt_steps, "adapted_on": len(kept), "dzad_tiles": n}
     return grid.cpu(), info
+
+
+def _leave_one_out(x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``x`` ``(R,...)`` -> for each ``i``: ``(x[i:i+1], x without row i)``."""
+    return [(x[i : i + 1], torch.cat([x[:i], x[i + 1 :]])) for i in range(len(x))]
 
 
 def _with_dzad(
     grid: Tensor, model: DZAD | None, images: Tensor, references: Tensor | None, cfg: RegimeConfig
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
-    """The backbone ``grid`` ``(B,h,w)`` fused with the adapted DZAD copy's grid when
-    ``cfg.dzad_weight > 0`` (adapted on the batch, or on ``references``): (fused, parts, info)."""
-    parts: dict[str, Tensor] = {"backbone": grid}
+    """The backbone ``grid`` ``(B[+R],h,w)`` fused with the adapted DZAD copy's grid when
+    ``cfg.dzad_weight > 0`` (adapted on the batch, or on ``references``): (fused, parts, info).
+    ``R`` rows past the ``B`` images: the references' leave-one-out grids (:func:`dzad_grids`
+    ``loo``), fused on the images' scale; ``parts`` holds the images' rows only."""
+    b = len(images)
+    parts: dict[str, Tensor] = {"backbone": grid[:b]}
     if model is None or cfg.dzad_weight <= 0:
         return fuse(grid, None, cfg.dzad_weight), parts, {"dzad_weight": 0.0}
-    dz, info = dzad_grids(model, images, references, cfg)
-    parts["dzad"] = dz
-    return fuse(grid, dz, cfg.dzad_weight), parts, {**info, "dzad_weight": cfg.dzad_weight}
+    dz, info = dzad_grids(model, images, references, cfg, loo=len(grid) > b)
+    parts["dzad"] = dz[:b]
+    fused = fuse(grid, dz, cfg.dzad_weight, b)
+    return fused, parts, {**info, "dzad_weight": cfg.dzad_weight}
 
 
 def mutual_grid(backbone: Backbone, images: Tensor, cfg: RegimeConfig) -> tuple[Tensor, Tensor]:
@@ -182,6 +221,14 @@ def score_batch(
     return Scored(scores, maps, parts, info, glob)
 
 
+def reference_grids(backbone: Backbone, references: Tensor, cfg: RegimeConfig, degrees) -> Tensor:
+    """Leave-one-out backbone grids ``(R,h,w)``: each of the ``references`` ``(R,3,S,S)`` (R >= 2)
+    against the other ``R - 1``, as :func:`score_few_shot` scores an image against them all."""
+    refs, _ = patch_features(backbone, references, cfg.levels, degrees)
+    per_degree = [[reference_patch_scores(r, o) for r, o in _leave_one_out(f)] for f in refs]
+    return torch.stack([torch.cat(rows) for rows in per_degree]).mean(0)
+
+
 def score_few_shot(
     backbone: Backbone,
     images: Tensor,
@@ -190,12 +237,17 @@ def score_few_shot(
     model: DZAD | None = None,
     degrees: tuple[int, ...] | None = None,
     backbone_part: Tensor | None = None,
+    reference_part: Tensor | None = None,
 ) -> Scored:
     """Few-shot: ``images`` ``(B,3,S,S)`` against known-good ``references`` ``(R,3,S,S)``.
 
     ``degrees`` overrides ``cfg.degrees`` (the PatchCore control uses ``(3,)``);
     ``backbone_part``: the backbone grid ``(B,h,w)`` of the same inputs and settings (its
-    ``Scored.parts["backbone"]``), when known: it does not depend on the DZAD model."""
+    ``Scored.parts["backbone"]``), when known: it does not depend on the DZAD model. With
+    ``cfg.few_shot_threshold == "references"`` and R >= 2, ``reference_scores`` ``(R,)`` are the
+    references' leave-one-out image scores, fused on the images' scale (the images' own scores
+    and maps are the same either way); ``reference_part``: their backbone grids
+    (``Scored.reference_grid`` of the same references and settings), when known."""
     degrees = tuple(degrees or cfg.degrees)
     grid = backbone_part
     if grid is None:
@@ -204,6 +256,15 @@ def score_few_shot(
         grid = torch.stack(
             [reference_patch_scores(f, r) for f, r in zip(feats, refs, strict=True)]
         ).mean(0)
+    loo = cfg.few_shot_threshold == "references" and len(references) >= 2
+    ref_grid = None
+    if loo:
+        ref_grid = reference_part
+        if ref_grid is None:
+            ref_grid = reference_grids(backbone, references, cfg, degrees)
+        grid = torch.cat([grid, ref_grid])
     fused, parts, info = _with_dzad(grid, model, images, references, cfg)
-    scores, maps = _finish(fused, images.shape[-1], None, 0)
-    return Scored(scores, maps, parts, info)
+    b = len(images)
+    scores, maps = _finish(fused[:b], images.shape[-1], None, 0)
+    ref_scores = fused[b:].flatten(1).amax(1) if loo else None
+    return Scored(scores, maps, parts, info, reference_scores=ref_scores, reference_grid=ref_grid)

@@ -4,11 +4,13 @@ The images of the call are loaded at ``regime.image_size`` and scored together
 (:func:`dzad.regimes.score_batch`) or against the known-good images under ``--reference``
 (:func:`dzad.regimes.score_few_shot`). Decisions: a numeric ``--threshold`` on the image score, or
 with ``auto`` the batch's own outlier rule (image score above the median plus 3 scaled MADs of the
-call's image scores, :func:`dzad.regimes.image_rule`), since the SOURCE-calibrated tau belongs to
-the per-image detection score. The normalised score spans the call's own image scores. The maps
-(backbone distances, fused with the adapted DZAD excess) have no calibrated map threshold either:
-their pictures' region and ``--save-masks`` use the call's own, the median plus ``regime.mask_k``
-scaled MADs of all its map values (:func:`dzad.regimes.map_level`).
+call's image scores) or, with ``--reference`` and ``regime.few_shot_threshold: references``, the
+highest leave-one-out score of the references (:func:`dzad.regimes.image_rule`), since the
+SOURCE-calibrated tau belongs to the per-image detection score. The normalised score spans the
+call's own image scores. The maps (backbone distances, fused with the adapted DZAD excess) have no
+calibrated map threshold either: their pictures' region and ``--save-masks`` use the call's own,
+the median plus ``regime.mask_k`` scaled MADs of all its map values
+(:func:`dzad.regimes.map_level`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def score_regime(
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
-    rule = image_rule(scored.scores, threshold)
+    rule = image_rule(scored.scores, threshold, scored.reference_scores)
     rows = []
     for k, item in enumerate(inputs):
         score = float(scored.scores[k])
