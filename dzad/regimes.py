@@ -221,7 +221,9 @@ def score_batch(
     return Scored(scores, maps, parts, info, glob)
 
 
-def reference_grids(backbone: Backbone, references: Tensor, cfg: RegimeConfig, degrees) -> Tensor:
+def reference_grids(
+    backbone: Backbone, references: Tensor, cfg: RegimeConfig, degrees: tuple[int, ...]
+) -> Tensor:
     """Leave-one-out backbone grids ``(R,h,w)``: each of the ``references`` ``(R,3,S,S)`` (R >= 2)
     against the other ``R - 1``, as :func:`score_few_shot` scores an image against them all."""
     refs, _ = patch_features(backbone, references, cfg.levels, degrees)
