@@ -148,11 +148,21 @@ def adapt_network(
     return net.eval().requires_grad_(False), keep.tolist()
 
 
+def _deviation(spatial: Tensor, reference: Tensor) -> Tensor:
+    """``spatial`` ``(B,N,h,w)`` minus the references' ``(R,N,h,w)`` median per stage, position."""
+    return spatial.float() - reference.float().median(0).values
+
+
+def _mad_scale(dev: Tensor) -> Tensor:
+    """Per-stage scale ``(N,)``: the scaled median absolute deviation of ``dev`` ``(B,N,h,w)``,
+    pooled over images and positions."""
+    return 1.4826 * dev.abs().transpose(0, 1).flatten(1).median(1).values
+
+
 def excess_scale(spatial: Tensor, reference: Tensor) -> Tensor:
     """Per-stage scale ``(N,)`` of :func:`excess_grid`: the scaled median absolute deviation of
     ``spatial`` ``(B,N,h,w)`` from the references' ``(R,N,h,w)`` median, pooled over positions."""
-    dev = spatial.float() - reference.float().median(0).values
-    return 1.4826 * dev.abs().transpose(0, 1).flatten(1).median(1).values
+    return _mad_scale(_deviation(spatial, reference))
 
 
 def excess_grid(
@@ -165,8 +175,7 @@ def excess_grid(
     one or two references suffice), or ``scale`` ``(N,)`` when given (another batch's, to put
     these images on its scale). ``sum_n w_n max(z_n(p), 0)^2`` as the zero-shot noise-excess map.
     """
-    loc = reference.float().median(0).values  # (N,h,w)
-    dev = spatial.float() - loc
-    scale = excess_scale(spatial, reference) if scale is None else scale
+    dev = _deviation(spatial, reference)
+    scale = _mad_scale(dev) if scale is None else scale
     z = dev / scale.clamp_min(1e-8).view(1, -1, 1, 1)
     return torch.einsum("bnhw,n->bhw", z.clamp_min(0).pow(2), weights.to(z))

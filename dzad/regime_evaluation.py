@@ -136,6 +136,7 @@ def _few_shot_category(
     model, backbone, rc, images, masks, labels, pixel, rows, samples, train, k, memo, pics, shown
 ):  # fmt: skip
     draws, paths = [], [str(s.path) for s in samples]
+    control_rc = replace(rc, few_shot_threshold="batch")
     for d in range(rc.few_shot_draws):
         refs = draw_references(train, k, rc.seed + d)
         ref_ds = ImageDataset(refs, rc.image_size, model.cfg.data)
@@ -147,9 +148,9 @@ def _few_shot_category(
         memo[key] = (scored.parts["backbone"], scored.reference_grid)
         _accumulate(accs, "regime", labels, scored.scores, masks, scored.maps, pixel)
         key = ("patchcore", *key[1:])
-        grid, ref_grid = memo.get(key, (None, None))
-        ctrl = score_few_shot(backbone, images, ref_images, rc, None, (3,), grid, ref_grid)
-        memo[key] = (ctrl.parts["backbone"], ctrl.reference_grid)
+        # the control's decisions are not written: no leave-one-out scores of its references
+        ctrl = score_few_shot(backbone, images, ref_images, control_rc, None, (3,), memo.get(key))
+        memo[key] = ctrl.parts["backbone"]
         _accumulate(accs, "control:fewshot_patchcore", labels, ctrl.scores, masks, ctrl.maps, pixel)
         for name, (s, mp) in _part_grids_to_maps(scored, images.shape[-1]).items():
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)

@@ -55,18 +55,18 @@ def regime_pictures(
     root: Path, rc: RegimeConfig, mode: str, mask_threshold: int, save_masks: bool
 ) -> EvalPictures:
     """The pictures of a regime evaluation: what its report states about decisions and maps."""
-    batch_rule = (
+    decision = (
         f"image score > median + {IMAGE_OUTLIER_K:g} scaled MADs of the image scores of its "
         "scored batch (no labels)"
     )
     if mode == "few-shot" and rc.few_shot_threshold == "references":
-        batch_rule = (
+        decision = (
             "image score > the highest leave-one-out image score of its references (each "
-            f"scored against the others; with one reference: {batch_rule})"
+            f"scored against the others; with one reference: {decision})"
         )
     settings = {
         "regime": REGIME_LABELS[mode],
-        "decision": batch_rule,
+        "decision": decision,
         "normalised score": "0.5 at the decision threshold, spanning its batch's image scores",
         "heat maps": f"the regime's fused map; one colour scale per scored batch, from its map "
         f"threshold: median + {rc.mask_k:g} scaled MADs of all the batch's map values "

@@ -106,8 +106,8 @@ def image_rule(
     ``value`` None: the highest of the ``references``' leave-one-out scores ``(R,)`` when given
     (few-shot), else the batch's outlier threshold (:data:`IMAGE_OUTLIER_K`). The normalised
     score spans the batch's own scores (no SOURCE references apply to a regime's scores)."""
-    if value is None:
-        value = float(references.max()) if references is not None else None
+    if value is None and references is not None:
+        value = float(references.max())
     thr = outlier_threshold(scores, IMAGE_OUTLIER_K) if value is None else value
     return Threshold("image_score", thr, float(scores.min()), float(scores.max()))
 
@@ -166,10 +166,9 @@ def dzad_grids(
     ref_spatial = spatial
     if references is not None:
         ref_spatial = stitch(noise_error(model, net, rx0, rz0), references.shape[-1], n, size)
-    weights = model.calibration.weights
-    grid = excess_grid(spatial, ref_spatial, weights)
+    weights, scale = model.calibration.weights, excess_scale(spatial, ref_spatial)
+    grid = excess_grid(spatial, ref_spatial, weights, scale)
     if loo and references is not None:
-        scale = excess_scale(spatial, ref_spatial)
         rows = [excess_grid(r, o, weights, scale) for r, o in _leave_one_out(ref_spatial)]
         grid = torch.cat([grid, *rows])
     info = {"adapt_steps": cfg.adapt_steps, "adapted_on": len(kept), "dzad_tiles": n}
@@ -221,14 +220,22 @@ def score_batch(
     return Scored(scores, maps, parts, info, glob)
 
 
-def reference_grids(
-    backbone: Backbone, references: Tensor, cfg: RegimeConfig, degrees: tuple[int, ...]
-) -> Tensor:
-    """Leave-one-out backbone grids ``(R,h,w)``: each of the ``references`` ``(R,3,S,S)`` (R >= 2)
-    against the other ``R - 1``, as :func:`score_few_shot` scores an image against them all."""
-    refs, _ = patch_features(backbone, references, cfg.levels, degrees)
-    per_degree = [[reference_patch_scores(r, o) for r, o in _leave_one_out(f)] for f in refs]
-    return torch.stack([torch.cat(rows) for rows in per_degree]).mean(0)
+def _memory_grid(feats: list[Tensor], refs: list[Tensor]) -> Tensor:
+    """``(B,h,w)``: each patch's distance to its nearest reference patch, averaged over the
+    degrees (``feats`` / ``refs``: one tensor per degree, :func:`patch_features`)."""
+    per_degree = [reference_patch_scores(f, r) for f, r in zip(feats, refs, strict=True)]
+    return torch.stack(per_degree).mean(0)
+
+
+def _leave_one_out_grid(refs: list[Tensor]) -> Tensor:
+    """``(R,h,w)``: each of the R >= 2 references (features per degree) against the other R - 1,
+    as the images are scored against them all."""
+    rows = []
+    for i in range(len(refs[0])):
+        one = [r[i : i + 1] for r in refs]
+        others = [torch.cat([r[:i], r[i + 1 :]]) for r in refs]
+        rows.append(_memory_grid(one, others))
+    return torch.cat(rows)
 
 
 def score_few_shot(
@@ -251,19 +258,15 @@ def score_few_shot(
     and maps are the same either way); ``reference_part``: their backbone grids
     (``Scored.reference_grid`` of the same references and settings), when known."""
     degrees = tuple(degrees or cfg.degrees)
-    grid = backbone_part
-    if grid is None:
-        feats, _ = patch_features(backbone, images, cfg.levels, degrees)
-        refs, _ = patch_features(backbone, references, cfg.levels, degrees)
-        grid = torch.stack(
-            [reference_patch_scores(f, r) for f, r in zip(feats, refs, strict=True)]
-        ).mean(0)
     loo = cfg.few_shot_threshold == "references" and len(references) >= 2
-    ref_grid = None
+    grid, ref_grid = backbone_part, reference_part if loo else None
+    if grid is None or (loo and ref_grid is None):  # the references' features, once
+        refs, _ = patch_features(backbone, references, cfg.levels, degrees)
+        if grid is None:
+            grid = _memory_grid(patch_features(backbone, images, cfg.levels, degrees)[0], refs)
+        if loo and ref_grid is None:
+            ref_grid = _leave_one_out_grid(refs)
     if loo:
-        ref_grid = reference_part
-        if ref_grid is None:
-            ref_grid = reference_grids(backbone, references, cfg, degrees)
         grid = torch.cat([grid, ref_grid])
     fused, parts, info = _with_dzad(grid, model, images, references, cfg)
     b = len(images)

@@ -28,6 +28,7 @@ grid alone), for summarise_regimes.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -112,6 +113,23 @@ def shift_grids(model: DZAD, images: Tensor, rc: RegimeConfig, s: int) -> Tensor
     return excess_grid(fine, fine, model.calibration.weights).cpu()
 
 
+def dz_cache_stem(args: argparse.Namespace, ckpt: str, rc: RegimeConfig) -> str:
+    """Where the DZAD grids of ``ckpt`` on this target are cached (``<stem>.batch.pt`` /
+    ``.few.pt``): named by every setting they depend on, defaults left out of the name."""
+    default = RegimeConfig()
+    parts = [
+        "" if rc.dzad_tiles == 1 else f"_t{rc.dzad_tiles}",
+        "" if getattr(args, "shifts", 1) == 1 else f"_s{args.shifts}",
+        "" if args.k == 4 else f"_k{args.k}",
+        "" if rc.image_size == 256 else f"_px{rc.image_size}",
+        "" if rc.adapt_rounds == default.adapt_rounds else f"_r{rc.adapt_rounds}",
+        "" if rc.adapt_drop == default.adapt_drop else f"_d{rc.adapt_drop:g}",
+        "" if rc.adapt_lr == default.adapt_lr else f"_lr{rc.adapt_lr:g}",
+    ]
+    name = f"dz_{args.category}_{Path(ckpt).name}_{rc.adapt_steps}_{args.max_images}"
+    return str(Path(args.cache) / (name + "".join(parts)))
+
+
 def cached_dzad(path: Path, fn) -> tuple[list[Tensor], float]:
     """The DZAD grids (from ``path`` when there) and the seconds computing them took."""
     if path.exists():
@@ -147,16 +165,7 @@ def main() -> None:
     lab, msk = labels[order], masks[order]
     for ckpt in args.ckpt:
         model = DZAD.from_checkpoint(ckpt)
-        tiles = "" if args.tiles == 1 else f"_t{args.tiles}"
-        tiles += "" if args.shifts == 1 else f"_s{args.shifts}"
-        tiles += "" if args.k == 4 else f"_k{args.k}"
-        tiles += "" if size == 256 else f"_px{size}"
-        default = RegimeConfig()
-        tiles += "" if rc.adapt_rounds == default.adapt_rounds else f"_r{rc.adapt_rounds}"
-        tiles += "" if rc.adapt_drop == default.adapt_drop else f"_d{rc.adapt_drop:g}"
-        tiles += "" if rc.adapt_lr == default.adapt_lr else f"_lr{rc.adapt_lr:g}"
-        name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}{tiles}"
-        stem = Path(args.cache) / name
+        stem = dz_cache_stem(args, ckpt, rc)
         tag = {"ckpt": ckpt, "steps": args.steps, "tiles": args.tiles, "shifts": args.shifts,
                "k": args.k, "size": size, "rounds": rc.adapt_rounds, "drop": rc.adapt_drop,
                "lr": rc.adapt_lr}  # fmt: skip

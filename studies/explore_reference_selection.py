@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from explore_fusions import reweight
+from explore_fusions import dz_cache_stem, reweight
 from explore_regimes import metrics, target_args, target_grids
 
 from dzad.backbones import build_backbone
@@ -92,11 +92,10 @@ def grid_for(pairs: dict, keep: Tensor, rc: RegimeConfig, side: int) -> Tensor:
     return torch.stack(per).mean(0).view(-1, side, side)
 
 
-def dzad_batch_grids(args, ckpt: str) -> list[Tensor]:
+def dzad_batch_grids(args, ckpt: str, rc: RegimeConfig) -> list[Tensor]:
     """The cached batch DZAD grids ``[(B, h', w')]`` per group of ``explore_fusions.py``."""
-    px = "" if args.image_size == 256 else f"_px{args.image_size}"
-    name = f"dz_{args.category}_{Path(ckpt).name}_{args.steps}_{args.max_images}{px}.batch.pt"
-    return torch.load(Path(args.cache) / name)
+    rc = replace(rc, adapt_steps=args.steps)
+    return torch.load(f"{dz_cache_stem(args, ckpt, rc)}.batch.pt")
 
 
 def rank(x: Tensor) -> Tensor:
@@ -133,7 +132,7 @@ def main() -> None:
     # (part, checkpoint, image scores per group, DZAD grids per group)
     detectors: list[tuple[str, str, list[Tensor], list[Tensor]]] = [("select_self", "", own, [])]
     for ckpt in args.ckpt:
-        dz = dzad_batch_grids(args, ckpt)
+        dz = dzad_batch_grids(args, ckpt, rc)
         scores = [g.flatten(1).amax(1).float() for g in dz]
         both = [(rank(a) + rank(b)) / 2 for a, b in zip(own, scores, strict=True)]
         detectors += [("select_dzad", ckpt, scores, dz), ("select_both", ckpt, both, dz)]
