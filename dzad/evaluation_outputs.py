@@ -72,7 +72,9 @@ def mean_without_skipped(per_cat: dict[str, dict[str, float]]) -> dict[str, floa
     return mean
 
 
-def assemble(per_cat, variants, ctrl, controls, skipped, counts) -> dict:
+def assemble(per_cat, variants, ctrl, controls, skipped, counts, **blocks: Any) -> dict:
+    """``metrics.json``'s layout; ``blocks``: more top-level entries (e.g. a regime's
+    ``decisions``). NaN is written as null."""
     labels = {c.name: c.label for c in controls}
     return _nan_to_none(
         {
@@ -90,6 +92,7 @@ def assemble(per_cat, variants, ctrl, controls, skipped, counts) -> dict:
             },
             "skipped": skipped,
             "counts": counts,
+            **blocks,
         }
     )
 

@@ -14,10 +14,12 @@ Per category, the test images are loaded at ``regime.image_size`` (masks too) an
 
 ``metrics.json`` has the layout of :func:`dzad.evaluation_outputs.assemble` (``categories``,
 ``mean``, ``variants`` = each signal alone, ``controls``) plus ``regime`` (the label every table
-must carry) and the regime's settings under ``protocol``; ``scores.csv`` has one row per image (and
-draw). With ``pictures``, the regime's fused maps get the per-image pictures and ``report.html`` of
-a per-image evaluation (few-shot: of draw 0 only); ``save_masks`` adds the predicted masks
-(``masks/``). What is written, and how, is :mod:`dzad.regime_outputs`.
+must carry), ``decisions`` (how good the label-free decisions and predicted regions were against
+the labels, :mod:`dzad.decision_quality`) and the regime's settings under ``protocol``;
+``scores.csv`` has one row per image (and draw). With ``pictures``, the regime's fused maps get
+the per-image pictures and ``report.html`` of a per-image evaluation (few-shot: of draw 0 only);
+``save_masks`` adds the predicted masks (``masks/``). What is written, and how, is
+:mod:`dzad.regime_outputs`.
 """
 
 from __future__ import annotations
@@ -36,19 +38,25 @@ from dzad.category_run import why_undefined
 from dzad.config import RegimeConfig, to_dict
 from dzad.data.dataset import ImageDataset, Sample, collect_samples
 from dzad.data.test_sets import TestSet, as_test_set
+from dzad.decision_quality import DecisionCounts, flagged_rows
 from dzad.errors import DZADInputError
 from dzad.evaluation import category_samples
-from dzad.evaluation_outputs import assemble
+from dzad.evaluation_outputs import assemble, mean_without_skipped
 from dzad.metrics import PIXEL_METRICS, MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import rescore_images, upsample
 from dzad.regime_outputs import add_pictures, regime_pictures, score_rows, write_regime_outputs
-from dzad.regimes import REGIME_LABELS, Scored, score_batch, score_few_shot
+from dzad.regimes import REGIME_LABELS, Scored, map_level, score_batch, score_few_shot
 
 CONTROL_LABELS = {
     "mutual": "control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)",
     "fewshot_patchcore": "control: few-shot PatchCore (same backbone and draws)",
 }
+
+DECISIONS_LABEL = (
+    "the regime's label-free decisions against the labels: images flagged by the decision rule, "
+    "pixels in the predicted region (dzad.decision_quality)"
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,12 @@ def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[
     return out
 
 
+def _count(counts: DecisionCounts, labels, rows, masks, maps, level: float, pixel: bool) -> None:
+    """One scored batch's decisions (its ``rows``) and predicted region (``maps > level``)."""
+    region = maps > level if pixel else None
+    counts.add(labels, flagged_rows(rows), masks if pixel else None, region)
+
+
 def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
 
@@ -114,6 +128,7 @@ def _batch_category(
     model, backbone, rc, images, masks, labels, pixel, rows, samples, memo, pics, shown
 ):  # fmt: skip
     accs: dict[str, MetricAccumulator] = {}
+    counts = DecisionCounts()
     paths = [str(s.path) for s in samples]
     for group in seeded_groups(len(images), rc.group_size, rc.seed):
         x, m, y = images[group], masks[group], labels[group]
@@ -128,8 +143,10 @@ def _batch_category(
         batch = [samples[j] for j in group]
         group_rows = score_rows(batch, y, "", scored.scores)
         rows += group_rows
-        add_pictures(pics, batch, group_rows, scored, rc, shown)
-    return [_results(accs, pixel)]
+        level = map_level(scored.maps, rc)
+        _count(counts, y, group_rows, m, scored.maps, level, pixel)
+        add_pictures(pics, batch, group_rows, scored, level, shown)
+    return [{**_results(accs, pixel), "decisions": counts.result()}]
 
 
 def _few_shot_category(
@@ -156,9 +173,11 @@ def _few_shot_category(
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
         draw_rows = score_rows(samples, labels, d, scored.scores, scored.reference_scores)
         rows += draw_rows
+        level, counts = map_level(scored.maps, rc, scored.reference_level), DecisionCounts()
+        _count(counts, labels, draw_rows, masks, scored.maps, level, pixel)
         if d == 0:  # the pictures show the first draw's maps
-            add_pictures(pics, samples, draw_rows, scored, rc, shown)
-        draws.append(_results(accs, pixel))
+            add_pictures(pics, samples, draw_rows, scored, level, shown)
+        draws.append({**_results(accs, pixel), "decisions": counts.result()})
     return draws
 
 
@@ -200,7 +219,7 @@ def evaluate_regime(
     mode = "few-shot" if few_shot else "batch-zero-shot"
     cats = data.categories(categories)
     data_cfg = replace(model.cfg.data, skip_bad=False)
-    per_cat, std_cat, variants, ctrl = {}, {}, {}, {}
+    per_cat, std_cat, variants, ctrl, decisions = {}, {}, {}, {}, {}
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts, rows = {}, []
     if save_masks and not pictures:
@@ -233,8 +252,9 @@ def evaluate_regime(
             )
         for name in draws[0]:
             mean, std = _mean_std(draws, name)
-            if name == "regime":
-                per_cat[cat], std_cat.setdefault("regime", {})[cat] = mean, std
+            if name in ("regime", "decisions"):
+                store = per_cat if name == "regime" else decisions
+                store[cat], std_cat.setdefault(name, {})[cat] = mean, std
             elif name.startswith("control:"):
                 ctrl.setdefault(name[8:], {})[cat] = mean
                 std_cat.setdefault(name[8:], {})[cat] = std
@@ -251,10 +271,11 @@ def evaluate_regime(
     if not per_cat:
         raise DZADInputError(data.root, f"no test images in any of the categories {cats}")
     named = [_Named(n, CONTROL_LABELS[n]) for n in ctrl]
-    result = assemble(per_cat, variants, ctrl, named, skipped, counts)
+    mean = mean_without_skipped(decisions)
+    decided = {"label": DECISIONS_LABEL, "categories": decisions, "mean": mean}
+    spread = {"std": std_cat} if few_shot else {}  # NaN (undefined metrics) written as null
+    result = assemble(per_cat, variants, ctrl, named, skipped, counts, decisions=decided, **spread)
     result["regime"] = REGIME_LABELS[mode]
-    if few_shot:
-        result["std"] = std_cat
     result["protocol"] = {
         "data": str(data),
         "regime": REGIME_LABELS[mode],

@@ -23,7 +23,9 @@ thresholds belong to the per-image scores and maps and do not apply here. Few-sh
 images, so its image rule (``regime.few_shot_threshold: references``, with 2 or more references)
 needs no such assumption: an image is anomalous when its score is above the highest
 leave-one-out score of the references (each reference scored against the others by the same
-pipeline, on the batch's fusion scale; ``Scored.reference_scores``).
+pipeline, on the batch's fusion scale; ``Scored.reference_scores``), and a pixel is in the
+predicted region when its map value is above every pixel of those leave-one-out maps
+(``Scored.reference_level``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Scored:
     descriptors: Tensor | None = None  # (B, D) global features (batch mode's re-scoring)
     reference_scores: Tensor | None = None  # (R,) few-shot: each reference against the others
     reference_grid: Tensor | None = None  # (R,h,w) few-shot: their backbone grids (reusable)
+    reference_level: float | None = None  # few-shot: the highest value of their fused maps
 
 
 def _median_mad(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,10 +115,14 @@ def image_rule(
     return Threshold("image_score", thr, float(scores.min()), float(scores.max()))
 
 
-def map_level(maps: Tensor, cfg: RegimeConfig) -> float:
+def map_level(maps: Tensor, cfg: RegimeConfig, reference_level: float | None = None) -> float:
     """The map threshold of one scored batch's maps ``(B,1,S,S)``: above it a pixel is in the
-    predicted region (pictures, ``--save-masks``); ``cfg.mask_k`` scaled MADs above the median
-    of all its pixels."""
+    predicted region (pictures, ``--save-masks``). ``reference_level`` (few-shot,
+    ``Scored.reference_level``) when given: no pixel of a known-good reference's leave-one-out
+    map reaches above it; else ``cfg.mask_k`` scaled MADs above the median of all the maps'
+    pixels."""
+    if reference_level is not None:
+        return reference_level
     return outlier_threshold(maps, cfg.mask_k)
 
 
@@ -254,8 +261,9 @@ def score_few_shot(
     ``backbone_part``: the backbone grid ``(B,h,w)`` of the same inputs and settings (its
     ``Scored.parts["backbone"]``), when known: it does not depend on the DZAD model. With
     ``cfg.few_shot_threshold == "references"`` and R >= 2, ``reference_scores`` ``(R,)`` are the
-    references' leave-one-out image scores, fused on the images' scale (the images' own scores
-    and maps are the same either way); ``reference_part``: their backbone grids
+    references' leave-one-out image scores, fused on the images' scale, and ``reference_level``
+    the highest value of their leave-one-out maps (the images' own scores and maps are the same
+    either way); ``reference_part``: their backbone grids
     (``Scored.reference_grid`` of the same references and settings), when known."""
     degrees = tuple(degrees or cfg.degrees)
     loo = cfg.few_shot_threshold == "references" and len(references) >= 2
@@ -269,7 +277,13 @@ def score_few_shot(
     if loo:
         grid = torch.cat([grid, ref_grid])
     fused, parts, info = _with_dzad(grid, model, images, references, cfg)
-    b = len(images)
-    scores, maps = _finish(fused[:b], images.shape[-1], None, 0)
-    ref_scores = fused[b:].flatten(1).amax(1) if loo else None
-    return Scored(scores, maps, parts, info, reference_scores=ref_scores, reference_grid=ref_grid)
+    b, size = len(images), images.shape[-1]
+    scores, maps = _finish(fused[:b], size, None, 0)
+    if not loo:
+        return Scored(scores, maps, parts, info)
+    ref_scores = fused[b:].flatten(1).amax(1)
+    level = float(upsample(fused[b:], size).max())  # at the images' map resolution
+    return Scored(
+        scores, maps, parts, info,
+        reference_scores=ref_scores, reference_grid=ref_grid, reference_level=level,
+    )  # fmt: skip

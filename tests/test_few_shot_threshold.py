@@ -14,7 +14,7 @@ from dzad.backbones import build_backbone
 from dzad.config import RegimeConfig
 from dzad.data.dataset import Sample
 from dzad.regime_outputs import score_rows
-from dzad.regimes import IMAGE_OUTLIER_K, image_rule, outlier_threshold, score_few_shot
+from dzad.regimes import IMAGE_OUTLIER_K, image_rule, map_level, outlier_threshold, score_few_shot
 
 SIZE = 32
 CFG = RegimeConfig(image_size=SIZE, degrees=(1, 3), dzad_weight=0.0)
@@ -63,9 +63,30 @@ def test_the_images_scores_and_maps_do_not_depend_on_the_rule(tiny_model, backbo
     assert torch.isfinite(by_refs.reference_scores).all()
 
 
+def test_the_pixel_level_is_the_highest_value_of_the_references_leave_one_out_maps(backbone):
+    """Every pixel of a known-good reference's map (scored against the others, at the images'
+    map resolution) is at or below the level; the level is one of those pixels."""
+    images, refs = _images(5, 6), _images(4, 7)
+    scored = score_few_shot(backbone, images, refs, CFG)
+    alone = [
+        score_few_shot(backbone, refs[i : i + 1], torch.cat([refs[:i], refs[i + 1 :]]), CFG)
+        for i in range(4)
+    ]
+    highest = max(float(a.maps.max()) for a in alone)
+    assert scored.reference_level == pytest.approx(highest, rel=1e-4)
+    assert map_level(scored.maps, CFG, scored.reference_level) == scored.reference_level
+    # the batch rule, for comparison, is a different number on the same maps
+    assert map_level(scored.maps, CFG) == outlier_threshold(scored.maps, CFG.mask_k)
+    assert map_level(scored.maps, CFG) != pytest.approx(scored.reference_level)
+
+
 def test_one_reference_has_no_leave_one_out_scores(backbone):
     scored = score_few_shot(backbone, _images(3, 4), _images(1, 5), CFG)
-    assert scored.reference_scores is None
+    assert scored.reference_scores is None and scored.reference_level is None
+    batch = score_few_shot(
+        backbone, _images(3, 4), _images(4, 5), replace(CFG, few_shot_threshold="batch")
+    )
+    assert batch.reference_level is None  # `few_shot_threshold: batch`: the batch rule for both
 
 
 def test_the_rule_is_the_highest_reference_score_and_a_number_overrides_it():

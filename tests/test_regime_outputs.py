@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -70,19 +72,29 @@ def test_score_masks_are_the_batch_threshold_and_mark_the_planted_square(
     assert result.exit_code == 0, result.output
     maps = {n: np.load(out / "maps" / f"{n}.npy") for n in names}
     level = map_level(torch.from_numpy(np.stack(list(maps.values()))), RegimeConfig())
+    report = (out / "report.html").read_text()
+    if regime == "reference":  # the references' leave-one-out maps set it: read it (4 digits)
+        assert "the highest value of the references&#x27; leave-one-out maps" in report
+        shown = float(re.search(r"map threshold ([-0-9.e+]+)", report).group(1))
+        assert shown != pytest.approx(level, rel=1e-3)  # not the batch rule
     marked = {}
     for n in names:
         mask = np.asarray(Image.open(out / "masks" / f"{n}.mask.png"))
         assert set(np.unique(mask)) <= {0, 255} and mask.shape == (SIDE, SIDE)
-        np.testing.assert_array_equal(mask > 0, predicted_mask(maps[n], level, (SIDE, SIDE)))
         marked[n] = mask > 0
+        if regime == "batch":
+            expected = predicted_mask(maps[n], level, (SIDE, SIDE))
+            np.testing.assert_array_equal(marked[n], expected)
+        else:  # above the shown level, up to its rounding
+            assert (maps[n][marked[n]] > shown * (1 - 1e-3)).all()
+            assert (maps[n][~marked[n]] <= shown * (1 + 1e-3)).all()
     square = marked["3.png"][SQUARE]
     assert square.all()  # every planted pixel is in the predicted region
     rows, cols = np.nonzero(marked["3.png"])
     assert 8 <= rows.mean() <= 40 and 24 <= cols.mean() <= 56  # centred on it (+- 8 px)
     normal = sum(int(m.sum()) for n, m in marked.items() if n != "3.png")
     assert normal < marked["3.png"].sum()  # all 7 normal images together: less than the planted
-    assert "map threshold" in (out / "report.html").read_text()
+    assert "map threshold" in report
 
 
 @pytest.fixture()
@@ -134,6 +146,17 @@ def test_batch_evaluate_masks_are_each_batch_map_above_its_threshold(
     rule = image_rule(scored.scores)
     assert (table["decision"] == "anomalous").tolist() == (scored.scores > rule.value).tolist()
     assert table["mask"].map(lambda p: (np.asarray(Image.open(out / p)) > 0).any()).any()
+    # metrics.json's decisions: the written decisions and masks against the labels and masks
+    flagged, defective = table["decision"] == "anomalous", table["label"] == 1
+    region = np.stack([np.asarray(Image.open(out / p)) > 0 for p in table["mask"]])
+    truth = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
+    tp, fp = int((region & truth).sum()), int((region & ~truth).sum())
+    got = json.loads((out / "metrics.json").read_text())["decisions"]["categories"]["grain"]
+    assert got["images_flagged"] == flagged.sum()
+    assert got["image_recall"] == pytest.approx((flagged & defective).sum() / defective.sum())
+    assert got["pixel_precision"] == pytest.approx(tp / (tp + fp))
+    assert got["pixel_recall"] == pytest.approx(tp / truth.sum())
+    assert got["pixel_iou"] == pytest.approx(tp / (region | truth).sum())
     report = (out / "report.html").read_text()
     assert "regime.mask_k" in report and report.count('class="row"') == len(samples)
 

@@ -130,15 +130,10 @@ def score_cmd(
             if not inputs:
                 raise DZADInputError(paths[0], "none of the given paths holds a readable image")
             skipped += bad
-            rows, maps, rule, level, regime = score_regime(
-                dzad, rc, inputs, images, out, reference, thr
-            )
-            collector = RunPictures(level, draw=pictures)
-            map_note = (
-                f"{regime}: map threshold {level:.4g}, median + {rc.mask_k:g} scaled MADs of all "
-                "the call's map values (regime.mask_k; no labels)"
-            )
-            scored: Iterable = [(inputs, rows, maps, [])]
+            got = score_regime(dzad, rc, inputs, images, out, reference, thr)
+            rule, map_note, regime = got.rule, got.map_note, got.regime
+            collector = RunPictures(got.level, draw=pictures)
+            scored: Iterable = [(inputs, got.rows, got.maps, [])]
         else:
             rule, collector, map_note = run_pictures(dzad, thr, save_masks, model, pictures)
             scored, regime = (

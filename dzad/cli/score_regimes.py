@@ -9,14 +9,15 @@ highest leave-one-out score of the references (:func:`dzad.regimes.image_rule`),
 SOURCE-calibrated tau belongs to the per-image detection score. The normalised score spans the
 call's own image scores. The maps (backbone distances, fused with the adapted DZAD excess) have no
 calibrated map threshold either: their pictures' region and ``--save-masks`` use the call's own,
-the median plus ``regime.mask_k`` scaled MADs of all its map values
+the median plus ``regime.mask_k`` scaled MADs of all its map values, or with ``--reference`` (and
+``references``) the highest value of the references' leave-one-out maps
 (:func:`dzad.regimes.map_level`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,18 @@ from dzad.errors import DZADInputError
 from dzad.regimes import REGIME_LABELS, image_rule, map_level, score_batch, score_few_shot
 
 
+class RegimeScores(NamedTuple):
+    """One call's regime scoring: its rows of ``scores.csv``, maps ``(B,h,w)``, decision rule,
+    map threshold (what it is: ``map_note``) and the regime's label."""
+
+    rows: list[dict[str, Any]]
+    maps: np.ndarray
+    rule: Threshold
+    level: float
+    map_note: str
+    regime: str
+
+
 def score_regime(
     dzad,
     rc,
@@ -35,10 +48,9 @@ def score_regime(
     out: Path,
     reference: Path | None,
     threshold: float | None,
-) -> tuple[list[dict[str, Any]], np.ndarray, Threshold, float, str]:
+) -> RegimeScores:
     """``inputs`` (decoded: ``images`` ``(B,3,S,S)`` at ``rc.image_size``) scored as one batch
-    (or against ``reference``): their rows of ``scores.csv``, their maps ``(B, h, w)``, the
-    decision rule, the map threshold and the regime's label."""
+    (or against ``reference``)."""
     from dzad.evaluation import control_backbone
 
     resample = dzad.cfg.data.resample
@@ -64,5 +76,9 @@ def score_regime(
             "decision": "anomalous" if score > rule.value else "normal",
         }
         rows.append({**row, "normalised_score": rule.normalise(score)})
-    maps = scored.maps[:, 0].float().numpy()
-    return rows, maps, rule, map_level(scored.maps, rc), REGIME_LABELS[mode]
+    level, label = map_level(scored.maps, rc, scored.reference_level), REGIME_LABELS[mode]
+    how = f"median + {rc.mask_k:g} scaled MADs of all the call's map values (regime.mask_k)"
+    if scored.reference_level is not None:
+        how = "the highest value of the references' leave-one-out maps"
+    note = f"{label}: map threshold {level:.4g}, {how}; no labels"
+    return RegimeScores(rows, scored.maps[:, 0].float().numpy(), rule, level, note, label)
