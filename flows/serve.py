@@ -59,11 +59,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=1,
         help="flow runs executed at once (1: two trainings never share one GPU)",
     )
+    parser.add_argument(
+        "--pause-on-shutdown",
+        action="store_true",
+        help="pause the deployments through the API when stopped (they have no schedules, and "
+        "without a reachable server the stop then hangs)",
+    )
     args = parser.parse_args(argv)
     telemetry_off()  # before Prefect and MLflow are imported; served flow runs inherit it
     from prefect import serve
 
-    serve(*deployments(args.params_file, args.out_dir), limit=args.limit)
+    serve(
+        *deployments(args.params_file, args.out_dir),
+        limit=args.limit,
+        pause_on_shutdown=args.pause_on_shutdown,
+    )
 
 
 if __name__ == "__main__":

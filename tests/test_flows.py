@@ -8,6 +8,7 @@ the retry, cache and arm rules they rely on (tests/test_flow_policies.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -404,7 +405,14 @@ def _get(url: str) -> bool:
 @pytest.fixture
 def served(workdir, tmp_path) -> Iterator[dict[str, str]]:
     """``prefect server start`` + ``python -m flows.serve`` in a folder holding ``studies/``; both
-    always terminated."""
+    always terminated. Yields their environment."""
+    with _serving(workdir, tmp_path) as (env, _):
+        yield env
+
+
+@contextlib.contextmanager
+def _serving(workdir, tmp_path) -> Iterator[tuple[dict[str, str], list[subprocess.Popen]]]:
+    """:func:`served`'s processes: (environment, [server, serve])."""
     shutil.copytree(TINY.parent, workdir / "studies", dirs_exist_ok=True)
     port = _free_port()
     env = {**os.environ, **ENV, "PREFECT_HOME": str(tmp_path / "home")}
@@ -426,10 +434,21 @@ def served(workdir, tmp_path) -> Iterator[dict[str, str]]:
             return _get(f"{api}/deployments/name/dzad/ablation")
 
         _wait(deployed, "flows.serve", procs[1], serve_log)
-        yield env
+        yield env, procs
     finally:
         for proc in reversed(procs):  # the server last: serve reports to it on shutdown
             _stop(proc)
+
+
+@pytest.mark.slow
+def test_serve_stops_on_sigterm_when_the_server_is_already_gone(workdir, tmp_path):
+    """Stopping the Prefect server first, then ``flows.serve``: it exits promptly. With Prefect's
+    default (pause every deployment on shutdown) it waited on the unreachable API."""
+    with _serving(workdir, tmp_path) as (_, (server, serve)):
+        _stop(server)
+        serve.terminate()
+        serve.wait(timeout=30)  # raises TimeoutExpired while it hangs
+        assert serve.returncode is not None
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
