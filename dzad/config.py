@@ -235,6 +235,9 @@ class RegimeConfig:
     # few-shot image decision: "references" = above the references' highest leave-one-out score
     # (needs >= 2 references; 1: the batch rule); "batch" = the batch's outlier rule (mask_k-style)
     few_shot_threshold: Literal["references", "batch"] = "references"
+    # few-shot predicted region ("references"): map > this quantile of all the pixels of the
+    # references' leave-one-out maps (1 = above every one of them)
+    reference_quantile: float = 1.0
     max_images: int = 0  # regimes stage: seeded subset of test images per category; 0 = all
     seed: int = 0  # test subset, groups, reference draws, adaptation noise
 
@@ -379,6 +382,7 @@ RANGES: dict[str, Bound] = {
     "evaluate.mutual_fraction": _OPEN_UNIT,
     "regime.dzad_tiles": _POS,
     "regime.mask_k": Bound(0, lo_open=True),
+    "regime.reference_quantile": Bound(0.5, 1),
     "tracking.flush_every": _POS,
 }
 

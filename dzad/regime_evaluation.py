@@ -173,7 +173,7 @@ def _few_shot_category(
             _accumulate(accs, f"part:{name}", labels, s, masks, mp, pixel)
         draw_rows = score_rows(samples, labels, d, scored.scores, scored.reference_scores)
         rows += draw_rows
-        level, counts = map_level(scored.maps, rc, scored.reference_level), DecisionCounts()
+        level, counts = map_level(scored.maps, rc, scored.reference_maps), DecisionCounts()
         _count(counts, labels, draw_rows, masks, scored.maps, level, pixel)
         if d == 0:  # the pictures show the first draw's maps
             add_pictures(pics, samples, draw_rows, scored, level, shown)

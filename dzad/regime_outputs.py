@@ -7,8 +7,8 @@ score under the name the per-image evaluation and ``dzad score`` use) and, with 
 picture files; a row's decision is its scored batch's own outlier rule, or in few-shot its
 references' highest leave-one-out score (:func:`dzad.regimes.image_rule`). The pictures get one
 colour scale per scored batch starting at its label-free map threshold
-(:func:`dzad.regimes.map_level`: the batch's outlier rule, or in few-shot the highest value of
-the references' leave-one-out maps). Every file is written atomically.
+(:func:`dzad.regimes.map_level`: the batch's outlier rule, or in few-shot a quantile, by default
+the highest, of the references' leave-one-out map values). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dzad.data.dataset import Sample
 from dzad.evaluation_outputs import metrics_frame
 from dzad.evaluation_pictures import EvalPictures
 from dzad.io_utils import atomic_write_text
-from dzad.regimes import IMAGE_OUTLIER_K, REGIME_LABELS, Scored, image_rule
+from dzad.regimes import IMAGE_OUTLIER_K, REGIME_LABELS, Scored, image_rule, map_level_rule
 from dzad.run_panels import FILES as PICTURE_FILES
 
 SCORE_COLUMNS = ("path", "label", "draw", "image_score", "decision")
@@ -65,20 +65,15 @@ def regime_pictures(
             "image score > the highest leave-one-out image score of its references (each "
             f"scored against the others; with one reference: {decision})"
         )
-    level = (
-        f"median + {rc.mask_k:g} scaled MADs of all the batch's map values (regime.mask_k; no "
-        "labels)"
-    )
+    level = map_level_rule(rc, False)
     if mode == "few-shot" and rc.few_shot_threshold == "references":
-        level = (
-            f"the highest value of its references' leave-one-out maps (with one reference: {level})"
-        )
+        level = f"{map_level_rule(rc, True)} (with one reference: {level})"
     settings = {
         "regime": REGIME_LABELS[mode],
         "decision": decision,
         "normalised score": "0.5 at the decision threshold, spanning its batch's image scores",
         "heat maps": "the regime's fused map; one colour scale per scored batch, from its map "
-        f"threshold: {level}",
+        f"threshold: {level}; no labels",
     }
     if mode == "few-shot":
         settings["pictures"] = f"reference draw 0 of {rc.few_shot_draws}"

@@ -24,8 +24,8 @@ images, so its image rule (``regime.few_shot_threshold: references``, with 2 or 
 needs no such assumption: an image is anomalous when its score is above the highest
 leave-one-out score of the references (each reference scored against the others by the same
 pipeline, on the batch's fusion scale; ``Scored.reference_scores``), and a pixel is in the
-predicted region when its map value is above every pixel of those leave-one-out maps
-(``Scored.reference_level``).
+predicted region when its map value is above the ``regime.reference_quantile`` quantile (1: every
+pixel) of those leave-one-out maps (``Scored.reference_maps``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Scored:
     descriptors: Tensor | None = None  # (B, D) global features (batch mode's re-scoring)
     reference_scores: Tensor | None = None  # (R,) few-shot: each reference against the others
     reference_grid: Tensor | None = None  # (R,h,w) few-shot: their backbone grids (reusable)
-    reference_level: float | None = None  # few-shot: the highest value of their fused maps
+    reference_maps: Tensor | None = None  # (R,1,S,S) few-shot: their leave-one-out fused maps
 
 
 def _median_mad(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,15 +115,30 @@ def image_rule(
     return Threshold("image_score", thr, float(scores.min()), float(scores.max()))
 
 
-def map_level(maps: Tensor, cfg: RegimeConfig, reference_level: float | None = None) -> float:
+def map_level(maps: Tensor, cfg: RegimeConfig, references: Tensor | None = None) -> float:
     """The map threshold of one scored batch's maps ``(B,1,S,S)``: above it a pixel is in the
-    predicted region (pictures, ``--save-masks``). ``reference_level`` (few-shot,
-    ``Scored.reference_level``) when given: no pixel of a known-good reference's leave-one-out
-    map reaches above it; else ``cfg.mask_k`` scaled MADs above the median of all the maps'
-    pixels."""
-    if reference_level is not None:
-        return reference_level
+    predicted region (pictures, ``--save-masks``). With ``references`` (few-shot: the known-good
+    references' leave-one-out maps ``(R,1,S,S)``, ``Scored.reference_maps``): the
+    ``cfg.reference_quantile`` quantile of all their pixels (1: no reference pixel is above it);
+    else ``cfg.mask_k`` scaled MADs above the median of all the maps' pixels."""
+    if references is not None:
+        return float(torch.quantile(references.flatten().double(), cfg.reference_quantile))
     return outlier_threshold(maps, cfg.mask_k)
+
+
+def map_level_rule(cfg: RegimeConfig, references: bool, batch: str = "batch") -> str:
+    """What :func:`map_level` is, in words (reports), with or without ``references``; ``batch``:
+    what the scored batch is called (a call, a batch)."""
+    if not references:
+        return (
+            f"median + {cfg.mask_k:g} scaled MADs of all the {batch}'s map values (regime.mask_k)"
+        )
+    if cfg.reference_quantile == 1:
+        return "the highest value of the references' leave-one-out maps"
+    return (
+        f"the {cfg.reference_quantile:g} quantile of the references' leave-one-out map values "
+        "(regime.reference_quantile)"
+    )
 
 
 def fuse(
@@ -261,9 +276,9 @@ def score_few_shot(
     ``backbone_part``: the backbone grid ``(B,h,w)`` of the same inputs and settings (its
     ``Scored.parts["backbone"]``), when known: it does not depend on the DZAD model. With
     ``cfg.few_shot_threshold == "references"`` and R >= 2, ``reference_scores`` ``(R,)`` are the
-    references' leave-one-out image scores, fused on the images' scale, and ``reference_level``
-    the highest value of their leave-one-out maps (the images' own scores and maps are the same
-    either way); ``reference_part``: their backbone grids
+    references' leave-one-out image scores, fused on the images' scale, and ``reference_maps``
+    ``(R,1,S,S)`` their leave-one-out maps (the images' own scores and maps are the same either
+    way); ``reference_part``: their backbone grids
     (``Scored.reference_grid`` of the same references and settings), when known."""
     degrees = tuple(degrees or cfg.degrees)
     loo = cfg.few_shot_threshold == "references" and len(references) >= 2
@@ -282,8 +297,7 @@ def score_few_shot(
     if not loo:
         return Scored(scores, maps, parts, info)
     ref_scores = fused[b:].flatten(1).amax(1)
-    level = float(upsample(fused[b:], size).max())  # at the images' map resolution
     return Scored(
-        scores, maps, parts, info,
-        reference_scores=ref_scores, reference_grid=ref_grid, reference_level=level,
+        scores, maps, parts, info, reference_scores=ref_scores, reference_grid=ref_grid,
+        reference_maps=upsample(fused[b:], size),  # at the images' map resolution
     )  # fmt: skip

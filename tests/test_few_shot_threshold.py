@@ -63,30 +63,32 @@ def test_the_images_scores_and_maps_do_not_depend_on_the_rule(tiny_model, backbo
     assert torch.isfinite(by_refs.reference_scores).all()
 
 
-def test_the_pixel_level_is_the_highest_value_of_the_references_leave_one_out_maps(backbone):
-    """Every pixel of a known-good reference's map (scored against the others, at the images'
-    map resolution) is at or below the level; the level is one of those pixels."""
+def test_the_pixel_level_is_a_quantile_of_the_references_leave_one_out_maps(backbone):
+    """Each reference's map is its map scored against the others (at the images' map
+    resolution); the level is the highest of their pixels, or ``reference_quantile`` of them."""
     images, refs = _images(5, 6), _images(4, 7)
     scored = score_few_shot(backbone, images, refs, CFG)
-    alone = [
-        score_few_shot(backbone, refs[i : i + 1], torch.cat([refs[:i], refs[i + 1 :]]), CFG)
-        for i in range(4)
-    ]
-    highest = max(float(a.maps.max()) for a in alone)
-    assert scored.reference_level == pytest.approx(highest, rel=1e-4)
-    assert map_level(scored.maps, CFG, scored.reference_level) == scored.reference_level
+    assert scored.reference_maps.shape == (4, 1, SIZE, SIZE)
+    for i in range(4):
+        others = torch.cat([refs[:i], refs[i + 1 :]])
+        alone = score_few_shot(backbone, refs[i : i + 1], others, CFG)
+        torch.testing.assert_close(scored.reference_maps[i], alone.maps[0], rtol=1e-4, atol=1e-6)
+    highest = float(scored.reference_maps.max())
+    assert map_level(scored.maps, CFG, scored.reference_maps) == pytest.approx(highest)
+    q90 = map_level(scored.maps, replace(CFG, reference_quantile=0.9), scored.reference_maps)
+    assert (scored.reference_maps > q90).float().mean() == pytest.approx(0.1, abs=1e-3)
     # the batch rule, for comparison, is a different number on the same maps
     assert map_level(scored.maps, CFG) == outlier_threshold(scored.maps, CFG.mask_k)
-    assert map_level(scored.maps, CFG) != pytest.approx(scored.reference_level)
+    assert map_level(scored.maps, CFG) != pytest.approx(highest)
 
 
 def test_one_reference_has_no_leave_one_out_scores(backbone):
     scored = score_few_shot(backbone, _images(3, 4), _images(1, 5), CFG)
-    assert scored.reference_scores is None and scored.reference_level is None
+    assert scored.reference_scores is None and scored.reference_maps is None
     batch = score_few_shot(
         backbone, _images(3, 4), _images(4, 5), replace(CFG, few_shot_threshold="batch")
     )
-    assert batch.reference_level is None  # `few_shot_threshold: batch`: the batch rule for both
+    assert batch.reference_maps is None  # `few_shot_threshold: batch`: the batch rule for both
 
 
 def test_the_rule_is_the_highest_reference_score_and_a_number_overrides_it():

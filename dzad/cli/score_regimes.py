@@ -10,8 +10,8 @@ SOURCE-calibrated tau belongs to the per-image detection score. The normalised s
 call's own image scores. The maps (backbone distances, fused with the adapted DZAD excess) have no
 calibrated map threshold either: their pictures' region and ``--save-masks`` use the call's own,
 the median plus ``regime.mask_k`` scaled MADs of all its map values, or with ``--reference`` (and
-``references``) the highest value of the references' leave-one-out maps
-(:func:`dzad.regimes.map_level`).
+``references``) the ``regime.reference_quantile`` quantile (1: the highest) of the values of the
+references' leave-one-out maps (:func:`dzad.regimes.map_level`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import torch
 from dzad.cli.score_inputs import ScoreInput, collect_inputs, decode_batch
 from dzad.decisions import Threshold
 from dzad.errors import DZADInputError
-from dzad.regimes import REGIME_LABELS, image_rule, map_level, score_batch, score_few_shot
+from dzad.regimes import (
+    REGIME_LABELS,
+    image_rule,
+    map_level,
+    map_level_rule,
+    score_batch,
+    score_few_shot,
+)
 
 
 class RegimeScores(NamedTuple):
@@ -76,9 +83,7 @@ def score_regime(
             "decision": "anomalous" if score > rule.value else "normal",
         }
         rows.append({**row, "normalised_score": rule.normalise(score)})
-    level, label = map_level(scored.maps, rc, scored.reference_level), REGIME_LABELS[mode]
-    how = f"median + {rc.mask_k:g} scaled MADs of all the call's map values (regime.mask_k)"
-    if scored.reference_level is not None:
-        how = "the highest value of the references' leave-one-out maps"
+    level, label = map_level(scored.maps, rc, scored.reference_maps), REGIME_LABELS[mode]
+    how = map_level_rule(rc, scored.reference_maps is not None, "call")
     note = f"{label}: map threshold {level:.4g}, {how}; no labels"
     return RegimeScores(rows, scored.maps[:, 0].float().numpy(), rule, level, note, label)
