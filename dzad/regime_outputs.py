@@ -7,8 +7,8 @@ score under the name the per-image evaluation and ``dzad score`` use) and, with 
 picture files; a row's decision is its scored batch's own outlier rule, or in few-shot its
 references' highest leave-one-out score (:func:`dzad.regimes.image_rule`). The pictures get one
 colour scale per scored batch starting at its label-free map threshold
-(:func:`dzad.regimes.map_level`: the batch's outlier rule, or in few-shot a quantile, by default
-the highest, of the references' leave-one-out map values). Every file is written atomically.
+(:func:`dzad.regimes.map_level`: the batch's outlier rule, or in few-shot a quantile of the
+references' leave-one-out map values). Every file is written atomically.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ SOURCE-calibrated tau belongs to the per-image detection score. The normalised s
 call's own image scores. The maps (backbone distances, fused with the adapted DZAD excess) have no
 calibrated map threshold either: their pictures' region and ``--save-masks`` use the call's own,
 the median plus ``regime.mask_k`` scaled MADs of all its map values, or with ``--reference`` (and
-``references``) the ``regime.reference_quantile`` quantile (1: the highest) of the values of the
-references' leave-one-out maps (:func:`dzad.regimes.map_level`).
+``references``) the ``regime.reference_quantile`` quantile of the values of the references'
+leave-one-out maps (:func:`dzad.regimes.map_level`).
 """
 
 from __future__ import annotations
