@@ -2,7 +2,8 @@
 
 :func:`run_category` runs :class:`dzad.model.DZAD` and every control batch by batch on the same
 images and accumulates their metrics (:class:`dzad.metrics.MetricAccumulator`), the per-image rows
-of ``scores.csv``, the noise features F and the best/worst heat maps; :func:`finish_scores` ranks
+of ``scores.csv``, the quality of their decisions (:mod:`dzad.decision_quality`), the noise
+features F and the best/worst heat maps; :func:`finish_scores` ranks
 the fusion within the category when the model has no SOURCE references; :func:`why_undefined`
 explains every undefined metric. :func:`dzad.evaluation.evaluate` calls them per category.
 """
@@ -20,6 +21,8 @@ import torch
 from dzad.config import EvalConfig
 from dzad.controls import Control
 from dzad.data.dataset import ImageDataset
+from dzad.decision_quality import DecisionCounts
+from dzad.decisions import map_threshold
 from dzad.metrics import IMAGE_METRICS, PIXEL_METRICS, MetricAccumulator
 from dzad.model import DZAD
 from dzad.reports import Extremes
@@ -39,6 +42,7 @@ class CategoryRun:
     extremes: Extremes = field(default_factory=lambda: Extremes(N_EXTREMES))
     held: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # transductive
     pixel: bool = True  # every defect image has a mask: pixel metrics; else image metrics only
+    decisions: DecisionCounts = field(default_factory=DecisionCounts)  # the rows' and region's
 
     def add(self, name: str | None, labels, scores, masks, maps) -> None:
         """Accumulate DZAD (``name`` None) or a control; maps count only when ``pixel``."""
@@ -71,6 +75,8 @@ def run_category(
 ) -> tuple[CategoryRun, int]:
     pixel = all(s.mask_path is not None for s in ds.samples if s.label == 1)
     run = CategoryRun({c.name: MetricAccumulator() for c in controls}, pixel=pixel)
+    level, _ = map_threshold(model)  # the pictures' region; None: no calibrated one
+    region = pixel and level is not None
     defect_pixels = 0
     for start in range(0, len(ds), eval_cfg.batch_size):
         items = [ds[i] for i in range(start, min(start + eval_cfg.batch_size, len(ds)))]
@@ -80,6 +86,9 @@ def run_category(
         out = model(images)
         maps = out.anomaly_map.float().cpu()  # (B,1,S,S)
         run.add(None, labels, out.map_score.cpu(), masks, maps)
+        run.decisions.add(
+            labels, out.decision.cpu(), masks if region else None, maps > level if region else None
+        )
         defect_pixels += int(masks.sum())
         if maps_out is not None:
             maps_out[start : start + len(items)] = maps[:, 0].numpy()

@@ -1,13 +1,15 @@
-"""How good a regime's label-free decisions are, measured where labels exist (``dzad evaluate``).
+"""How good the written decisions are, measured where labels exist (``dzad evaluate``).
 
-AUROC and AUPRO rank the images and pixels over every threshold; an inspector acts on one. The
-regimes decide without labels (docs/method.md §11.1): an image is flagged by
-:func:`dzad.regimes.image_rule` (its ``scores.csv`` ``decision``), and a pixel is in the predicted
-region (``--save-masks``, the pictures' contour) above :func:`dzad.regimes.map_level`.
-:class:`DecisionCounts` counts both against the labels and masks over the scored batches of one
-category (one reference draw in few-shot); :meth:`DecisionCounts.result` gives precision, recall
-and F1 of the image decisions and of the region, and the region's IoU with the defect pixels
-(every pixel of the category pooled, as pixel AUROC pools them). A value with nothing to divide
+AUROC and AUPRO rank the images and pixels over every threshold; an inspector acts on one. Each
+regime decides without the target's labels: per image (zero-shot) by the SOURCE-calibrated tau and
+map threshold (:mod:`dzad.decisions`, docs/method.md §7); in batch zero-shot and few-shot by
+:func:`dzad.regimes.image_rule` and :func:`dzad.regimes.map_level` (§11.1). An image's decision is
+its ``scores.csv`` ``decision``; a pixel is in the predicted region (``--save-masks``, the
+pictures' contour) above the map threshold. :class:`DecisionCounts` counts both against the labels
+and masks over the batches of one category (one reference draw in few-shot);
+:meth:`DecisionCounts.result` gives precision, recall and F1 of the image decisions and of the
+region, and the region's IoU with the defect pixels (every pixel of the category pooled, as pixel
+AUROC pools them). A value with nothing to divide
 by (nothing flagged: precision; no defect: recall) is NaN.
 """
 
@@ -19,6 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+DECISIONS_LABEL = (
+    "the decisions written to scores.csv against the labels, and the predicted region (the "
+    "pictures' contour, --save-masks) against the masks (dzad.decision_quality)"
+)
 DECISION_METRICS = (
     "image_precision", "image_recall", "image_f1", "images_flagged",
     "pixel_precision", "pixel_recall", "pixel_f1", "pixel_iou",

@@ -179,6 +179,7 @@ def evaluate(
     ctrl: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in controls}
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts: dict[str, dict[str, int]] = {}
+    decisions: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     f_parts: list[np.ndarray] = []
     for cat in cats:
@@ -218,6 +219,7 @@ def evaluate(
         for c in controls:
             ctrl[c.name][cat] = run.controls[c.name].result()
         counts[cat] = {"images": len(ds), "good": len(ds) - n_defect, "defect": n_defect}
+        decisions[cat] = run.decisions.result()
         no_mask = sum(s.label == 1 and s.mask_path is None for s in ds.samples)
         reasons = why_undefined(len(ds) - n_defect, n_defect, defect_pixels, no_mask)
         if reasons:
@@ -228,7 +230,7 @@ def evaluate(
         f_parts += run.noise_matrices
     if not per_cat:
         raise DZADInputError(str(data), f"no test images in any of the categories {cats}")
-    result = assemble(per_cat, variants, ctrl, controls, skipped, counts)
+    result = assemble(per_cat, variants, ctrl, controls, skipped, counts, decisions)
     result["regime"] = "zero-shot"  # per image, the paper's method (dzad.regime_evaluation: others)
     result["protocol"] = {
         "data": str(data),

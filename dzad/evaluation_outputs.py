@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dzad.category_run import CategoryRun
+from dzad.decision_quality import DECISIONS_LABEL
 from dzad.decisions import map_threshold
 from dzad.io_utils import atomic_write_bytes, atomic_write_text
 from dzad.metrics import IMAGE_METRICS, PIXEL_METRICS, macro_mean
@@ -72,10 +73,16 @@ def mean_without_skipped(per_cat: dict[str, dict[str, float]]) -> dict[str, floa
     return mean
 
 
-def assemble(per_cat, variants, ctrl, controls, skipped, counts, **blocks: Any) -> dict:
-    """``metrics.json``'s layout; ``blocks``: more top-level entries (e.g. a regime's
-    ``decisions``). NaN is written as null."""
+def assemble(
+    per_cat, variants, ctrl, controls, skipped, counts, decisions=None, **blocks: Any
+) -> dict:
+    """``metrics.json``'s layout; ``decisions``: per category, the quality of the written
+    decisions (:mod:`dzad.decision_quality`); ``blocks``: more top-level entries. NaN is written
+    as null."""
     labels = {c.name: c.label for c in controls}
+    if decisions is not None:
+        mean = mean_without_skipped(decisions)
+        blocks["decisions"] = {"label": DECISIONS_LABEL, "categories": decisions, "mean": mean}
     return _nan_to_none(
         {
             "categories": per_cat,

@@ -41,7 +41,7 @@ from dzad.data.test_sets import TestSet, as_test_set
 from dzad.decision_quality import DecisionCounts, flagged_rows
 from dzad.errors import DZADInputError
 from dzad.evaluation import category_samples
-from dzad.evaluation_outputs import assemble, mean_without_skipped
+from dzad.evaluation_outputs import assemble
 from dzad.metrics import PIXEL_METRICS, MetricAccumulator
 from dzad.model import DZAD
 from dzad.mutual_scoring import rescore_images, upsample
@@ -52,11 +52,6 @@ CONTROL_LABELS = {
     "mutual": "control: mutual scoring, MuSc recipe (backbone only, batch zero-shot)",
     "fewshot_patchcore": "control: few-shot PatchCore (same backbone and draws)",
 }
-
-DECISIONS_LABEL = (
-    "the regime's label-free decisions against the labels: images flagged by the decision rule, "
-    "pixels in the predicted region (dzad.decision_quality)"
-)
 
 
 @dataclass(frozen=True)
@@ -271,10 +266,8 @@ def evaluate_regime(
     if not per_cat:
         raise DZADInputError(data.root, f"no test images in any of the categories {cats}")
     named = [_Named(n, CONTROL_LABELS[n]) for n in ctrl]
-    mean = mean_without_skipped(decisions)
-    decided = {"label": DECISIONS_LABEL, "categories": decisions, "mean": mean}
     spread = {"std": std_cat} if few_shot else {}  # NaN (undefined metrics) written as null
-    result = assemble(per_cat, variants, ctrl, named, skipped, counts, decisions=decided, **spread)
+    result = assemble(per_cat, variants, ctrl, named, skipped, counts, decisions, **spread)
     result["regime"] = REGIME_LABELS[mode]
     result["protocol"] = {
         "data": str(data),

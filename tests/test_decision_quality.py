@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -93,3 +95,34 @@ def test_few_shot_without_masks_writes_image_metrics_and_null_pixels(
     assert metrics["categories"]["grain"]["image_auroc"] is not None
     assert metrics["std"]["regime"]["grain"]["pixel_auroc"] is None
     assert metrics["decisions"]["categories"]["grain"]["pixel_iou"] is None
+
+
+def test_zero_shot_evaluate_measures_its_calibrated_decisions_and_region(
+    tmp_path, tiny_checkpoint, synth_root
+):
+    """Per image: tau's decisions (scores.csv) and the calibrated map threshold's region (the
+    saved maps above it) against the labels and masks."""
+    from dzad.data.dataset import ImageDataset, iter_samples
+    from dzad.decisions import map_threshold
+    from dzad.evaluation import evaluate
+    from dzad.model import DZAD
+
+    model = DZAD.from_checkpoint(tiny_checkpoint)  # the calibration's backbone: a map threshold
+    level, _ = map_threshold(model)
+    assert level is not None
+    cfg = replace(model.cfg.evaluate, batch_size=4, figures=False)
+    result = evaluate(model, synth_root, ["grain"], tmp_path / "out", cfg, save_maps=True)
+    got = result["decisions"]["categories"]["grain"]
+    rows = pd.read_csv(tmp_path / "out" / "scores.csv")
+    flagged, defective = rows.decision == "anomalous", rows.label == 1
+    assert got["images_flagged"] == flagged.sum()
+    assert got["image_precision"] == pytest.approx((flagged & defective).sum() / flagged.sum())
+    maps = np.load(tmp_path / "out" / "maps" / "grain.npy")
+    ds = ImageDataset(
+        list(iter_samples(synth_root, "grain", "test")), model.image_size, model.cfg.data
+    )
+    truth = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
+    region = maps > level
+    assert got["pixel_precision"] == pytest.approx((region & truth).sum() / region.sum())
+    assert got["pixel_recall"] == pytest.approx((region & truth).sum() / truth.sum())
+    assert result["decisions"]["label"].startswith("the decisions written to scores.csv")

@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from dzad.config import DatasetRef
 from dzad.data.dataset import ImageDataset, iter_samples
+from dzad.decisions import map_threshold
 from dzad.evaluation import build_controls, evaluate, source_batches
 from dzad.model import DZAD
 from dzad.scoring import rank_fusion
@@ -97,6 +98,18 @@ def test_metrics_json_equals_recomputation_from_scores_and_maps(evaluated, tiny_
         assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
         assert got["pixel_f1max"] == pytest.approx(_f1max(masks.ravel(), maps.ravel()), rel=1e-6)
         assert got["aupro"] == pytest.approx(_aupro(masks, maps), abs=1e-6)
+        # the decisions written and the pictures' region (maps above the map threshold)
+        decided = saved["decisions"]["categories"][cat]
+        flagged = rows.decision.to_numpy() == "anomalous"
+        assert decided["images_flagged"] == flagged.sum()
+        assert decided["image_recall"] == pytest.approx((flagged & (y == 1)).sum() / y.sum())
+        level, _ = map_threshold(tiny_model)
+        if level is None:  # no calibrated map threshold: no region
+            assert decided["pixel_iou"] is None
+        else:
+            region = maps > level
+            union = (region | masks).sum()
+            assert decided["pixel_iou"] == pytest.approx((region & masks).sum() / union)
     mean = np.mean([saved["categories"][c]["pixel_auroc"] for c in CATS])
     assert saved["mean"]["pixel_auroc"] == pytest.approx(mean)
     # the random test backbone is not the one the SOURCE references were scored with
