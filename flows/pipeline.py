@@ -35,7 +35,7 @@ from dzad.config import DZADConfig
 from dzad.io_utils import atomic_write_text
 from dzad.overrides import Overrides, apply_overrides
 from dzad.study.layout import seed_dir, target_ref
-from dzad.study.report_folder import regimes_table
+from dzad.study.report_folder import decisions_table, regimes_table
 from dzad.study.seed_evaluation import SUMMARY
 from dzad.study.seed_regimes import runnable_regimes
 from dzad.study.seed_training import resumable
@@ -67,6 +67,7 @@ STAGES: tuple[Stage, ...] = ("train", "evaluate", "ablation")
 RESULTS_DIR = ".prefect-results"
 ABLATION_TABLE = "ablation_auroc"
 REGIMES_TABLE = "regimes"  # reports/regimes.md's name
+DECISIONS_TABLE = "decisions"  # reports/decisions.md's
 
 
 def _missing(paths: list[Path]) -> bool:
@@ -144,9 +145,13 @@ def regimes_flow(cfg: DZADConfig, models: Models, out: Path, parent_run_id: str)
         .map(unmapped(cfg), unmapped(models), list(regime_dirs), list(regime_dirs.values()))
         .result()
     )
-    table = regimes_table({t: out / "eval" / t for t in regime_dirs}, regime_dirs)
+    eval_dirs = {t: out / "eval" / t for t in regime_dirs}
+    table = regimes_table(eval_dirs, regime_dirs)
     table.write(out / "regimes", REGIMES_TABLE)
     log_regimes(parent_run_id, {r["target"]: r["summaries"] for r in done}, table, cfg=cfg)
+    decisions = decisions_table(eval_dirs, regime_dirs)
+    decisions.write(out / "regimes", DECISIONS_TABLE)
+    log_table(parent_run_id, DECISIONS_TABLE, decisions, cfg=cfg)
     create_markdown_artifact(
         markdown=table.to_markdown(),
         key=artifact_key(cfg, REGIMES_TABLE),

@@ -105,7 +105,8 @@ def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, 
     done = [{"target": t, "summaries": {"few_shot": {}}} for t in ("objects", "mesh")]
     task = _Stub(done)
     table = SimpleNamespace(to_markdown=lambda: "| t |", write=lambda folder, stem: None)
-    logged, artifacts = [], []
+    decisions = SimpleNamespace(write=lambda folder, stem: None)
+    logged, artifacts, tables = [], [], []
     parent = SimpleNamespace(info=SimpleNamespace(run_id="parent"))
     stubs = {
         "train_flow": _Stub(models),
@@ -118,7 +119,9 @@ def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, 
         "set_tags": lambda *a: None,
         "runnable_regimes": lambda ref: list(REGIME_DIRS),  # no dataset on disk here
         "regimes_table": lambda evals, dirs: table,
+        "decisions_table": lambda evals, dirs: decisions,
         "log_regimes": lambda run, summaries, t, cfg: logged.append((run, summaries, t)),
+        "log_table": lambda run, name, t, cfg: tables.append((run, name, t)),
         "create_markdown_artifact": lambda **kw: artifacts.append(kw),
     }
     for name, stub in stubs.items():
@@ -133,6 +136,7 @@ def test_orchestrator_maps_the_regimes_task_per_target_after_evaluate(tmp_path, 
     assert task.options[-1] == {"refresh_cache": True}  # nothing on disk: never trust a cache
     assert result["regimes"] == done
     assert logged[-1] == ("parent", {t: {"few_shot": {}} for t in targets}, table)
+    assert tables[-1] == ("parent", "decisions", decisions)
     assert artifacts[-1]["key"] == "tiny-regimes" and artifacts[-1]["markdown"] == "| t |"
 
 

@@ -241,7 +241,7 @@ def test_evaluate_stage_runs_the_regimes_like_the_dvc_stage(study, workdir, tmp_
     """One regimes task per target wrote what ``dzad stage regimes`` (``evaluate_regimes``) writes
     for the same config; the regimes table (reports/regimes.md's) is in ``regimes/``, on the parent
     run with metrics named by target and regime, and in the Prefect UI."""
-    from dzad.study.report_folder import regimes_table
+    from dzad.study.report_folder import decisions_table, regimes_table
 
     flow_run_id = study["state"].state_details.flow_run_id
     names = {re.sub(r"-[0-9a-f]{3}$", "", n) for n in _subflow_task_runs(flow_run_id)}
@@ -270,6 +270,9 @@ def test_evaluate_stage_runs_the_regimes_like_the_dvc_stage(study, workdir, tmp_
     assert _artifacts("tiny-regimes")[0].data == table
     run_id = study["result"]["mlflow_run_id"]
     assert _artifact_text(run_id, "tables/regimes.md") == table
+    decided = decisions_table({t: out / "eval" / t for t in targets}, dvc_dirs).to_markdown()
+    assert (out / "regimes" / "decisions.md").read_text() == decided
+    assert _artifact_text(run_id, "tables/decisions.md") == decided
     metrics = _mlflow().get_run(run_id).data.metrics
     named = {tuple(k.split("/")[1:3]) for k in metrics if k.startswith("regimes/")}
     assert named == {(t, r) for t in TARGETS for r in REGIME_DIRS}

@@ -249,6 +249,19 @@ def test_regimes_stage_reports_every_regime_beside_its_control(run, tmp_path):
     assert "few-shot (K = 4): part: DZAD copy alone" in table.index
     index = (run["root"] / "reports/index.md").read_text()
     assert index.index("`regimes.csv`") < index.index("`summary.csv`")  # the first table
+    # the second: how good each regime's written decisions were, mean over seeds
+    decisions = pd.read_csv(run["root"] / "reports/decisions.csv", index_col=0)
+    few = "few-shot (K = 4): DZAD: backbone patches + DZAD copy (frozen SOURCE model), w = 0.5"
+    per_seed = [
+        json.loads((folder / f"few_shot/seed_{s}/metrics.json").read_text()) for s in (0, 1)
+    ]
+    recall = [m["decisions"]["categories"]["grain"]["image_recall"] for m in per_seed]
+    assert decisions.loc[few, "grain: image_recall"] == pytest.approx(np.mean(recall))
+    zero = [json.loads((run["eval"] / f"seed_{s}/metrics.json").read_text()) for s in (0, 1)]
+    flagged = [m["decisions"]["mean"]["images_flagged"] for m in zero]
+    zero_row = decisions.loc["zero-shot: DZAD (per image)", "grain: images_flagged"]
+    assert zero_row == pytest.approx(np.mean(flagged))
+    assert index.index("`regimes.csv`") < index.index("`decisions.csv`") < index.index("`summary")
 
 
 @pytest.mark.slow

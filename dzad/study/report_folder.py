@@ -87,6 +87,29 @@ def regimes_table(eval_dirs: dict[str, Path], regime_dirs: dict[str, Path]) -> T
     return reports.summary_table(runs, controls=False)
 
 
+DECISION_COLUMNS = (
+    "images_flagged", "image_precision", "image_recall", "pixel_precision", "pixel_recall",
+    "pixel_iou",
+)  # fmt: skip
+
+
+def decisions_table(eval_dirs: dict[str, Path], regime_dirs: dict[str, Path]) -> Table:
+    """``reports/decisions.md``: how good each regime's written decisions were (``metrics.json``'s
+    ``decisions``, :mod:`dzad.decision_quality`), one row per regime's DZAD run, columns
+    ``<target>: <metric>`` (macro means over categories, ± std over seeds)."""
+    from dzad import reports
+
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for target, regime_dir in regime_dirs.items():
+        zero = list(seed_results(eval_dirs[target]).values())
+        rows = {"zero-shot: DZAD (per image)": [r["decisions"] for r in zero]}
+        for results in regime_results(regime_dir).values():
+            label = f"{_regime_label(results[0])}: {_regime_method(results[0])}"
+            rows[label] = [r["decisions"] for r in results]
+        runs[target] = rows
+    return reports.summary_table(runs, DECISION_COLUMNS, controls=False)
+
+
 def report(
     cfg: DZADConfig,
     eval_dirs: dict[str, Path],
@@ -98,8 +121,9 @@ def report(
     DZAD) and PNG figures in ``out_dir``, plus ``index.md`` holding them all; returns the files.
 
     Per target: ``<target>_<metric>.*`` (rows = categories + mean, columns = DZAD and controls).
-    ``regimes.*`` (the three regimes side by side, first in ``index.md``) when ``regime_dirs``
-    (``{target: folder of evaluate_regimes}``) is given, ``summary.*`` (real-image study layout),
+    ``regimes.*`` (the three regimes side by side, first in ``index.md``) and ``decisions.*``
+    (:func:`decisions_table`) when ``regime_dirs`` (``{target: folder of evaluate_regimes}``) is
+    given, ``summary.*`` (real-image study layout),
     ``table4_weighting.*``, ``figure4_timesteps.*`` and ``table3_<target>.*`` when those
     ablations ran.
     """
@@ -126,8 +150,11 @@ def report(
         sections.insert(0, ("Summary: macro means over categories", "summary", None))
         if regime_dirs:
             regimes_table(eval_dirs, regime_dirs).write(tmp, "regimes")
+            decisions_table(eval_dirs, regime_dirs).write(tmp, "decisions")
             title = "The three scoring regimes: macro means over categories (each row its regime)"
             sections.insert(0, (title, "regimes", None))
+            title = "How good each regime's written decisions and predicted regions were"
+            sections.insert(1, (title, "decisions", None))
         if _write_undefined(runs_by_target, tmp):
             sections.insert(1, ("Undefined metrics (n/a in the tables) and why", "undefined", None))
         record = json.loads((Path(ablation_dir) / ABLATION_JSON).read_text())
