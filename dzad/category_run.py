@@ -76,7 +76,6 @@ def run_category(
     pixel = all(s.mask_path is not None for s in ds.samples if s.label == 1)
     run = CategoryRun({c.name: MetricAccumulator() for c in controls}, pixel=pixel)
     level, _ = map_threshold(model)  # the pictures' region; None: no calibrated one
-    region = pixel and level is not None
     defect_pixels = 0
     for start in range(0, len(ds), eval_cfg.batch_size):
         items = [ds[i] for i in range(start, min(start + eval_cfg.batch_size, len(ds)))]
@@ -86,9 +85,7 @@ def run_category(
         out = model(images)
         maps = out.anomaly_map.float().cpu()  # (B,1,S,S)
         run.add(None, labels, out.map_score.cpu(), masks, maps)
-        run.decisions.add(
-            labels, out.decision.cpu(), masks if region else None, maps > level if region else None
-        )
+        run.decisions.add(labels, out.decision.cpu(), masks if pixel else None, maps, level)
         defect_pixels += int(masks.sum())
         if maps_out is not None:
             maps_out[start : start + len(items)] = maps[:, 0].numpy()

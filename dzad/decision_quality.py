@@ -61,26 +61,23 @@ class DecisionCounts:
 
     image: tuple[int, int, int] = (0, 0, 0)
     pixel: tuple[int, int, int] = (0, 0, 0)
-    pixels_counted: bool = False
 
     def add(
         self, labels: Tensor, flagged: Tensor, masks: Tensor | None = None,
-        region: Tensor | None = None,
+        maps: Tensor | None = None, level: float | None = None,
     ) -> None:  # fmt: skip
         """One scored batch: ``labels`` / ``flagged`` ``(n,)`` (1 / True = defective /
-        anomalous); ``masks`` / ``region`` ``(n,1,S,S)`` (defect pixels / predicted region), or
-        None where the category has no masks."""
+        anomalous); ``masks`` / ``maps`` ``(n,1,S,S)``, the predicted region being ``maps >
+        level``. No pixels count where the category has no masks or there is no ``level``."""
         self.image = _plus(self.image, _counts(labels, flagged))
-        if masks is not None and region is not None:
-            self.pixel = _plus(self.pixel, _counts(masks > 0.5, region))
-            self.pixels_counted = True
+        if masks is not None and maps is not None and level is not None:
+            self.pixel = _plus(self.pixel, _counts(masks > 0.5, maps > level))
 
     def result(self) -> dict[str, float]:
-        """:data:`DECISION_METRICS`; the pixel ones NaN when no masks were added."""
+        """:data:`DECISION_METRICS`; the pixel ones NaN when no pixels were counted."""
         ip, ir, i_f1, _ = _quality(*self.image)
         flagged = self.image[0] + self.image[1]
-        pp, pr, p_f1, iou = _quality(*self.pixel) if self.pixels_counted else (math.nan,) * 4
-        values = (ip, ir, i_f1, float(flagged), pp, pr, p_f1, iou)
+        values = (ip, ir, i_f1, float(flagged), *_quality(*self.pixel))
         return dict(zip(DECISION_METRICS, values, strict=True))
 
 

@@ -109,12 +109,6 @@ def _results(accs: dict[str, MetricAccumulator], pixel: bool) -> dict[str, dict[
     return out
 
 
-def _count(counts: DecisionCounts, labels, rows, masks, maps, level: float, pixel: bool) -> None:
-    """One scored batch's decisions (its ``rows``) and predicted region (``maps > level``)."""
-    region = maps > level if pixel else None
-    counts.add(labels, flagged_rows(rows), masks if pixel else None, region)
-
-
 def _part_grids_to_maps(scored: Scored, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (g.flatten(1).amax(1), upsample(g, size)) for k, g in scored.parts.items()}
 
@@ -139,7 +133,7 @@ def _batch_category(
         group_rows = score_rows(batch, y, "", scored.scores)
         rows += group_rows
         level = map_level(scored.maps, rc)
-        _count(counts, y, group_rows, m, scored.maps, level, pixel)
+        counts.add(y, flagged_rows(group_rows), m if pixel else None, scored.maps, level)
         add_pictures(pics, batch, group_rows, scored, level, shown)
     return [{**_results(accs, pixel), "decisions": counts.result()}]
 
@@ -169,7 +163,7 @@ def _few_shot_category(
         draw_rows = score_rows(samples, labels, d, scored.scores, scored.reference_scores)
         rows += draw_rows
         level, counts = map_level(scored.maps, rc, scored.reference_maps), DecisionCounts()
-        _count(counts, labels, draw_rows, masks, scored.maps, level, pixel)
+        counts.add(labels, flagged_rows(draw_rows), masks if pixel else None, scored.maps, level)
         if d == 0:  # the pictures show the first draw's maps
             add_pictures(pics, samples, draw_rows, scored, level, shown)
         draws.append({**_results(accs, pixel), "decisions": counts.result()})

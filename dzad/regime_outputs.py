@@ -60,13 +60,12 @@ def regime_pictures(
         f"image score > median + {IMAGE_OUTLIER_K:g} scaled MADs of the image scores of its "
         "scored batch (no labels)"
     )
+    level = map_level_rule(rc, False)
     if mode == "few-shot" and rc.few_shot_threshold == "references":
         decision = (
             "image score > the highest leave-one-out image score of its references (each "
             f"scored against the others; with one reference: {decision})"
         )
-    level = map_level_rule(rc, False)
-    if mode == "few-shot" and rc.few_shot_threshold == "references":
         level = f"{map_level_rule(rc, True)} (with one reference: {level})"
     settings = {
         "regime": REGIME_LABELS[mode],

@@ -253,10 +253,9 @@ def _leave_one_out_grid(refs: list[Tensor]) -> Tensor:
     """``(R,h,w)``: each of the R >= 2 references (features per degree) against the other R - 1,
     as the images are scored against them all."""
     rows = []
-    for i in range(len(refs[0])):
-        one = [r[i : i + 1] for r in refs]
-        others = [torch.cat([r[:i], r[i + 1 :]]) for r in refs]
-        rows.append(_memory_grid(one, others))
+    for per_degree in zip(*[_leave_one_out(r) for r in refs], strict=True):  # one reference
+        one, others = zip(*per_degree, strict=True)
+        rows.append(_memory_grid(list(one), list(others)))
     return torch.cat(rows)
 
 

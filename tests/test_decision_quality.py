@@ -25,13 +25,12 @@ def test_counts_pool_the_batches_and_give_precision_recall_f1_iou():
     # batch 1: two defective (one flagged), one good flagged
     masks = torch.zeros(3, 1, 2, 2)
     masks[0, 0, 0] = 1  # 2 defect pixels
-    region = torch.zeros(3, 1, 2, 2, dtype=torch.bool)
-    region[0, 0, 0, 0] = region[2, 0, 1, 1] = True  # 1 hit, 1 false alarm
-    counts.add(torch.tensor([1, 1, 0]), torch.tensor([True, False, True]), masks, region)
+    maps = torch.zeros(3, 1, 2, 2)
+    maps[0, 0, 0, 0] = maps[2, 0, 1, 1] = 1.0  # above 0.5: 1 hit, 1 false alarm
+    counts.add(torch.tensor([1, 1, 0]), torch.tensor([True, False, True]), masks, maps, 0.5)
     # batch 2: one defective, flagged; its 4 defect pixels all in the region
-    counts.add(
-        torch.tensor([1]), torch.tensor([True]), torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2) > 0
-    )
+    ones = torch.ones(1, 1, 2, 2)
+    counts.add(torch.tensor([1]), torch.tensor([True]), ones, ones, 0.5)
     got = counts.result()
     assert got["images_flagged"] == 3
     assert got["image_precision"] == pytest.approx(2 / 3)
