@@ -64,6 +64,9 @@ REGIME_LABELS = {
     "few-shot": "few-shot",
 }
 IMAGE_OUTLIER_K = 3.0  # the image rule's scaled MADs (a regime's `--threshold auto`)
+# Below 3 scores the outlier rule decides nothing: one score is its own median (never flagged), and
+# of two the lower is the median and the MAD is 0, so the higher is flagged however close it is.
+MIN_OUTLIER_SCORES = 3
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -30,7 +31,7 @@ from dzad.mutual_scoring import (
     rescore_images,
 )
 from dzad.regime_evaluation import draw_references, seeded_groups
-from dzad.regimes import dzad_grids, fuse, robust_scale
+from dzad.regimes import MIN_OUTLIER_SCORES, dzad_grids, fuse, image_rule, robust_scale
 
 runner = CliRunner()
 
@@ -371,3 +372,36 @@ def test_the_regimes_subset_is_drawn_with_the_regime_seed(tiny_model, synth_root
     other_seed = tiny_model.with_settings(replace(tiny_model.cfg, seed=tiny_model.cfg.seed + 7))
     assert paths("b", rc, other_seed) == first
     assert paths("c", replace(rc, seed=3)) != first
+
+
+def test_the_outlier_rule_needs_three_scores_and_score_refuses_fewer_on_auto(
+    tiny_checkpoint, synth_root, tmp_path, regime_params
+):
+    for pair in torch.rand(20, 2) * torch.tensor([1.0, 100.0]):  # the higher of two, however close
+        assert (pair > image_rule(pair).value).tolist() == (pair > pair.min()).tolist()
+        assert not (pair[:1] > image_rule(pair[:1]).value).any()  # one: never
+    close = torch.tensor([1.0, 1.001])
+    assert (close > image_rule(close).value).tolist() == [False, True]
+    three = torch.tensor([0.0, 0.01, 1.0])
+    assert (three > image_rule(three).value).tolist() == [False, False, True]
+    assert MIN_OUTLIER_SCORES == 3
+    two = tmp_path / "two"
+    two.mkdir()
+    for f in sorted((synth_root / "grain" / "test").rglob("*.png"))[:2]:
+        shutil.copy(f, two / f"{f.parent.name}_{f.name}")
+    one_ref = tmp_path / "one_ref"
+    one_ref.mkdir()
+    goods = sorted((synth_root / "grain" / "train" / "good").glob("*.png"))
+    shutil.copy(goods[0], one_ref / goods[0].name)
+    base = ["score", str(two), "--model", str(tiny_checkpoint), "--random-backbone"]
+    base += ["--regime-params", str(regime_params)]
+    for regime in (["--batch-zero-shot"], ["--reference", str(one_ref)]):
+        out = tmp_path / f"out{len(regime)}"
+        refused = runner.invoke(app, [*base, *regime, "--out", str(out)])
+        assert refused.exit_code == 2 and "needs at least 3 images (got 2)" in refused.stderr
+        assert not out.exists()  # refused before anything is written
+        numeric = runner.invoke(app, [*base, *regime, "--out", str(out), "--threshold", "0.5"])
+        assert numeric.exit_code == 0, numeric.output
+    shutil.copy(goods[1], one_ref / goods[1].name)  # two references: their own rule applies
+    res = runner.invoke(app, [*base, "--reference", str(one_ref), "--out", str(tmp_path / "r2")])
+    assert res.exit_code == 0, res.output

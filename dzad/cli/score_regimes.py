@@ -26,6 +26,7 @@ from dzad.cli.score_inputs import ScoreInput, collect_inputs, decode_batch
 from dzad.decisions import Threshold
 from dzad.errors import DZADInputError
 from dzad.regimes import (
+    MIN_OUTLIER_SCORES,
     REGIME_LABELS,
     image_rule,
     map_level,
@@ -47,6 +48,17 @@ class RegimeScores(NamedTuple):
     regime: str
 
 
+def _check_batch_rule(inputs: list[ScoreInput], regime: str) -> None:
+    """``--threshold auto`` decides by the call's own outlier rule here, which decides nothing for
+    fewer than :data:`MIN_OUTLIER_SCORES` images: refuse rather than write arbitrary decisions."""
+    if len(inputs) < MIN_OUTLIER_SCORES:
+        raise DZADInputError(
+            inputs[0].shown,
+            f"{regime} with --threshold auto decides by the call's outlier rule, which needs at "
+            f"least {MIN_OUTLIER_SCORES} images (got {len(inputs)}); pass a numeric --threshold",
+        )
+
+
 def score_regime(
     dzad,
     rc,
@@ -65,12 +77,17 @@ def score_regime(
     if reference is None:
         if len(inputs) < 2:
             raise DZADInputError(inputs[0].shown, "--batch-zero-shot needs at least 2 images")
+        if threshold is None:
+            _check_batch_rule(inputs, "--batch-zero-shot")
         scored, mode = score_batch(backbone, images, rc, dzad), "batch-zero-shot"
     else:
         refs, _ = collect_inputs([str(reference)], False, out)
         refs, ref_images, _ = decode_batch(refs, rc.image_size, resample, skip_bad=False)
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
+        batch_rule = rc.few_shot_threshold == "batch" or len(refs) < 2
+        if threshold is None and batch_rule:
+            _check_batch_rule(inputs, "--reference with one image (or few_shot_threshold: batch)")
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
     rule = image_rule(scored.scores, threshold, scored.reference_scores)
     rows = []
