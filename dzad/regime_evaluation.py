@@ -63,7 +63,8 @@ class _Named:
 def draw_references(train: Sequence[Sample], k: int, seed: int) -> list[Sample]:
     """``k`` of the ``train/good`` samples, drawn with ``seed`` (listing order kept)."""
     if k < 1 or k > len(train):
-        raise ValueError(f"few-shot k = {k} needs 1 <= k <= {len(train)} train/good images")
+        where = f"{train[0].path.parent}: " if train else ""
+        raise ValueError(f"{where}few-shot k = {k} needs 1 <= k <= {len(train)} train/good images")
     keep = np.random.default_rng(seed).choice(len(train), k, replace=False)
     return [train[i] for i in sorted(keep)]
 

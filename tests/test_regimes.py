@@ -204,7 +204,7 @@ def test_reference_draw_is_seeded_and_from_train(synth_root):
     assert all(s.split == "train" and s.label == 0 for s in a)
     test = {s.path for s in collect_samples(synth_root, ("grain",), ("test",))}
     assert not test & {s.path for s in a}
-    with pytest.raises(ValueError, match="few-shot k"):
+    with pytest.raises(ValueError, match="grain/train/good: few-shot k"):  # names the folder
         draw_references(train, len(train) + 1, 0)
 
 
