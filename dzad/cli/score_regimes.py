@@ -85,9 +85,10 @@ def score_regime(
         refs, ref_images, _ = decode_batch(refs, rc.image_size, resample, skip_bad=False)
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
-        batch_rule = rc.few_shot_threshold == "batch" or len(refs) < 2
-        if threshold is None and batch_rule:
-            _check_batch_rule(inputs, "--reference with one image (or few_shot_threshold: batch)")
+        if threshold is None and len(refs) < 2:
+            _check_batch_rule(inputs, "--reference with one image")
+        elif threshold is None and rc.few_shot_threshold == "batch":
+            _check_batch_rule(inputs, "--reference with regime.few_shot_threshold: batch")
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
     rule = image_rule(scored.scores, threshold, scored.reference_scores)
     rows = []
