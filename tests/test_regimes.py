@@ -405,3 +405,8 @@ def test_the_outlier_rule_needs_three_scores_and_score_refuses_fewer_on_auto(
     shutil.copy(goods[1], one_ref / goods[1].name)  # two references: their own rule applies
     res = runner.invoke(app, [*base, "--reference", str(one_ref), "--out", str(tmp_path / "r2")])
     assert res.exit_code == 0, res.output
+    batch_rule = tmp_path / "batch_rule.yaml"  # unless the batch rule is asked for
+    batch_rule.write_text(regime_params.read_text() + "  few_shot_threshold: batch\n")
+    args = [*base[:-1], str(batch_rule), "--reference", str(one_ref), "--out", str(tmp_path / "r3")]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "few_shot_threshold: batch" in refused.stderr
