@@ -210,6 +210,7 @@ def evaluate_regime(
     cats = data.categories(categories)
     data_cfg = replace(model.cfg.data, skip_bad=False)
     per_cat, std_cat, variants, ctrl, decisions = {}, {}, {}, {}, {}
+    stores = {"regime": per_cat, "decisions": decisions}  # draws' entries kept per category
     skipped: dict[str, Any] = {"categories": {}, "metrics": {}, "files": []}
     counts, rows = {}, []
     if save_masks and not pictures:
@@ -242,9 +243,8 @@ def evaluate_regime(
             )
         for name in draws[0]:
             mean, std = _mean_std(draws, name)
-            if name in ("regime", "decisions"):
-                store = per_cat if name == "regime" else decisions
-                store[cat], std_cat.setdefault(name, {})[cat] = mean, std
+            if name in stores:
+                stores[name][cat], std_cat.setdefault(name, {})[cat] = mean, std
             elif name.startswith("control:"):
                 ctrl.setdefault(name[8:], {})[cat] = mean
                 std_cat.setdefault(name[8:], {})[cat] = std

@@ -118,6 +118,13 @@ def image_rule(
     return Threshold("image_score", thr, float(scores.min()), float(scores.max()))
 
 
+def references_rule(cfg: RegimeConfig, n_references: int) -> bool:
+    """Whether few-shot decides by its references' leave-one-out scores and maps (else by the
+    batch rule: :func:`image_rule` / :func:`map_level` without references): asked for, and at
+    least 2 references."""
+    return cfg.few_shot_threshold == "references" and n_references >= 2
+
+
 def map_level(maps: Tensor, cfg: RegimeConfig, references: Tensor | None = None) -> float:
     """The map threshold of one scored batch's maps ``(B,1,S,S)``: above it a pixel is in the
     predicted region (pictures, ``--save-masks``). With ``references`` (few-shot: the known-good
@@ -283,7 +290,7 @@ def score_few_shot(
     way); ``reference_part``: their backbone grids
     (``Scored.reference_grid`` of the same references and settings), when known."""
     degrees = tuple(degrees or cfg.degrees)
-    loo = cfg.few_shot_threshold == "references" and len(references) >= 2
+    loo = references_rule(cfg, len(references))
     grid, ref_grid = backbone_part, reference_part if loo else None
     if grid is None or (loo and ref_grid is None):  # the references' features, once
         refs, _ = patch_features(backbone, references, cfg.levels, degrees)

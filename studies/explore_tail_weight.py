@@ -49,8 +49,9 @@ def main() -> None:
     ap.add_argument("--q", type=float, default=0.99)
     args = ap.parse_args()
     args.shifts = 1  # dz_cache_stem's name for whole-image grids
-    rc = replace(RegimeConfig(), adapt_steps=args.steps, image_size=args.image_size)
-    rc = replace(rc, adapt_lr=args.lr)
+    rc = replace(
+        RegimeConfig(), adapt_steps=args.steps, image_size=args.image_size, adapt_lr=args.lr
+    )
     _, masks, labels, cache = target_grids(args, rc)
     order = torch.cat([g["index"] for g in cache["groups"]])
     lab, msk = labels[order], masks[order]

@@ -31,6 +31,7 @@ from dzad.regimes import (
     image_rule,
     map_level,
     map_level_rule,
+    references_rule,
     score_batch,
     score_few_shot,
 )
@@ -85,10 +86,9 @@ def score_regime(
         refs, ref_images, _ = decode_batch(refs, rc.image_size, resample, skip_bad=False)
         if not refs:
             raise DZADInputError(reference, "--reference holds no readable image")
-        if threshold is None and len(refs) < 2:
-            _check_batch_rule(inputs, "--reference with one image")
-        elif threshold is None and rc.few_shot_threshold == "batch":
-            _check_batch_rule(inputs, "--reference with regime.few_shot_threshold: batch")
+        if threshold is None and not references_rule(rc, len(refs)):
+            why = "one image" if len(refs) < 2 else "regime.few_shot_threshold: batch"
+            _check_batch_rule(inputs, f"--reference with {why}")
         scored, mode = score_few_shot(backbone, images, ref_images, rc, dzad), "few-shot"
     rule = image_rule(scored.scores, threshold, scored.reference_scores)
     rows = []

@@ -95,18 +95,19 @@ DECISION_COLUMNS = (
 
 def decisions_table(eval_dirs: dict[str, Path], regime_dirs: dict[str, Path]) -> Table:
     """``reports/decisions.md``: how good each regime's written decisions were (``metrics.json``'s
-    ``decisions``, :mod:`dzad.decision_quality`), one row per regime's DZAD run, columns
-    ``<target>: <metric>`` (macro means over categories, ± std over seeds)."""
+    ``decisions``, :mod:`dzad.decision_quality`): the DZAD rows of :func:`regime_runs` (the only
+    ones with decisions), columns ``<target>: <metric>`` (macro means over categories, ± std over
+    seeds)."""
     from dzad import reports
 
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for target, regime_dir in regime_dirs.items():
-        zero = list(seed_results(eval_dirs[target]).values())
-        rows = {"zero-shot: DZAD (per image)": [r["decisions"] for r in zero]}
-        for results in regime_results(regime_dir).values():
-            label = f"{_regime_label(results[0])}: {_regime_method(results[0])}"
-            rows[label] = [r["decisions"] for r in results]
-        runs[target] = rows
+    runs = {
+        t: {
+            label: [r["decisions"] for r in results]
+            for label, results in regime_runs(eval_dirs[t], d).items()
+            if "decisions" in results[0]
+        }
+        for t, d in regime_dirs.items()
+    }
     return reports.summary_table(runs, DECISION_COLUMNS, controls=False)
 
 
